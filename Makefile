@@ -1,0 +1,23 @@
+# One venv per checkout. `make test` and `make demo` install what they need first (CI machines start bare).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: install test demo
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	# the CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	# test oracle only: open_clip's loss.py needs torch alone, its torchvision dependency breaks beside CPU torch
+	$(PIP) install --no-deps open_clip_torch
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/hf-siglip train

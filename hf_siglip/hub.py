@@ -1,0 +1,144 @@
+"""Model cards and Hub uploads.
+
+`model.push_to_hub` writes a generic README over any card, so `push_to_hub` here saves the model,
+processor and a card filled from `model_cards/model_card_template.md` into one folder and uploads it
+as a single commit.
+"""
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "model_card_template.md"
+CARD_TAGS = ["siglip", "hf_siglip", "image-text", "zero-shot-image-classification"]
+
+
+def _tower_description(model) -> tuple[str, str]:
+    text_config = model.config.text_config
+    text = (
+        f"SigLIP text transformer, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, "
+        f"vocabulary {text_config.vocab_size}"
+    )
+    if text_config.bottleneck_dim is not None:
+        text += f", bottleneck token embeddings K={text_config.bottleneck_dim}"
+    vision_config = model.config.vision_config
+    vision = f"{vision_config.model_type}" + (
+        f", {vision_config.num_hidden_layers} layers, width {vision_config.hidden_size}"
+        if hasattr(vision_config, "num_hidden_layers") and hasattr(vision_config, "hidden_size")
+        else ""
+    )
+    return text, vision
+
+
+def _eval_table(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "No evaluation was recorded."
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items()))
+    return "| metric | value |\n|---|---|\n" + rows
+
+
+def build_model_card(
+    model,
+    repo_id: str = "path/to/checkpoint",
+    *,
+    base_model: str | None = None,
+    datasets: list[str] | str | None = None,
+    license: str = "apache-2.0",
+    metrics: dict[str, float] | None = None,
+    eval_dataset: str | None = None,
+    recipe: str | None = None,
+    training_data: str | None = None,
+    training_curve: str | None = None,
+    limitations: str = "",
+) -> ModelCard:
+    """Fill the package's model card template for `model` (a `SiglipBottleneckModel`).
+
+    `metrics` (name -> value) become the evaluation table, the card's `metrics` metadata and, with
+    `eval_dataset` named, `model-index` results. `training_curve` is a path relative to the repo root.
+    """
+    datasets = [datasets] if isinstance(datasets, str) else datasets
+    model_name = repo_id.split("/")[-1]
+    eval_results = None
+    if metrics and eval_dataset:
+        eval_results = [
+            EvalResult(
+                task_type="zero-shot-image-classification" if "zero_shot" in name else "image-text-retrieval",
+                dataset_type=eval_dataset,
+                dataset_name=eval_dataset,
+                metric_type=name,
+                metric_value=float(value),
+            )
+            for name, value in sorted(metrics.items())
+        ]
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=datasets,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        tags=list(CARD_TAGS),
+        metrics=sorted(metrics) if metrics else None,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    text_tower, vision_tower = _tower_description(model)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id,
+        model_summary="A SigLIP-style image-text dual encoder.",
+        text_tower=text_tower,
+        vision_tower=vision_tower,
+        num_parameters=f"{model.num_parameters():,}",
+        temperature=f"{math.exp(model.logit_scale.item()):.4g}",
+        bias=f"{model.logit_bias.item():.4g}",
+        base_model=base_model,
+        training_data=training_data or (", ".join(datasets) if datasets else "not recorded"),
+        recipe=recipe or "not recorded",
+        training_curve=training_curve,
+        eval_table=_eval_table(metrics),
+        limitations=limitations,
+        native_compatible=model.config.text_config.bottleneck_dim is None and model.config.uses_siglip_vision_tower,
+    )
+
+
+def save_for_hub(model, folder: str | os.PathLike, processor=None, card: ModelCard | None = None, **card_kwargs):
+    """Write weights (safetensors), config, remote code, processor files and README.md into `folder`."""
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    (card or build_model_card(model, **card_kwargs)).save(os.path.join(folder, "README.md"))
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    processor=None,
+    card: ModelCard | None = None,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload SigLIP model with hf_siglip",
+    **card_kwargs,
+):
+    """Upload model, processor and model card to `repo_id` in one commit; returns the commit info.
+
+    `card_kwargs` go to `build_model_card` when no `card` is given (e.g. `base_model`, `metrics`).
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        save_for_hub(model, folder, processor, card, repo_id=repo_id, **card_kwargs)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(Path(folder).rglob("*"))
+            if path.is_file()
+        ]
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
+
+
+__all__ = ["build_model_card", "push_to_hub", "save_for_hub"]

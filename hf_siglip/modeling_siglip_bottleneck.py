@@ -1,0 +1,363 @@
+"""SigLIP dual encoder with bottleneck token embeddings and a pluggable vision backbone.
+
+Weight names follow native `transformers.SiglipModel` (`text_model.*`, `vision_model.*`, `logit_scale`,
+`logit_bias`), so native checkpoints load unchanged and, with the bottleneck unset, what this model saves
+loads in `transformers.SiglipModel`.
+
+This file imports only `transformers`, torch and its sibling files: `register_for_auto_class` copies them
+beside a saved checkpoint for `trust_remote_code=True` loading.
+"""
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, SiglipPreTrainedModel, SiglipTextModel, SiglipVisionModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipOutput, SiglipTextEmbeddings
+
+from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
+from .loss import sigmoid_loss
+
+
+class BottleneckTokenEmbedding(nn.Module):
+    """Token embedding factorised as an `N x K` table followed by a `K x W` projection (SigLIP section 4.7).
+
+    Holds `N*K + K*W` parameters instead of `N*W`; the full `N x W` table is never allocated.
+    """
+
+    def __init__(self, vocab_size: int, bottleneck_dim: int, hidden_size: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, bottleneck_dim)
+        self.projection = nn.Linear(bottleneck_dim, hidden_size, bias=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.num_embeddings
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.projection(self.table(input_ids))
+
+
+class SiglipBottleneckTextEmbeddings(SiglipTextEmbeddings):
+    """SigLIP's text embeddings with an optional bottleneck token table (same forward, same weight names)."""
+
+    def __init__(self, config: SiglipBottleneckTextConfig):
+        # Skip SiglipTextEmbeddings.__init__: it would allocate the full N x W table we are avoiding.
+        nn.Module.__init__(self)
+        if config.bottleneck_dim is None:
+            self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.token_embedding = BottleneckTokenEmbedding(config.vocab_size, config.bottleneck_dim, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+
+
+class SiglipBottleneckPreTrainedModel(SiglipPreTrainedModel):
+    """Weight initialisation and loading conventions shared by the models of this file."""
+
+    config: SiglipBottleneckConfig
+    _no_split_modules = SiglipPreTrainedModel._no_split_modules + ["SiglipBottleneckTextEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, SiglipBottleneckModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.constant_(module.logit_bias, self.config.logit_bias_init_value)
+        else:
+            # SigLIP's scheme; it also covers the bottleneck's table (nn.Embedding) and projection (nn.Linear).
+            super()._init_weights(module)
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids is None:
+        raise ValueError("You have to specify input_ids")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): min {int(input_ids.min())}, "
+            f"max {int(input_ids.max())}. Was the text tokenized with this model's tokenizer?"
+        )
+
+
+class SiglipBottleneckTextModel(SiglipTextModel):
+    """SigLIP's text tower with optional bottleneck token embeddings.
+
+    `forward` returns `last_hidden_state` and `pooler_output`: the last token's state through the `head`
+    projection (the text embedding, not normalised), exactly as [`transformers.SiglipTextModel`].
+    """
+
+    config: SiglipBottleneckTextConfig
+    config_class = SiglipBottleneckTextConfig
+
+    def __init__(self, config: SiglipBottleneckTextConfig):
+        # Skip SiglipTextModel.__init__ (it builds the full token table); the layout below is identical.
+        SiglipPreTrainedModel.__init__(self, config)
+        self.config = config
+        self.embeddings = SiglipBottleneckTextEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.projection_size)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        _check_input_ids(input_ids, self.config.vocab_size)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+
+def _build_vision_tower(config: SiglipBottleneckConfig) -> tuple[nn.Module, nn.Linear | None]:
+    """The vision backbone and, for non-SigLIP backbones, its projection to the shared embedding size."""
+    if config.uses_siglip_vision_tower:
+        return SiglipVisionModel._from_config(config.vision_config), None
+    backbone = AutoModel.from_config(config.vision_config)
+    return backbone, nn.Linear(_backbone_width(config.vision_config), config.embed_dim, bias=False)
+
+
+def _backbone_width(vision_config: PreTrainedConfig) -> int:
+    for name in ("hidden_size", "embed_dim", "hidden_dim"):
+        if isinstance(getattr(vision_config, name, None), int):
+            return getattr(vision_config, name)
+    hidden_sizes = getattr(vision_config, "hidden_sizes", None)  # convnets (ResNet, ConvNeXt)
+    if hidden_sizes:
+        return hidden_sizes[-1]
+    raise ValueError(f"Cannot tell the output width of vision backbone '{vision_config.model_type}'.")
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, vision_config: PreTrainedConfig, interpolate: bool) -> None:
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    channels = getattr(vision_config, "num_channels", 3)
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
+        )
+    size = getattr(vision_config, "image_size", None)
+    if size is not None and not interpolate:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(pixel_values.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but the vision tower expects "
+                f"{(height, width)}; resize with the model's image processor or pass interpolate_pos_encoding=True."
+            )
+
+
+def _image_features(
+    vision_model: nn.Module,
+    visual_projection: nn.Linear | None,
+    pixel_values: torch.Tensor,
+    interpolate_pos_encoding: bool,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """Run a vision tower; `pooler_output` becomes the (unnormalised) image embedding."""
+    _check_pixel_values(pixel_values, vision_model.config, interpolate_pos_encoding)
+    if visual_projection is None:
+        return vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+    outputs = vision_model(pixel_values=pixel_values, **kwargs)
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None:  # backbones without a pooler: use the first token (ViT's CLS)
+        pooled = outputs.last_hidden_state[:, 0]
+    pooled = pooled.flatten(1)  # convnets pool to (batch, channels, 1, 1)
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=visual_projection(pooled),
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
+
+
+def _normalize_pooled(outputs: BaseModelOutputWithPooling, normalize: bool) -> BaseModelOutputWithPooling:
+    if normalize:
+        outputs.pooler_output = nn.functional.normalize(outputs.pooler_output, dim=-1)
+    return outputs
+
+
+class SiglipBottleneckVisionModel(SiglipBottleneckPreTrainedModel):
+    """The vision tower of [`SiglipBottleneckModel`] alone (with its projection, if any).
+
+    Loads from a full checkpoint of either model, ignoring the text tower and logit parameters.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_(scale|bias)$"]
+
+    def __init__(self, config: SiglipBottleneckConfig):
+        super().__init__(config)
+        self.vision_model, self.visual_projection = _build_vision_tower(config)
+        self.post_init()
+
+    def forward(self, pixel_values, interpolate_pos_encoding: bool = False, normalize: bool = False, **kwargs):
+        """Image embeddings as `pooler_output` (L2-normalised if `normalize`)."""
+        outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding, **kwargs)
+        return _normalize_pooled(outputs, normalize)
+
+
+class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
+    r"""SigLIP image-text dual encoder: text tower with optional bottleneck token embeddings, SigLIP or any HF
+    vision backbone, learnable temperature `t = exp(logit_scale)` and bias `b = logit_bias`.
+
+    `forward` returns a [`transformers.models.siglip.modeling_siglip.SiglipOutput`]: `logits_per_image`
+    (`t * x_i . y_j + b` for images x and texts y, L2-normalised), `logits_per_text`, the normalised
+    `image_embeds` / `text_embeds`, and, with `return_loss=True`, the sigmoid loss of the batch computed by
+    [`hf_siglip.sigmoid_loss`] (across processes when `torch.distributed` is initialised).
+
+    Example:
+
+    ```python
+    >>> from hf_siglip import SiglipBottleneckModel
+    >>> model = SiglipBottleneckModel.from_pretrained("google/siglip-base-patch16-224")  # native checkpoint
+    >>> outputs = model(input_ids=input_ids, pixel_values=pixel_values, return_loss=True)
+    ```
+    """
+
+    config: SiglipBottleneckConfig
+    config_class = SiglipBottleneckConfig
+    # Which towers hold pretrained weights; set by from_pretrained and from_vision_text_pretrained.
+    pretrained_towers: frozenset[str] = frozenset()
+
+    def __init__(self, config: SiglipBottleneckConfig):
+        super().__init__(config)
+        self.text_model = SiglipBottleneckTextModel._from_config(config.text_config)
+        self.vision_model, self.visual_projection = _build_vision_tower(config)
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.logit_bias = nn.Parameter(torch.empty(1))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.text_model.embeddings.token_embedding = value
+
+    def get_text_features(
+        self, input_ids, attention_mask=None, position_ids=None, normalize: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Text tower outputs; `pooler_output` is the text embedding (L2-normalised only if `normalize`)."""
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return _normalize_pooled(outputs, normalize)
+
+    def get_image_features(
+        self, pixel_values, interpolate_pos_encoding: bool = False, normalize: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Vision tower outputs; `pooler_output` is the image embedding (L2-normalised only if `normalize`)."""
+        outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding, **kwargs)
+        return _normalize_pooled(outputs, normalize)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        image_ids: torch.LongTensor | None = None,
+        text_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SiglipOutput:
+        r"""
+        image_ids, text_ids (`torch.LongTensor`, *optional*):
+            Image i and text j are a positive pair iff their ids are equal (several captions per image,
+            duplicates, mined groups). Without them text j is the positive of image j only.
+        return_loss (`bool`, *optional*):
+            Whether to return the sigmoid loss.
+        """
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
+        image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+
+        logit_scale = self.logit_scale.to(text_embeds.device)
+        logit_bias = self.logit_bias.to(text_embeds.device)
+        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device) * logit_scale.exp() + logit_bias
+
+        loss = None
+        if return_loss:
+            loss = sigmoid_loss(image_embeds, text_embeds, logit_scale.exp(), logit_bias, image_ids, text_ids)
+
+        return SiglipOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str | os.PathLike | None = None,
+        text_model_name_or_path: str | os.PathLike | None = None,
+        text_config: SiglipBottleneckTextConfig | dict | None = None,
+        vision_config: PreTrainedConfig | dict | None = None,
+        **kwargs,
+    ) -> "SiglipBottleneckModel":
+        """Build a dual encoder from separately pretrained towers, as `VisionTextDualEncoderModel` does.
+
+        Args:
+            vision_model_name_or_path: any Hugging Face vision backbone (a local `save_pretrained` folder or a
+                Hub id): a SigLIP checkpoint (its vision tower is used as is), or e.g. a ViT, which gets a new
+                linear projection to the text tower's `projection_size`.
+            text_model_name_or_path: a SigLIP (or SigLIP-bottleneck) checkpoint whose text tower is used.
+            text_config / vision_config: configs for towers built from scratch instead.
+            kwargs: top-level config fields (e.g. `logit_bias_init_value`) and `from_pretrained` options
+                such as `dtype`.
+
+        Towers loaded here are listed in `model.pretrained_towers` (the trainer gives them no weight decay
+        and a reduced learning rate, SigLIP section 4.5).
+        """
+        load_kwargs = {k: kwargs.pop(k) for k in ("dtype", "revision", "token", "local_files_only") if k in kwargs}
+        if (vision_model_name_or_path is None) == (vision_config is None):
+            raise ValueError("Pass exactly one of vision_model_name_or_path and vision_config.")
+        if (text_model_name_or_path is None) == (text_config is None):
+            raise ValueError("Pass exactly one of text_model_name_or_path and text_config.")
+
+        vision_tower = None
+        if vision_model_name_or_path is not None:
+            vision_tower = _load_vision_backbone(vision_model_name_or_path, **load_kwargs)
+            vision_config = vision_tower.config
+        text_tower = None
+        if text_model_name_or_path is not None:
+            text_tower = SiglipBottleneckTextModel.from_pretrained(text_model_name_or_path, **load_kwargs)
+            text_config = text_tower.config
+
+        config = SiglipBottleneckConfig(
+            text_config=text_config if isinstance(text_config, dict) else text_config.to_dict(),
+            vision_config=vision_config if isinstance(vision_config, dict) else vision_config.to_dict(),
+            **kwargs,
+        )
+        model = cls(config)
+        if vision_tower is not None:
+            model.vision_model = vision_tower
+        if text_tower is not None:
+            model.text_model = text_tower
+        model.pretrained_towers = frozenset(name for name, tower in (("vision", vision_tower), ("text", text_tower)) if tower is not None)
+        if "dtype" in load_kwargs:
+            model.to(next(model.text_model.parameters()).dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.pretrained_towers = frozenset({"vision", "text"})
+        return loaded
+
+
+def _load_vision_backbone(name_or_path, **load_kwargs) -> nn.Module:
+    """A pretrained vision tower: SigLIP's own from a SigLIP checkpoint, else the `AutoModel` backbone."""
+    backbone_config = AutoConfig.from_pretrained(name_or_path)
+    if backbone_config.model_type in ("siglip", "siglip_bottleneck", "siglip_vision_model"):
+        return SiglipVisionModel.from_pretrained(name_or_path, **load_kwargs)
+    return AutoModel.from_pretrained(name_or_path, **load_kwargs)
+
+
+__all__ = [
+    "BottleneckTokenEmbedding",
+    "SiglipBottleneckModel",
+    "SiglipBottleneckPreTrainedModel",
+    "SiglipBottleneckTextModel",
+    "SiglipBottleneckVisionModel",
+]

@@ -1,0 +1,79 @@
+"""`SiglipTrainingArguments`: `transformers.TrainingArguments` plus the SigLIP papers' training options."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+TOWERS = ("text", "vision")
+
+
+@dataclass
+class SiglipTrainingArguments(TrainingArguments):
+    r"""
+    Arguments for [`SiglipTrainer`]. Every `transformers.TrainingArguments` field works as usual; the defaults
+    that differ follow the SigLIP paper: `adam_beta2=0.95` (stabilises training with large batches) and
+    `remove_unused_columns=False` (the collator needs the image and caption columns).
+    """
+
+    adam_beta2: float = field(
+        default=0.95,
+        metadata={"help": "Adam beta2. SigLIP (section 4.6) uses 0.95 instead of 0.999 to avoid loss spikes."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the SigLIP collator reads raw image/caption columns the model does not take."},
+    )
+    pretrained_towers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Towers holding pretrained weights ('text', 'vision'). Default: the model's own record "
+            "(`model.pretrained_towers`: both for from_pretrained, the loaded ones for from_vision_text_pretrained, "
+            "none for a fresh model). Pass [] to treat every weight as new."
+        },
+    )
+    pretrained_learning_rate_multiplier: float = field(
+        default=0.1,
+        metadata={"help": "Learning-rate multiplier for pretrained towers (SigLIP section 4.5 uses 0.1)."},
+    )
+    pretrained_weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "Weight decay on pretrained towers (SigLIP section 4.5: off, so they stay near their init)."},
+    )
+    lock_text_tower: bool = field(
+        default=False, metadata={"help": "Freeze the text tower and keep it in eval mode (LiT-style locking)."}
+    )
+    lock_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the vision tower and keep it in eval mode (SigLiT). With rows carrying precomputed "
+            "`image_embeds` (see hf_siglip.evaluation.add_image_embeddings) the tower is not run at all."
+        },
+    )
+    logit_scale_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "Optional clamp on t = exp(logit_scale) after each step. Off by default: released SigLIP "
+            "checkpoints have t ~ 112 and a silent clamp at 100 would change them."
+        },
+    )
+    loss_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments passed to hf_siglip.sigmoid_loss (e.g. multi-positive normalisation, "
+            "negative masking, positive mining). JSON on the command line."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pretrained_towers is not None:
+            unknown = set(self.pretrained_towers) - set(TOWERS)
+            if unknown:
+                raise ValueError(f"pretrained_towers: unknown tower(s) {sorted(unknown)}; choose from {TOWERS}.")
+        if self.pretrained_learning_rate_multiplier < 0:
+            raise ValueError("pretrained_learning_rate_multiplier must be >= 0.")
+        if self.lock_text_tower and self.lock_vision_tower:
+            raise ValueError("lock_text_tower and lock_vision_tower are both set: nothing would be trained.")
+        if self.loss_options is None:
+            self.loss_options = {}

@@ -1,0 +1,193 @@
+"""Single-process tests of the sigmoid loss: the dense reference against a loop over pairs, the tiled
+engine against the dense reference for every option, open_clip parity, numerics and input errors."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_siglip import sigmoid_loss
+from hf_siglip.loss import SigmoidLoss, dense_sigmoid_loss
+
+
+def _open_clip_siglip():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SigLipLoss
+
+
+def _unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).float()
+
+
+def _leaves(n_images=9, n_texts=9, d=16, seed=0, t=8.0, b=-5.0):
+    x, y = _unit(n_images, d, seed), _unit(n_texts, d, seed + 1)
+    k = min(n_images, n_texts) // 2
+    y[:k] = F.normalize(y[:k] + x[:k], dim=1)  # some close pairs, so mining and hard negatives bite
+    return [x.requires_grad_(), y.requires_grad_(), torch.tensor(t, requires_grad=True),
+            torch.tensor(b, requires_grad=True)]
+
+
+def _loss_and_grads(fn, leaves, *args, **kwargs):
+    leaves = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    loss = fn(*leaves, *args, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+def _assert_close(a, b, tol=1e-5):
+    (la, ga), (lb, gb) = a, b
+    assert torch.allclose(la, lb, rtol=tol, atol=tol), (float(la), float(lb))
+    for name, u, v in zip(("image", "text", "t", "b"), ga, gb):
+        assert torch.allclose(u, v, rtol=tol, atol=tol), (name, float((u - v).abs().max()))
+
+
+def test_dense_reference_matches_a_loop_over_pairs():
+    x, y, t, b = [leaf.detach().double() for leaf in _leaves(4, 6, d=5)]
+    image_ids, text_ids = torch.tensor([3, 1, 4, 1]), torch.tensor([1, 5, 9, 3, 4, 4])
+    expected = 0.0
+    for i in range(4):
+        for j in range(6):
+            z = 1.0 if image_ids[i] == text_ids[j] else -1.0
+            logit = float(t) * float(x[i] @ y[j]) + float(b)
+            expected += math.log1p(math.exp(-z * logit))
+    got = dense_sigmoid_loss(x, y, t, b, image_ids, text_ids)
+    assert abs(float(got) - expected / 4) < 1e-5  # the reference computes in fp32
+
+
+def test_matches_open_clip_single_process():
+    SigLipLoss = _open_clip_siglip()
+    leaves = _leaves(12, 12)
+    _assert_close(_loss_and_grads(sigmoid_loss, leaves, tile_size=5), _loss_and_grads(SigLipLoss(), leaves))
+
+
+@pytest.mark.parametrize("tile_size", [1, 3, 4, 1024])
+def test_tiling_does_not_change_the_result(tile_size):
+    leaves = _leaves(11, 7)
+    image_ids, text_ids = torch.arange(11) % 5, torch.tensor([0, 1, 1, 2, 3, 4, 4])
+    _assert_close(_loss_and_grads(sigmoid_loss, leaves, image_ids, text_ids, tile_size=tile_size),
+                  _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids))
+
+
+def test_ids_give_k_captions_per_image():
+    leaves = _leaves(5, 15)
+    image_ids = torch.tensor([10, 20, 30, 40, 50])
+    text_ids = image_ids.repeat_interleave(3)
+    got = _loss_and_grads(sigmoid_loss, leaves, image_ids, text_ids, tile_size=4)
+    _assert_close(got, _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids))
+    # and the dense reference's positives are exactly the 3 captions of each image
+    x, y, t, b = [leaf.detach() for leaf in leaves]
+    logits = t * x @ y.T + b
+    labels = torch.block_diag(*[torch.ones(1, 3)] * 5) * 2 - 1
+    assert torch.allclose(got[0], -F.logsigmoid(labels * logits).sum() / 5, atol=1e-5)
+
+
+OPTION_SETS = [
+    {"normalize": "text"},
+    {"normalize": "row"},
+    {"positive_targets": "random"},
+    {"negative_ratio": 2, "negative_selection": "random", "seed": 3},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_options_match_dense_reference(options):
+    leaves = _leaves(10, 13)
+    image_ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7, 8])
+    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 5, 9])
+    options = dict(options)
+    if options.get("positive_targets") == "random":
+        options["positive_targets"] = torch.rand(13, generator=torch.Generator().manual_seed(2))
+    got = _loss_and_grads(sigmoid_loss, leaves, image_ids, text_ids, tile_size=4, **options)
+    want = _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids, **options)
+    _assert_close(got, want)
+    # an option that is on must change something compared with the plain loss
+    plain = _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids)
+    assert not torch.allclose(got[0], plain[0])
+
+
+def test_random_negative_mask_keeps_about_the_ratio():
+    n = 200
+    leaves = _leaves(n, n, d=8)
+    x, y, t, b = [leaf.detach() for leaf in leaves]
+    ratio = 10
+    masked = dense_sigmoid_loss(x, y, t * 0, b * 0, negative_ratio=ratio)  # every pair costs log 2
+    kept_pairs = float(masked) * n / math.log(2)
+    assert abs(kept_pairs - n * (ratio + 1)) < 0.1 * n * ratio
+
+
+def test_module_wrapper_fixes_options():
+    leaves = _leaves(6, 6)
+    loss_fn = SigmoidLoss(normalize="text", tile_size=2)
+    _assert_close(_loss_and_grads(loss_fn, leaves), _loss_and_grads(dense_sigmoid_loss, leaves, normalize="text"))
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e6])
+def test_extreme_logits_stay_finite(scale):
+    leaves = _leaves(6, 6)
+    loss, grads = _loss_and_grads(sigmoid_loss, leaves[:2] + [torch.tensor(scale), torch.tensor(-scale / 2)])
+    want, want_grads = _loss_and_grads(dense_sigmoid_loss, leaves[:2] + [torch.tensor(scale), torch.tensor(-scale / 2)])
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert torch.allclose(loss, want, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-3)
+
+
+def test_bf16_autocast_accumulates_in_fp32():
+    leaves = _leaves(16, 16)
+    x, y, t, b = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sigmoid_loss(x.bfloat16(), y.bfloat16(), t, b)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    want = dense_sigmoid_loss(x.detach().bfloat16().float(), y.detach().bfloat16().float(), t.detach(), b.detach())
+    assert torch.allclose(loss.detach(), want, rtol=1e-5)
+
+
+def test_model_call_signature_single_process():
+    # what the model's forward calls: logit_scale is the log parameter, exponentiated by the caller
+    leaves = _leaves(4, 4)
+    log_scale = torch.tensor(math.log(10.0), requires_grad=True)
+    loss = sigmoid_loss(leaves[0], leaves[1], log_scale.exp(), leaves[3])
+    loss.backward()
+    assert log_scale.grad is not None and torch.isfinite(log_scale.grad)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(image_embeds=a["image_embeds"][:, :5]), "dims differ"),
+        (lambda a: a.update(image_embeds=a["image_embeds"][0]), "2-d"),
+        (lambda a: a.update(text_ids=a["text_ids"][:3]), "text_ids has 3 entries"),
+        (lambda a: a.update(image_ids=a["image_ids"].float()), "must hold integers"),
+        (lambda a: a.update(text_ids=None), "both image_ids and text_ids"),
+        (lambda a: a.update(image_ids=None, text_ids=None, text_embeds=a["text_embeds"][:3]), "local counts"),
+        (lambda a: a.update(logit_scale=torch.ones(2)), "one element"),
+        (lambda a: a.update(image_embeds=a["image_embeds"][:0], image_ids=a["image_ids"][:0]), "zero"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    args = dict(image_embeds=x, text_embeds=y, logit_scale=t, logit_bias=b, image_ids=torch.arange(4),
+                text_ids=torch.arange(4))
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        sigmoid_loss(**args)
+
+
+@pytest.mark.parametrize("options", [{"normalize": "mean"}, {"tile_size": 0}, {"negative_ratio": 0},
+                                     {"negative_selection": "medium"}, {"mine_image_text": 2.0},
+                                     {"loss_type": "hinge"}])
+def test_bad_options_raise(options):
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    with pytest.raises(ValueError):
+        sigmoid_loss(x, y, t, b, **options)

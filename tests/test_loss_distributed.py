@@ -1,0 +1,275 @@
+"""The ring loss in real gloo process groups (2, 3 and 4 CPU processes) against a dense single-process
+reference over the gathered batch and against open_clip's SigLipLoss (bidir).
+
+One launch per world size runs every case (process start-up dominates the cost); each case's result is
+written per rank to a JSON file and checked by its own pytest test.
+"""
+
+import datetime
+import importlib.util
+import json
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+WORLD_SIZES = (2, 3, 4)
+TOLERANCE = 1e-5
+LAUNCH_DEADLINE_S = 150
+
+
+def _open_clip_loss_class():
+    """open_clip's SigLipLoss loaded from its loss.py (importing open_clip needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SigLipLoss
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases: each returns the global batch, how it is split over processes, and the loss options.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _unit(n, d, generator):
+    return F.normalize(torch.randn(n, d, generator=generator, dtype=torch.float64), dim=1).float()
+
+
+def _case(world, name):
+    """Global data for case `name`: dict with x, y, image_sizes, text_sizes, ids (or None), options."""
+    g = torch.Generator().manual_seed(1000 * world + sum(map(ord, name)))
+    d = 16
+    equal = [6] * world
+    unequal = [5 + 3 * ((r * 7) % 4) for r in range(world)]  # e.g. 5, 14, 11, 8
+    options = {"tile_size": 4}
+    ids = None
+    if name in ("equal_plain", "equal_plain_default_tile"):
+        image_sizes = text_sizes = equal
+        if name.endswith("default_tile"):
+            options = {}
+    elif name == "equal_unique_ids":
+        image_sizes = text_sizes = equal
+        n = sum(equal)
+        perm = torch.randperm(n, generator=g) + 100
+        ids = (perm, perm.clone())
+    elif name == "unequal_plain":
+        image_sizes = text_sizes = unequal
+    elif name == "k_captions":  # 3 captions per image on the image's process, unequal
+        image_sizes = unequal
+        text_sizes = [3 * n for n in unequal]
+        image_ids = torch.arange(sum(unequal)) * 2 + 1
+        ids = (image_ids, image_ids.repeat_interleave(3))
+    elif name.startswith("duplicates"):  # ids repeat within and across processes, n_i != n_t
+        image_sizes = unequal
+        text_sizes = [n + 2 for n in reversed(unequal)]
+        ids = (torch.randint(0, 12, (sum(image_sizes),), generator=g),
+               torch.randint(0, 12, (sum(text_sizes),), generator=g))
+        options.update(_OPTION_CASES.get(name, {}))
+    else:
+        raise KeyError(name)
+    x = _unit(sum(image_sizes), d, g)
+    y = _unit(sum(text_sizes), d, g)
+    # bring some pairs close so mining and hard negatives have something to find
+    y[: min(len(x), len(y)) // 2] = F.normalize(y[: min(len(x), len(y)) // 2] + x[: min(len(x), len(y)) // 2], dim=1)
+    if "positive_targets" in options:
+        options["positive_targets"] = torch.rand(sum(text_sizes), generator=g)
+    return dict(x=x, y=y, image_sizes=image_sizes, text_sizes=text_sizes, ids=ids, options=options,
+                t=torch.tensor(7.5), b=torch.tensor(-4.0))
+
+
+_OPTION_CASES = {
+    "duplicates": {},
+    "duplicates_norm_text": {"normalize": "text"},
+    "duplicates_norm_row": {"normalize": "row"},
+    "duplicates_positive_targets": {"positive_targets": True},
+    "duplicates_negatives_random": {"negative_ratio": 3, "negative_selection": "random", "seed": 5},
+}
+
+OPEN_CLIP_CASES = ("equal_plain", "equal_plain_default_tile", "equal_unique_ids")
+PARITY_CASES = OPEN_CLIP_CASES + ("unequal_plain", "k_captions") + tuple(_OPTION_CASES)
+ERROR_CASES = ("error_dim_mismatch", "error_zero_rows", "error_float_ids", "error_option_mismatch")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------------
+
+
+def _local(tensor, sizes, rank):
+    start = sum(sizes[:rank])
+    return tensor[start:start + sizes[rank]]
+
+
+def _max_diff(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+def _check_parity(name, rank, world, group, SigLipLoss):
+    from hf_siglip.loss import dense_sigmoid_loss, sigmoid_loss
+
+    case = _case(world, name)
+    x, y, t, b = case["x"], case["y"], case["t"], case["b"]
+    options = dict(case["options"])
+    image_ids = text_ids = local_image_ids = local_text_ids = None
+    if case["ids"] is not None:
+        image_ids, text_ids = case["ids"]
+        local_image_ids = _local(image_ids, case["image_sizes"], rank)
+        local_text_ids = _local(text_ids, case["text_sizes"], rank)
+    local_options = dict(options)
+    if "positive_targets" in options:
+        local_options["positive_targets"] = _local(options["positive_targets"], case["text_sizes"], rank)
+
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), t.clone().requires_grad_(),
+              b.clone().requires_grad_()]
+    dense_options = {k: v for k, v in options.items() if k != "tile_size"}
+    dense = dense_sigmoid_loss(*leaves, image_ids, text_ids, **dense_options)
+    dense_grads = torch.autograd.grad(dense, leaves)
+
+    local_leaves = [_local(x, case["image_sizes"], rank).clone().requires_grad_(),
+                    _local(y, case["text_sizes"], rank).clone().requires_grad_(),
+                    t.clone().requires_grad_(), b.clone().requires_grad_()]
+    loss = sigmoid_loss(*local_leaves, local_image_ids, local_text_ids, group=group, **local_options)
+    grads = torch.autograd.grad(loss, local_leaves)
+
+    # DDP view: the process average of loss, dt and db; each process's embedding gradient / world
+    summed = torch.stack([loss.detach(), grads[2], grads[3]]).double()
+    dist.all_reduce(summed, group=group)
+    mean_loss, mean_dt, mean_db = (summed / world).tolist()
+    problems = []
+    errors = {
+        "loss": abs(mean_loss - float(dense)),
+        "d_image": _max_diff(grads[0] / world, _local(dense_grads[0], case["image_sizes"], rank)),
+        "d_text": _max_diff(grads[1] / world, _local(dense_grads[1], case["text_sizes"], rank)),
+        "d_t": abs(mean_dt - float(dense_grads[2])),
+        "d_b": abs(mean_db - float(dense_grads[3])),
+    }
+    for key, err in errors.items():
+        if not err <= TOLERANCE * max(1.0, abs(float(dense)) if key == "loss" else 1.0):
+            problems.append(f"dense {key} differs by {err:.3g}")
+
+    if name in OPEN_CLIP_CASES and SigLipLoss is not None:
+        oc_leaves = [leaf.detach().clone().requires_grad_() for leaf in local_leaves]
+        oc_loss = SigLipLoss(rank=rank, world_size=world, dist_impl="bidir")(*oc_leaves)
+        oc_grads = torch.autograd.grad(oc_loss, oc_leaves)
+        oc_errors = {"loss": abs(float(oc_loss) - float(loss)),
+                     **{f"grad{i}": _max_diff(a, c) for i, (a, c) in enumerate(zip(grads, oc_grads))}}
+        for key, err in oc_errors.items():
+            if not err <= TOLERANCE * max(1.0, abs(float(loss)) if key == "loss" else 1.0):
+                problems.append(f"open_clip {key} differs by {err:.3g}")
+    return "ok" if not problems else "; ".join(problems)
+
+
+def _check_error(name, rank, world, group):
+    """Every process must raise ValueError (not hang) when one process's inputs are wrong."""
+    from hf_siglip.loss import sigmoid_loss
+
+    g = torch.Generator().manual_seed(7)
+    n, d = 4, 8
+    x, y = _unit(n, d, g), _unit(n, d, g)
+    ids = torch.arange(n) + n * rank
+    image_ids, text_ids = ids, ids
+    options = {}
+    if name == "error_dim_mismatch" and rank == world - 1:
+        x, y = _unit(n, d + 1, g), _unit(n, d + 1, g)
+    if name == "error_zero_rows" and rank == 0:
+        x, y, image_ids, text_ids = x[:0], y[:0], ids[:0], ids[:0]
+    if name == "error_float_ids" and rank == 1:
+        image_ids = ids.float()
+    if name == "error_option_mismatch" and rank == 0:
+        options = {"normalize": "text"}
+    try:
+        sigmoid_loss(x, y, torch.tensor(10.0), torch.tensor(-10.0), image_ids, text_ids, group=group, **options)
+    except ValueError as error:
+        return "raised: " + str(error)
+    return "did not raise"
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    results = {}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        SigLipLoss = _open_clip_loss_class()
+        for name in PARITY_CASES:
+            try:
+                results[name] = _check_parity(name, rank, world, None, SigLipLoss)
+            except Exception:  # recorded, and the other cases still run
+                results[name] = "exception: " + traceback.format_exc()
+        for name in ERROR_CASES:
+            results[name] = _check_error(name, rank, world, None)
+        # a sub-group of the first world-1 processes (every process must create it)
+        members = list(range(max(2, world - 1)))
+        subgroup = dist.new_group(members)
+        if rank in members:
+            results["subgroup"] = _check_parity("unequal_plain", rank, len(members), subgroup, SigLipLoss)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(results, handle)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher side
+# ---------------------------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_RESULTS = {}
+
+
+def _results(world, tmp_path_factory):
+    if world not in _RESULTS:
+        out_dir = str(tmp_path_factory.mktemp(f"world{world}"))
+        context = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + LAUNCH_DEADLINE_S
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"world {world}: processes still running after {LAUNCH_DEADLINE_S}s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        _RESULTS[world] = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("name", PARITY_CASES)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ring_matches_dense_and_open_clip(world, name, tmp_path_factory):
+    if name in OPEN_CLIP_CASES and _open_clip_loss_class() is None:
+        pytest.skip("open_clip not installed (the oracle half of this case)")
+    per_rank = [r[name] for r in _results(world, tmp_path_factory)]
+    assert per_rank == ["ok"] * world, per_rank
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ring_on_a_subgroup(world, tmp_path_factory):
+    results = _results(world, tmp_path_factory)
+    members = max(2, world - 1)
+    assert [r.get("subgroup") for r in results[:members]] == ["ok"] * members
+
+
+@pytest.mark.parametrize("name", ERROR_CASES)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_bad_input_on_one_process_raises_everywhere(world, name, tmp_path_factory):
+    messages = [r[name] for r in _results(world, tmp_path_factory)]
+    assert all(m.startswith("raised: sigmoid_loss") for m in messages), messages

@@ -97,7 +97,9 @@ def add_sampled_captions(dataset, sampler: CaptionSampler, epoch: int = 0, num_p
     use_ids = sampler.id_column in names
     input_columns = list(sampler.weights) + ([sampler.id_column] if use_ids else [])
 
-    def sample_batch(*values, indices):
+    def sample_batch(*values):
+        # datasets passes the input columns positionally, then the indices
+        *values, indices = values
         columns = dict(zip(sampler.weights, values))
         keys = values[-1] if use_ids else indices
         return {sampler.output_column: sampler.sample(columns, keys, epoch)}

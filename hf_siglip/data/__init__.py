@@ -1,0 +1,25 @@
+"""Data side of hf_siglip: loading, caption augmentation, filters, positive groups, label noise,
+the collator and the embedded demo dataset. Each module's docstring states its bad-input policies."""
+
+from .captions import CaptionSampler, add_sampled_captions
+from .collator import SiglipDataCollator
+from .demo import DEMO_CLASSES, DEMO_TEMPLATES, make_demo_dataset
+from .images import ImageDecodeError, decode_image, to_rgb
+from .loading import add_image_ids, check_columns, load_image_text_dataset
+from .text import normalize_captions
+
+__all__ = [
+    "CaptionSampler",
+    "DEMO_CLASSES",
+    "DEMO_TEMPLATES",
+    "ImageDecodeError",
+    "SiglipDataCollator",
+    "add_image_ids",
+    "add_sampled_captions",
+    "check_columns",
+    "decode_image",
+    "load_image_text_dataset",
+    "make_demo_dataset",
+    "normalize_captions",
+    "to_rgb",
+]

@@ -1,0 +1,193 @@
+"""``SiglipDataCollator``: rows (image, one or several captions, optional ids) -> model/loss tensors.
+
+Output (all ``torch.Tensor``):
+
+* ``pixel_values`` ``(B, C, H, W)`` float — or ``image_embeds`` ``(B, D)`` float when rows carry a
+  precomputed ``image_embeds`` column (locked / cached image tower, SigLiT);
+* ``input_ids`` ``(T, max_length)`` long, padded to ``max_length`` and truncated (as SigLIP was
+  trained: no attention mask is needed; pass ``return_attention_mask=True`` if your text tower wants one);
+* ``image_ids`` ``(B,)`` long and ``text_ids`` ``(T,)`` long: image i and text j are a positive pair iff
+  their ids are equal. The k captions of one row become k texts with that row's id.
+
+Ids: ``id_column="auto"`` uses ``group_id`` if the row has it, else ``image_id``. A row without either
+gets a fallback id that cannot collide across processes or DataLoader workers:
+``(process_index << 48) | (worker_id << 40) | counter`` where ``process_index`` is
+``torch.distributed.get_rank()`` when initialised (else 0) and ``counter`` runs over this collator
+copy's rows. Fallback ids are unique per row seen, so duplicates of one image are *not* recognised:
+add an ``image_id`` column (``add_image_ids`` in :mod:`hf_siglip.data.loading`) for that, and for
+per-epoch deterministic caption sampling.
+
+Bad rows (policies; counts in ``collator.stats`` and a ``logging`` warning per affected batch):
+
+* no usable caption (None, empty list, only empty/whitespace strings): row **dropped**, counted;
+* None/empty/whitespace captions inside a list: caption **dropped**, counted, the rest kept;
+* an image that fails to decode (truncated, garbage, None): row **dropped**, counted;
+* grey-scale / RGBA / 16-bit / palette images: **converted** to RGB (see :mod:`hf_siglip.data.images`);
+* a configured column missing from a row: **raises** ``KeyError`` naming the column and the row's columns;
+* a non-string caption: **raises** ``TypeError`` naming the row.
+
+If every row of a batch is dropped the tensors are empty (``B = T = 0``) rather than an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .captions import CaptionSampler
+from .images import ImageDecodeError, decode_image
+from .text import normalize_captions
+
+logger = logging.getLogger(__name__)
+
+_PROCESS_SHIFT = 48
+_WORKER_SHIFT = 40
+
+
+def _process_index() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _worker_index() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+@dataclass
+class SiglipDataCollator:
+    """Collate image-text rows for the SigLIP sigmoid loss (see module docstring for the contract).
+
+    Args:
+        processor: a processor with ``.image_processor`` and ``.tokenizer`` (e.g. ``SiglipProcessor``);
+            or give ``tokenizer`` and ``image_processor`` directly.
+        max_length: text length; texts are padded to it and truncated.
+        image_column / caption_column: column names; the caption cell is a string or a list of strings.
+        id_column: ``"auto"`` (``group_id`` else ``image_id`` else fallback), a column name, or None
+            (always fallback ids).
+        image_embeds_column: if a row has this column, its vector is emitted as ``image_embeds``
+            instead of decoding the image.
+        caption_sampler: optional :class:`CaptionSampler`; if set, each row's texts are its k sampled
+            captions for the current epoch (``set_epoch``) instead of the whole caption column.
+        return_attention_mask: also emit ``attention_mask``.
+    """
+
+    processor: Any = None
+    tokenizer: Any = None
+    image_processor: Any = None
+    max_length: int = 64
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: Optional[str] = "auto"
+    image_embeds_column: str = "image_embeds"
+    caption_sampler: Optional[CaptionSampler] = None
+    return_attention_mask: bool = False
+    epoch: int = 0
+    stats: Counter = field(default_factory=Counter)
+    _fallback_counter: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        if self.processor is not None:
+            self.tokenizer = self.tokenizer or self.processor.tokenizer
+            self.image_processor = self.image_processor or self.processor.image_processor
+        if self.tokenizer is None:
+            raise ValueError("SiglipDataCollator needs a tokenizer (or a processor with .tokenizer)")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used by ``caption_sampler`` (fresh, reproducible captions each epoch)."""
+        self.epoch = int(epoch)
+
+    def _row_id(self, row: dict) -> int:
+        column = self.id_column
+        if column == "auto":
+            column = "group_id" if "group_id" in row else ("image_id" if "image_id" in row else None)
+        if column is not None:
+            if column not in row:
+                raise KeyError(f"id column {column!r} not in row columns {sorted(row)}")
+            return int(row[column])
+        self._fallback_counter += 1
+        return (_process_index() << _PROCESS_SHIFT) | (_worker_index() << _WORKER_SHIFT) | self._fallback_counter
+
+    def _row_captions(self, row: dict, row_id: int) -> list[str]:
+        if self.caption_sampler is not None:
+            columns = self.caption_sampler.weights
+            for column in columns:
+                if column not in row:
+                    raise KeyError(f"caption column {column!r} not in row columns {sorted(row)} (row id {row_id})")
+            sampled = self.caption_sampler.sample({c: [row[c]] for c in columns}, [row_id], self.epoch)[0]
+            for column in columns:  # count what was unusable, as in the plain path
+                self.stats["empty_captions_dropped"] += normalize_captions(row[column], row_id)[1]
+            return sampled
+        if self.caption_column not in row:
+            raise KeyError(f"caption column {self.caption_column!r} not in row columns {sorted(row)} (row id {row_id})")
+        captions, dropped = normalize_captions(row[self.caption_column], row=row_id)
+        self.stats["empty_captions_dropped"] += dropped
+        return captions
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        use_embeds = bool(rows) and self.image_embeds_column in rows[0]
+        images, embeds, image_ids, texts, text_ids = [], [], [], [], []
+        dropped = Counter()
+        for row in rows:
+            row_id = self._row_id(row)
+            captions = self._row_captions(row, row_id)
+            if not captions:
+                dropped["rows_without_caption"] += 1
+                continue
+            if use_embeds:
+                embeds.append(np.asarray(row[self.image_embeds_column], dtype=np.float32))
+            else:
+                if self.image_column not in row:
+                    raise KeyError(f"image column {self.image_column!r} not in row columns {sorted(row)} (row id {row_id})")
+                try:
+                    images.append(decode_image(row[self.image_column]))
+                except ImageDecodeError as error:
+                    dropped["rows_with_undecodable_image"] += 1
+                    logger.warning("dropping row id %d: image does not decode (%s)", row_id, error)
+                    continue
+            image_ids.append(row_id)
+            texts.extend(captions)
+            text_ids.extend([row_id] * len(captions))
+        if dropped:
+            self.stats.update(dropped)
+            logger.warning("SiglipDataCollator dropped %s in this batch of %d rows; totals so far: %s",
+                           dict(dropped), len(rows), dict(self.stats))
+        self.stats["rows_collated"] += len(image_ids)
+        self.stats["texts_collated"] += len(texts)
+
+        batch: dict[str, torch.Tensor] = {}
+        if use_embeds:
+            batch["image_embeds"] = torch.from_numpy(np.stack(embeds)) if embeds else torch.zeros(0, 0)
+        else:
+            batch["pixel_values"] = self._pixel_values(images)
+        batch.update(self._tokenize(texts))
+        batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)
+        batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
+        return batch
+
+    def _pixel_values(self, images: list) -> torch.Tensor:
+        if images:
+            return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+        size = getattr(self.image_processor, "size", None) or {}
+        height = size.get("height", size.get("shortest_edge", 0))
+        width = size.get("width", size.get("shortest_edge", 0))
+        return torch.zeros(0, 3, height, width)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if not texts:
+            out = {"input_ids": torch.zeros(0, self.max_length, dtype=torch.long)}
+            if self.return_attention_mask:
+                out["attention_mask"] = torch.zeros(0, self.max_length, dtype=torch.long)
+            return out
+        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                                 return_attention_mask=self.return_attention_mask, return_tensors="pt")
+        out = {"input_ids": encoded["input_ids"].long()}
+        if self.return_attention_mask:
+            out["attention_mask"] = encoded["attention_mask"].long()
+        return out

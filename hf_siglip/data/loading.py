@@ -1,0 +1,170 @@
+"""Opening the image-text data users have, as a ``datasets`` Dataset / IterableDataset.
+
+:func:`load_image_text_dataset` accepts:
+
+* a folder of images with ``metadata.jsonl`` / ``metadata.csv`` (the ``imagefolder`` convention:
+  ``file_name`` plus a caption column holding a string or a list of strings);
+* a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+* a folder (or single file) of ``.parquet`` / ``.arrow`` / ``.jsonl`` / ``.csv`` files;
+* anything else is passed to ``datasets.load_dataset`` (a hub id, a builder name, a local script).
+
+Policies:
+
+* a configured image or caption column that is missing: **raises** ``KeyError`` naming the column and
+  the columns that exist (also for streaming datasets whose features are known);
+* by default the image column is cast to ``Image(decode=False)``: rows then carry the encoded bytes /
+  path, so a truncated or garbage file cannot crash iteration inside ``datasets``; the collator decodes
+  it and skips undecodable rows with a counted warning (:mod:`hf_siglip.data.images`). Pass
+  ``decode_images=True`` for PIL images (an undecodable file then raises in ``datasets`` on access);
+* caption cells are not rewritten here; None / empty / whitespace captions are handled where captions
+  are used (collator, caption sampler; :mod:`hf_siglip.data.text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import datasets
+
+_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _folder_builder(path: Path) -> tuple[str, dict]:
+    if any((path / name).exists() for name in ("metadata.jsonl", "metadata.csv", "metadata.parquet")):
+        return "imagefolder", {"data_dir": str(path)}
+    for suffix, builder in _FILE_BUILDERS.items():
+        files = sorted(str(p) for p in path.rglob(f"*{suffix}"))
+        if files:
+            return builder, {"data_files": files}
+    return "imagefolder", {"data_dir": str(path)}
+
+
+def load_image_text_dataset(source: str, split: Optional[str] = "train", image_column: str = "image",
+                            caption_column: str = "caption", streaming: bool = False, decode_images: bool = False,
+                            **load_kwargs):
+    """Open ``source`` (see module docstring) and check its image and caption columns.
+
+    Args:
+        source: a local folder or file, or any ``load_dataset`` path / hub id.
+        split: split to return; ``None`` returns the whole ``DatasetDict``.
+        image_column / caption_column: the columns the collator will read.
+        streaming: return an ``IterableDataset`` (a ``save_to_disk`` folder is converted with
+            ``to_iterable_dataset``).
+        decode_images: keep ``datasets``' PIL decoding instead of ``Image(decode=False)``.
+        **load_kwargs: passed to ``datasets.load_dataset``.
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir() and _is_saved_to_disk(path):
+        dataset = datasets.load_from_disk(str(path))
+        if split is not None and isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+        if streaming:
+            dataset = (datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dataset.items()})
+                       if isinstance(dataset, datasets.DatasetDict) else dataset.to_iterable_dataset())
+    else:
+        if path.is_dir() and _has_mixed_caption_types(path / "metadata.jsonl", caption_column):
+            dataset = _load_mixed_metadata(path, image_column, caption_column, split, streaming)
+            builder = None
+        elif path.is_dir():
+            builder, kwargs = _folder_builder(path)
+        elif path.is_file() and path.suffix in _FILE_BUILDERS:
+            builder, kwargs = _FILE_BUILDERS[path.suffix], {"data_files": [str(path)]}
+        else:
+            builder, kwargs = str(source), {}
+        if builder is not None:
+            kwargs.update(load_kwargs)
+            dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+
+    for part in (dataset.values() if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict))
+                 else [dataset]):
+        check_columns(part, [image_column, caption_column])
+    if not decode_images:
+        dataset = _undecoded(dataset, image_column)
+    return dataset
+
+
+def _has_mixed_caption_types(metadata: Path, caption_column: str) -> bool:
+    """True when ``metadata.jsonl`` mixes plain-string and list captions (pyarrow refuses such a column)."""
+    if not metadata.exists():
+        return False
+    kinds = set()
+    with open(metadata, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                value = json.loads(line).get(caption_column)
+                if value is not None:
+                    kinds.add(isinstance(value, str))
+            if len(kinds) > 1:
+                return True
+    return False
+
+
+def _load_mixed_metadata(path: Path, image_column: str, caption_column: str, split, streaming):
+    """imagefolder fallback for a caption column mixing strings and lists: every cell becomes a list
+    (a string -> one-element list; None stays None and is counted where captions are used)."""
+    rows = []
+    with open(path / "metadata.jsonl", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "file_name" not in row:
+                raise KeyError(f"{path / 'metadata.jsonl'} line {line_number}: no 'file_name'")
+            row[image_column] = str(path / row.pop("file_name"))
+            if isinstance(row.get(caption_column), str):
+                row[caption_column] = [row[caption_column]]
+            rows.append(row)
+    dataset = datasets.Dataset.from_list(rows).cast_column(image_column, datasets.Image())
+    if split not in (None, "train"):
+        raise ValueError(f"{path} holds one split ('train'), not {split!r}")
+    if split is None:
+        dataset = datasets.DatasetDict({"train": dataset})
+    if streaming:
+        dataset = (datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dataset.items()})
+                   if isinstance(dataset, datasets.DatasetDict) else dataset.to_iterable_dataset())
+    return dataset
+
+
+def check_columns(dataset, columns) -> None:
+    """Raise ``KeyError`` naming each missing column (skipped when a stream's columns are unknown)."""
+    names = dataset.column_names
+    if names is None:
+        return
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise KeyError(f"column(s) {missing} not found; the dataset has columns {names}. "
+                       "Set image_column= / caption_column= to the right names.")
+
+
+def _undecoded(dataset, image_column: str):
+    features = dataset.features if not isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)) \
+        else next(iter(dataset.values())).features
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def add_image_ids(dataset, column: str = "image_id", offset: int = 0, key_column: Optional[str] = None):
+    """Add an ``image_id`` column holding ``offset + row index`` (a stable id per image).
+
+    On a ``Dataset`` this appends one int64 column without touching the others; on an
+    ``IterableDataset`` it is a lazy batched map reading only ``key_column`` (default: the first column
+    that is not an image) so images are not decoded.
+    """
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.add_column(column, list(range(offset, offset + len(dataset))),
+                                  feature=datasets.Value("int64"))
+    names = dataset.column_names or []
+    features = dataset.features or {}
+    key_column = key_column or next((c for c in names if not isinstance(features.get(c), datasets.Image)), None)
+    if key_column is None:
+        raise ValueError("add_image_ids on a stream needs key_column= (a small column to read alongside the index)")
+    return dataset.map(lambda _, indices: {column: [offset + i for i in indices]}, input_columns=[key_column],
+                       batched=True, with_indices=True)

@@ -1,0 +1,91 @@
+"""Shared helpers for the data tests: a word-level tokenizer, a PIL-only processor, a tiny random
+SigLIP model, and image folders with real (and really broken) files. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_tokenizer(words=None):
+    """A ``PreTrainedTokenizerFast`` over a word-level vocabulary (no sentencepiece needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_siglip.data.demo import demo_vocabulary
+
+    words = list(words) if words is not None else demo_vocabulary()
+    extra = ["cat", "dog", "sits", "runs", "man", "woman", "holds", "sign", "stop", "photo", "ok", "x", "y"]
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    for word in words + extra:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def make_processor(image_size: int = 32, words=None):
+    from transformers import SiglipImageProcessorPil, SiglipProcessor
+
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return SiglipProcessor(image_processor=image_processor, tokenizer=make_tokenizer(words))
+
+
+def make_tiny_siglip(vocab_size: int, image_size: int = 32, seed: int = 0):
+    """A randomly initialised 1-layer ``transformers.SiglipModel`` (CPU, eval mode)."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=64, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=0, **common),
+        vision_config=dict(image_size=image_size, patch_size=8, **common),
+    )
+    return SiglipModel(config).eval()
+
+
+def random_rgb(rng, size=16):
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_broken_image_folder(root: Path, seed: int = 0) -> dict:
+    """Write an imagefolder with good and broken real files plus ``metadata.jsonl``.
+
+    Returns ``{file_name: expected_outcome}`` where the outcome is "ok" or the reason it must be dropped.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    random_rgb(rng).save(root / "good.jpg")
+    random_rgb(rng).save(root / "good.png")
+    data = jpeg_bytes(random_rgb(rng, 64))
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "garbage.png").write_bytes(b"this is not an image" * 20)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(root / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), mode="RGBA").save(root / "rgba.png")
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(root / "sixteen_bit.png")
+    rows = [
+        ("good.jpg", ["a cat sits", "a photo of a cat", "cat"], "ok"),
+        ("good.png", "a dog runs", "ok"),
+        ("truncated.jpg", ["a man"], "undecodable"),
+        ("garbage.png", ["a woman"], "undecodable"),
+        ("grey.png", ["a grey photo", None, "   "], "ok"),
+        ("rgba.png", [], "no caption"),
+        ("sixteen_bit.png", ["a stop sign"], "ok"),
+    ]
+    with open(root / "metadata.jsonl", "w") as handle:
+        for name, caption, _ in rows:
+            handle.write(json.dumps({"file_name": name, "caption": caption}) + "\n")
+    return {name: outcome for name, _, outcome in rows}

@@ -3,13 +3,18 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
-from .loss import sigmoid_loss
+from .data import SiglipDataCollator, make_demo_dataset
+from .hub import build_model_card, push_to_hub
+from .loss import dense_sigmoid_loss, sigmoid_loss
 from .modeling_siglip_bottleneck import (
     BottleneckTokenEmbedding,
     SiglipBottleneckModel,
     SiglipBottleneckTextModel,
     SiglipBottleneckVisionModel,
 )
+from .processing import build_processor, train_caption_tokenizer
+from .trainer import SiglipTrainer
+from .training_args import SiglipTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -29,5 +34,14 @@ __all__ = [
     "SiglipBottleneckTextConfig",
     "SiglipBottleneckTextModel",
     "SiglipBottleneckVisionModel",
+    "SiglipDataCollator",
+    "SiglipTrainer",
+    "SiglipTrainingArguments",
+    "build_model_card",
+    "build_processor",
+    "dense_sigmoid_loss",
+    "make_demo_dataset",
+    "push_to_hub",
     "sigmoid_loss",
+    "train_caption_tokenizer",
 ]

@@ -9,6 +9,7 @@ beside a saved checkpoint for `trust_remote_code=True` loading.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +20,19 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipOutp
 
 from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
 from .loss import sigmoid_loss
+
+
+@dataclass
+class SiglipBottleneckOutput(SiglipOutput):
+    r"""[`SiglipOutput`] plus the temperature and bias the logits used, so a loss computed outside the model
+    (the trainer's distributed loss) takes them from the forward pass, as FSDP requires.
+
+    logit_scale (`torch.FloatTensor` of shape `(1,)`): `t = exp(model.logit_scale)`, already exponentiated.
+    logit_bias (`torch.FloatTensor` of shape `(1,)`): `b`.
+    """
+
+    logit_scale: torch.FloatTensor | None = None
+    logit_bias: torch.FloatTensor | None = None
 
 
 class BottleneckTokenEmbedding(nn.Module):
@@ -253,29 +267,37 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         image_ids: torch.LongTensor | None = None,
         text_ids: torch.LongTensor | None = None,
+        image_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> SiglipOutput:
+    ) -> SiglipBottleneckOutput:
         r"""
         image_ids, text_ids (`torch.LongTensor`, *optional*):
             Image i and text j are a positive pair iff their ids are equal (several captions per image,
             duplicates, mined groups). Without them text j is the positive of image j only.
         return_loss (`bool`, *optional*):
             Whether to return the sigmoid loss.
+        image_embeds (`torch.Tensor` of shape `(batch, embed_dim)`, *optional*):
+            Precomputed image embeddings (a locked, cached vision tower: SigLiT) used instead of `pixel_values`.
         """
-        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        vision_outputs = None
+        if image_embeds is None:
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+            image_embeds = vision_outputs.pooler_output
+        elif image_embeds.ndim != 2 or image_embeds.shape[-1] != self.config.embed_dim:
+            raise ValueError(f"image_embeds must have shape (batch, {self.config.embed_dim}), got {tuple(image_embeds.shape)}.")
         text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
-        image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
+        image_embeds = nn.functional.normalize(image_embeds, dim=-1)
         text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
 
-        logit_scale = self.logit_scale.to(text_embeds.device)
+        logit_scale = self.logit_scale.to(text_embeds.device).exp()
         logit_bias = self.logit_bias.to(text_embeds.device)
-        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device) * logit_scale.exp() + logit_bias
+        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device, text_embeds.dtype) * logit_scale + logit_bias
 
         loss = None
         if return_loss:
-            loss = sigmoid_loss(image_embeds, text_embeds, logit_scale.exp(), logit_bias, image_ids, text_ids)
+            loss = sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids)
 
-        return SiglipOutput(
+        return SiglipBottleneckOutput(
             loss=loss,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
@@ -283,6 +305,8 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
             image_embeds=image_embeds,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
+            logit_scale=logit_scale,
+            logit_bias=logit_bias,
         )
 
     @classmethod
@@ -356,6 +380,7 @@ def _load_vision_backbone(name_or_path, **load_kwargs) -> nn.Module:
 
 __all__ = [
     "BottleneckTokenEmbedding",
+    "SiglipBottleneckOutput",
     "SiglipBottleneckModel",
     "SiglipBottleneckPreTrainedModel",
     "SiglipBottleneckTextModel",

@@ -1,0 +1,320 @@
+"""`SiglipTrainer`: `transformers.Trainer` with the distributed sigmoid loss and the SigLIP papers' recipes.
+
+Flow per step: collator batch (`pixel_values` or cached `image_embeds`, `input_ids`, `image_ids`,
+`text_ids`) -> model forward (normalised embeddings, t, b) -> `sigmoid_loss` over the whole global batch
+(a ring across processes) -> backward. Each process's loss is its share such that DDP's gradient average
+is exactly the gradient of the global loss (see `hf_siglip.loss`); the logged loss is the global loss.
+
+Gradient accumulation. A contrastive loss over a batch of B*G pairs is not the sum of G losses over B pairs
+(the cross pairs are missing), so plain accumulation would train on a smaller batch. With
+`gradient_accumulation_steps = G > 1` this trainer instead caches embeddings (GradCache): it embeds the
+G micro-batches without autograd, computes the loss of the whole B*G batch and its gradients w.r.t. the
+embeddings, t and b, then re-runs each micro-batch's forward with autograd and back-propagates those
+embedding gradients. The update equals that of one B*G batch (exactly, given deterministic towers; RNG
+state is replayed so dropout masks match), at the activation memory of one micro-batch and the cost of
+one extra forward pass. The loss is not divided by G: it is already the loss of the large batch.
+"""
+
+import contextlib
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .data.collator import SiglipDataCollator
+from .evaluation import retrieval_metrics
+from .loss import sigmoid_loss
+from .training_args import SiglipTrainingArguments
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_embeds", "attention_mask", "position_ids")
+# Parameters SigLIP/ViT practice never decays: biases, norms (matched by module type below), the learnable
+# temperature and bias, position embeddings, the attention-pooling probe, class tokens.
+NO_DECAY_NAME_PATTERN = re.compile(
+    r"(\.bias$|^logit_scale$|^logit_bias$|position_embedding|\.probe$|cls_token|mask_token|register_tokens)"
+)
+NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+TOWER_PREFIXES = {"text": ("text_model.",), "vision": ("vision_model.",)}
+
+
+def _tower_of(name: str) -> str | None:
+    for tower, prefixes in TOWER_PREFIXES.items():
+        if name.startswith(prefixes):
+            return tower
+    return None  # heads: logit_scale, logit_bias, visual_projection
+
+
+def siglip_parameter_groups(model: nn.Module, args: SiglipTrainingArguments, pretrained_towers) -> list[dict]:
+    """Optimizer parameter groups: decay or not, pretrained tower (lr multiplier, own decay) or new weights.
+
+    Each group also carries a `name` (e.g. "pretrained/no_decay") so tests and logs can find it.
+    """
+    norm_parameters = {
+        id(parameter)
+        for module in model.modules()
+        if isinstance(module, NORM_MODULES)
+        for parameter in module.parameters(recurse=False)
+    }
+    groups = defaultdict(list)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decay = id(parameter) not in norm_parameters and not NO_DECAY_NAME_PATTERN.search(name)
+        origin = "pretrained" if _tower_of(name) in pretrained_towers else "new"
+        groups[(origin, decay)].append(parameter)
+
+    result = []
+    for (origin, decay), parameters in sorted(groups.items()):
+        pretrained = origin == "pretrained"
+        weight_decay = (args.pretrained_weight_decay if pretrained else args.weight_decay) if decay else 0.0
+        learning_rate = args.learning_rate * (args.pretrained_learning_rate_multiplier if pretrained else 1.0)
+        result.append({
+            "params": parameters,
+            "weight_decay": weight_decay,
+            "lr": learning_rate,
+            "name": f"{origin}/{'decay' if decay else 'no_decay'}",
+        })
+    return result
+
+
+class _ClampLogitScale(TrainerCallback):
+    """Clamp t = exp(logit_scale) to `logit_scale_max` after each optimizer step (opt-in)."""
+
+    def __init__(self, logit_scale_max: float):
+        self.max_log = torch.tensor(logit_scale_max).log().item()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=self.max_log)
+
+
+class SiglipTrainer(Trainer):
+    r"""`transformers.Trainer` for SigLIP dual encoders ([`SiglipBottleneckModel`] or any model with the same
+    forward outputs: normalised `image_embeds` / `text_embeds`, `logit_scale` (t) and `logit_bias`).
+
+    Args:
+        model: the dual encoder.
+        args ([`SiglipTrainingArguments`]): training arguments (a `TrainingArguments` works too; the
+            SigLIP-specific fields then take their defaults).
+        data_collator: defaults to [`hf_siglip.data.SiglipDataCollator`] built from `processing_class`.
+        processing_class: a processor with `.tokenizer` and `.image_processor` (saved with checkpoints).
+        Other arguments are those of `transformers.Trainer`.
+
+    Logged each `logging_steps`: the global loss, `t`, `b`, `positives_per_image` (over the global batch),
+    `logit_positive_mean` / `logit_negative_mean` (over this process's local image x text block).
+    `evaluate()` reports the loss and retrieval recall@1/5/10 both ways on the evaluation set.
+    """
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        args = _as_siglip_arguments(args)
+        if data_collator is None and processing_class is not None:
+            data_collator = SiglipDataCollator(processor=processing_class)
+        for tower in _locked_towers(args):
+            getattr(model, f"{tower}_model").requires_grad_(False)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # We compute and scale the loss ourselves (see the module docstring on accumulation).
+        self.model_accepts_loss_kwargs = False
+        self._metrics = defaultdict(list)
+        self._accumulation_window = []
+        if args.logit_scale_max is not None:
+            self.add_callback(_ClampLogitScale(args.logit_scale_max))
+
+    def pretrained_towers(self) -> set[str]:
+        """Towers treated as pretrained by the optimizer groups (locked towers are not trained at all)."""
+        explicit = self.args.pretrained_towers
+        towers = set(explicit) if explicit is not None else set(getattr(self.model, "pretrained_towers", ()))
+        return towers - set(_locked_towers(self.args))
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = siglip_parameter_groups(opt_model, self.args, self.pretrained_towers())
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # --- loss ----------------------------------------------------------------------------------------
+
+    def _embed(self, model, inputs):
+        unwrapped = self.accelerator.unwrap_model(model)
+        for tower in _locked_towers(self.args):  # Trainer calls model.train() each step; locked towers stay in eval
+            getattr(unwrapped, f"{tower}_model").eval()
+        return model(**{key: inputs[key] for key in MODEL_INPUTS if key in inputs})
+
+    def _loss(self, image_embeds, text_embeds, logit_scale, logit_bias, inputs):
+        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"),
+                            inputs.get("text_ids"), **self.args.loss_options)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = self._embed(model, inputs)
+        loss = self._loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, outputs.logit_bias, inputs)
+        if model.training:
+            self._record_metrics(outputs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_metrics(self, outputs, inputs) -> None:
+        self._metrics["t"].append(outputs.logit_scale.float().mean().item())
+        self._metrics["b"].append(outputs.logit_bias.float().mean().item())
+        image_ids, text_ids = inputs.get("image_ids"), inputs.get("text_ids")
+        if image_ids is None:
+            image_ids = text_ids = torch.arange(len(outputs.image_embeds), device=outputs.image_embeds.device)
+        all_text_ids = self._gather_ragged(text_ids)
+        positives = (image_ids[:, None] == all_text_ids[None, :]).sum(dim=1).float()
+        self._metrics["positives_per_image"].append(self._mean_across_processes(positives.mean()))
+        logits = outputs.logits_per_image.float()
+        is_positive = image_ids[:, None] == text_ids[None, :]
+        if is_positive.any():
+            self._metrics["logit_positive_mean"].append(logits[is_positive].mean().item())
+        if (~is_positive).any():
+            self._metrics["logit_negative_mean"].append(logits[~is_positive].mean().item())
+
+    def _gather_ragged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All processes' 1-d tensors concatenated (they may differ in length)."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        lengths = self.accelerator.gather(torch.tensor([len(tensor)], device=tensor.device))
+        padded = self.accelerator.pad_across_processes(tensor, dim=0)
+        gathered = self.accelerator.gather(padded).view(self.accelerator.num_processes, -1)
+        return torch.cat([row[:length] for row, length in zip(gathered, lengths.tolist())])
+
+    def _mean_across_processes(self, value: torch.Tensor) -> float:
+        return self.accelerator.reduce(value.detach().reshape(1), reduction="mean").item()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metrics:
+            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items() if values})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # --- gradient accumulation by embedding cache ------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._accumulation_window = batch_samples
+        return batch_samples, num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        window = self._accumulation_window
+        if len(window) <= 1 or not any(inputs is batch for batch in window):
+            return super().training_step(model, inputs, num_items_in_batch)
+        if inputs is not window[-1]:
+            # Earlier micro-batches are processed together with the last one (which runs with gradient sync).
+            return torch.zeros((), device=self.args.device)
+        return self._embedding_cache_step(model, [self._prepare_inputs(batch) for batch in window])
+
+    def _embedding_cache_step(self, model, micro_batches) -> torch.Tensor:
+        model.train()
+        rng_states, image_parts, text_parts = [], [], []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for batch in micro_batches:
+                rng_states.append(_rng_state())
+                outputs = self._embed(model, batch)
+                image_parts.append(outputs.image_embeds)
+                text_parts.append(outputs.text_embeds)
+        image_embeds = torch.cat(image_parts).detach().requires_grad_(True)
+        text_embeds = torch.cat(text_parts).detach().requires_grad_(True)
+        merged = {key: torch.cat([batch[key] for batch in micro_batches])
+                  for key in ("image_ids", "text_ids") if key in micro_batches[0]}
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        logit_scale, logit_bias = unwrapped.logit_scale.detach().exp().requires_grad_(True), \
+            unwrapped.logit_bias.detach().clone().requires_grad_(True)
+        with self.compute_loss_context_manager():
+            loss = self._loss(image_embeds, text_embeds, logit_scale, logit_bias, merged)
+        loss.backward()
+        self._record_metrics(_CachedOutputs(image_embeds, text_embeds, logit_scale, logit_bias), merged)
+
+        image_grads = image_embeds.grad.split([len(part) for part in image_parts])
+        text_grads = text_embeds.grad.split([len(part) for part in text_parts])
+        last = len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
+            sync = contextlib.nullcontext() if index == last else self.accelerator.no_sync(model)
+            with sync, _replay_rng(rng_states[index]), self.compute_loss_context_manager():
+                outputs = self._embed(model, batch)
+                surrogate = (outputs.image_embeds * image_grads[index]).sum() + \
+                    (outputs.text_embeds * text_grads[index]).sum()
+                if index == last:  # t and b enter the graph once, with their whole-batch gradients
+                    surrogate = surrogate + (outputs.logit_scale * logit_scale.grad).sum() + \
+                        (outputs.logit_bias * logit_bias.grad).sum()
+                self.accelerator.backward(surrogate)
+        return loss.detach()
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss and retrieval recall@k (both ways, all captions per image) over the evaluation set."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        model.eval()
+        losses, parts = [], defaultdict(list)
+        with torch.no_grad():
+            for inputs in dataloader:
+                inputs = self._prepare_inputs(inputs)
+                with self.compute_loss_context_manager():
+                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                losses.append(self._mean_across_processes(loss))
+                parts["image_embeds"].append(outputs.image_embeds.float())
+                parts["text_embeds"].append(outputs.text_embeds.float())
+                parts["image_ids"].append(inputs["image_ids"])
+                parts["text_ids"].append(inputs["text_ids"])
+        gathered = {name: self._gather_rows(torch.cat(values)) for name, values in parts.items()}
+        metrics = retrieval_metrics(gathered["image_embeds"], gathered["text_embeds"], gathered["image_ids"],
+                                    gathered["text_ids"])
+        metrics["loss"] = sum(losses) / max(len(losses), 1)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        flat = self._gather_ragged(tensor.reshape(len(tensor), -1).flatten())
+        return flat.view(-1, *tensor.shape[1:])
+
+
+def _as_siglip_arguments(args) -> SiglipTrainingArguments:
+    """SiglipTrainingArguments as given, built from a plain TrainingArguments (TRL's convention), or default."""
+    if args is None:
+        return SiglipTrainingArguments(output_dir="siglip-output")
+    if isinstance(args, SiglipTrainingArguments):
+        return args
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict masks tokens
+    fields = {name for name, spec in SiglipTrainingArguments.__dataclass_fields__.items() if spec.init}
+    return SiglipTrainingArguments(**{name: value for name, value in values.items() if name in fields})
+
+
+def _locked_towers(args: SiglipTrainingArguments) -> list[str]:
+    return [tower for tower in ("text", "vision") if getattr(args, f"lock_{tower}_tower")]
+
+
+class _CachedOutputs:
+    """The fields `_record_metrics` reads, for the embedding-cache path (no model output object there)."""
+
+    def __init__(self, image_embeds, text_embeds, logit_scale, logit_bias):
+        self.image_embeds, self.text_embeds = image_embeds.detach(), text_embeds.detach()
+        self.logit_scale, self.logit_bias = logit_scale.detach(), logit_bias.detach()
+        self.logits_per_image = self.image_embeds @ self.text_embeds.T * self.logit_scale + self.logit_bias
+
+
+def _rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def _replay_rng(state):
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        yield
+
+
+__all__ = ["SiglipTrainer", "siglip_parameter_groups"]

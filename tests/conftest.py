@@ -51,3 +51,24 @@ def native_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("native_siglip")
     model.save_pretrained(path)
     return path
+
+
+def tiny_training_setup(n_train=64, n_test=32, image_size=16, seed=0, **config_overrides):
+    """(model, processor, collator, dataset) for trainer tests: a 1-layer SigLIP on the demo data."""
+    import hf_siglip as hs
+
+    torch.manual_seed(seed)
+    dataset = hs.make_demo_dataset(n_train=n_train, n_test=n_test, n_captions=2, image_size=image_size, seed=seed)
+    captions = [caption for row in dataset["train"]["captions"] for caption in row]
+    tokenizer = hs.train_caption_tokenizer(captions, vocab_size=200, model_max_length=12)
+    processor = hs.build_processor(tokenizer, image_size=image_size)
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    config = hs.SiglipBottleneckConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=12, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=0, **common),
+        vision_config=dict(image_size=image_size, patch_size=8, **common),
+        **config_overrides,
+    )
+    model = hs.SiglipBottleneckModel(config)
+    collator = hs.SiglipDataCollator(processor=processor, max_length=12, caption_column="captions")
+    return model, processor, collator, dataset

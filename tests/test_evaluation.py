@@ -1,0 +1,83 @@
+"""Evaluation metrics against hand-computed examples, and the linear probe on real digits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_siglip.evaluation import (
+    chance_recall,
+    few_shot_indices,
+    linear_probe,
+    retrieval_metrics,
+    zero_shot_metrics,
+)
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_retrieval_recall_with_several_captions_per_image():
+    # 3 images on the axes; 5 texts: image 0 has captions 0 and 1, image 1 has 2, image 2 has 3 and 4.
+    images = unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    texts = unit([0.1, 1, 0],      # caption of image 0 that looks like image 1
+                 [1, 0.2, 0],      # good caption of image 0
+                 [1, 0.9, 0],      # caption of image 1 that looks more like image 0
+                 [0, 0, 1],        # good caption of image 2
+                 [0, 1, 0.5])      # caption of image 2 that looks like image 1
+    image_ids, text_ids = torch.tensor([10, 11, 12]), torch.tensor([10, 10, 11, 12, 12])
+    metrics = retrieval_metrics(images, texts, image_ids, text_ids, ks=(1, 2))
+    # image->text: image 0's best text is text 1 (its own): hit@1. Image 1 ranks text 0 (0.995) first, then
+    # text 4 (0.894), then its own text 2 (0.669): miss@1, miss@2. Image 2's best is text 3 (its own): hit@1.
+    assert metrics["i2t_recall@1"] == pytest.approx(2 / 3)
+    assert metrics["i2t_recall@2"] == pytest.approx(2 / 3)
+    # text->image: text0 -> image 1 first (miss@1, hit@2); text1 -> image 0 (hit); text2 -> image 0 first then
+    # image 1 (miss@1, hit@2); text3 -> image 2 (hit); text4 -> image 1 first then image 2 (miss@1, hit@2).
+    assert metrics["t2i_recall@1"] == pytest.approx(2 / 5)
+    assert metrics["t2i_recall@2"] == pytest.approx(1.0)
+    assert metrics["i2t_unmatched"] == metrics["t2i_unmatched"] == 0
+
+
+def test_unmatched_rows_are_counted_not_scored():
+    images, texts = unit([1, 0], [0, 1]), unit([1, 0])
+    metrics = retrieval_metrics(images, texts, torch.tensor([0, 1]), torch.tensor([0]), ks=(1,))
+    assert metrics["i2t_unmatched"] == 1 and metrics["i2t_recall@1"] == 1.0
+
+
+def test_zero_shot_top_k_by_hand():
+    classifier = unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    images = unit([0.9, 0.5, 0], [0.2, 0.1, 1], [0.6, 0.8, 0.1])
+    labels = torch.tensor([0, 2, 0])  # third image is closest to class 1, second choice class 0
+    metrics = zero_shot_metrics(images, labels, classifier, ks=(1, 2))
+    assert metrics["zero_shot_top1"] == pytest.approx(2 / 3)
+    assert metrics["zero_shot_top2"] == pytest.approx(1.0)
+
+
+def test_chance_recall():
+    assert chance_recall(10, 1, 1) == pytest.approx(0.1)
+    assert chance_recall(10, 2, 1) == pytest.approx(0.2)
+    assert chance_recall(10, 1, 5) == pytest.approx(0.5)
+
+
+def test_linear_probe_on_real_digits_and_zero_shot_init():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = F.normalize(torch.tensor(digits.data, dtype=torch.float32), dim=-1)
+    labels = torch.tensor(digits.target)
+    train = torch.tensor(few_shot_indices(labels.tolist(), shots=5, seed=0))
+    assert len(train) == 50 and torch.bincount(labels[train]).tolist() == [5] * 10
+    test = torch.tensor(sorted(set(range(len(labels))) - set(train.tolist())))
+
+    probe = linear_probe(features[train], labels[train], features[test], labels[test], n_classes=10)
+    assert probe["linear_probe_top1"] > 0.8  # 5-shot on raw digit pixels
+
+    # class means as a "zero-shot" classifier: with no training steps the probe is exactly that classifier
+    class_means = F.normalize(torch.stack([features[labels == c].mean(0) for c in range(10)]), dim=-1)
+    untrained = linear_probe(features[train], labels[train], features[test], labels[test], n_classes=10,
+                             init_classifier=class_means, steps=0)
+    zero_shot = zero_shot_metrics(features[test], labels[test], class_means)
+    assert untrained["linear_probe_top1"] == pytest.approx(zero_shot["zero_shot_top1"])
+    trained = linear_probe(features[train], labels[train], features[test], labels[test], n_classes=10,
+                           init_classifier=class_means)
+    assert trained["linear_probe_top1"] >= 0.8

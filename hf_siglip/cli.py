@@ -1,7 +1,64 @@
-"""The `hf-siglip` command (also `python -m hf_siglip`)."""
+"""The `hf-siglip` command (also `python -m hf_siglip`).
+
+    hf-siglip train [--config recipe.yaml] [--field value ...]   train (no arguments: the embedded demo)
+    hf-siglip eval  [--config recipe.yaml] --checkpoint DIR      retrieval, zero-shot, few-shot probe
+    hf-siglip convert SRC DST --bottleneck-dim K                  native SigLIP -> bottleneck embeddings
+    hf-siglip push CHECKPOINT REPO_ID                             upload with processor and model card
+"""
 
 import argparse
 import sys
+
+import yaml
+
+
+def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = None, prog: str = "hf-siglip"):
+    """TRL-style parsing: built-in `defaults` < YAML file given by `--config` < command-line flags."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    parser.add_argument("--config", default=None, help="YAML file whose keys are any of the fields below")
+    config_reader = argparse.ArgumentParser(add_help=False)
+    config_reader.add_argument("--config", default=None)
+    config_path = config_reader.parse_known_args(argv)[0].config
+    values = dict(defaults or {})
+    if config_path:
+        with open(config_path) as file:
+            loaded = yaml.safe_load(file) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_path}: a recipe is a mapping of field: value, got {type(loaded).__name__}")
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown field(s) {unknown}; see `{prog} --help` for the fields.")
+        values.update(loaded)
+    parser.set_defaults(**values)
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parsed[: len(dataclass_types)]  # drop the namespace holding --config
+
+
+def _train(argv: list[str]) -> int:
+    from .scripts.train import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, format_metrics, run_train
+    from .training_args import SiglipTrainingArguments
+
+    script_args, model_args, training_args = parse_with_config(
+        (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments), argv,
+        defaults=DEMO_TRAINING_DEFAULTS, prog="hf-siglip train")
+    metrics = run_train(script_args, model_args, training_args)
+    if metrics:
+        print(f"\nEvaluation ({script_args.dataset}, held-out split):\n{format_metrics(metrics)}")
+    print(f"Saved model, processor, model card and training curves to {training_args.output_dir}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluation import to_json
+    from .scripts.evaluate import SiglipEvalArguments, run_eval
+
+    (args,) = parse_with_config((SiglipEvalArguments,), argv, prog="hf-siglip eval")
+    metrics = run_eval(args)
+    print(to_json(metrics, args.output_file))
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -42,8 +99,14 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-siglip", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-siglip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    # train and eval parse their own (many) flags with HfArgumentParser: `hf-siglip train --help`
+    commands.add_parser("train", help="Train (no arguments: the embedded demo). YAML recipes via --config.",
+                        add_help=False)
+    commands.add_parser("eval", help="Evaluate a checkpoint: retrieval recall@k, zero-shot, few-shot probe.",
+                        add_help=False)
 
     convert = commands.add_parser(
         "convert", help="Turn a native SigLIP checkpoint into one with bottleneck token embeddings (truncated SVD)."
@@ -65,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "eval"):
+        return (_train if argv[0] == "train" else _eval)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

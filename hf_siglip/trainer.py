@@ -16,6 +16,7 @@ one extra forward pass. The loss is not divided by G: it is already the loss of 
 """
 
 import contextlib
+import os
 import re
 from collections import defaultdict
 
@@ -25,6 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 from .data.collator import SiglipDataCollator
 from .evaluation import retrieval_metrics
+from .hub import build_model_card
 from .loss import sigmoid_loss
 from .training_args import SiglipTrainingArguments
 
@@ -90,6 +92,16 @@ class _ClampLogitScale(TrainerCallback):
                 model.logit_scale.clamp_(max=self.max_log)
 
 
+class _CollatorEpoch(TrainerCallback):
+    """Tell the collator the epoch, so per-epoch caption sampling (FFF) draws fresh captions each epoch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))
+
+
 class SiglipTrainer(Trainer):
     r"""`transformers.Trainer` for SigLIP dual encoders ([`SiglipBottleneckModel`] or any model with the same
     forward outputs: normalised `image_embeds` / `text_embeds`, `logit_scale` (t) and `logit_bias`).
@@ -122,6 +134,9 @@ class SiglipTrainer(Trainer):
         self._accumulation_window = []
         if args.logit_scale_max is not None:
             self.add_callback(_ClampLogitScale(args.logit_scale_max))
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(_CollatorEpoch(self.data_collator))
+        self.card_info = {}  # extra model card fields (datasets, recipe, training_curve, ...) for create_model_card
 
     def pretrained_towers(self) -> set[str]:
         """Towers treated as pretrained by the optimizer groups (locked towers are not trained at all)."""
@@ -243,6 +258,33 @@ class SiglipTrainer(Trainer):
                         (outputs.logit_bias * logit_bias.grad).sum()
                 self.accelerator.backward(surrogate)
         return loss.detach()
+
+    # --- model card ----------------------------------------------------------------------------------
+
+    def create_model_card(self, license: str | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, dataset: str | list[str] | None = None, **kwargs) -> None:
+        """Write README.md in `output_dir` from the package's model card template (used by `push_to_hub`).
+
+        Metrics are the last `evaluate()` results; more fields (e.g. `recipe`, `training_data`,
+        `training_curve`) can be set in `trainer.card_info`.
+        """
+        if not self.is_world_process_zero():
+            return
+        last_eval = next((entry for entry in reversed(self.state.log_history)
+                          if any(key.startswith("eval_") for key in entry)), {})
+        metrics = {key[len("eval_"):]: value for key, value in last_eval.items()
+                   if key.startswith("eval_") and isinstance(value, float) and "runtime" not in key
+                   and "per_second" not in key}
+        info = {"metrics": metrics or None, **self.card_info}
+        if finetuned_from is not None:
+            info["base_model"] = finetuned_from
+        if dataset is not None:
+            info["datasets"] = dataset
+        if license is not None:
+            info["license"] = license
+        repo_id = model_name or self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        build_model_card(self.accelerator.unwrap_model(self.model), repo_id, **info).save(
+            os.path.join(self.args.output_dir, "README.md"))
 
     # --- evaluation ----------------------------------------------------------------------------------
 

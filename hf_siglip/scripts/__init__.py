@@ -1,0 +1,1 @@
+"""The jobs behind the `hf-siglip` command, one module each (as TRL's scripts)."""

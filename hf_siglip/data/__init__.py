@@ -6,6 +6,7 @@ from .collator import SiglipDataCollator
 from .demo import DEMO_CLASSES, DEMO_TEMPLATES, make_demo_dataset
 from .images import ImageDecodeError, decode_image, to_rgb
 from .loading import add_image_ids, check_columns, load_image_text_dataset
+from .noise import corrupt_labels
 from .text import normalize_captions
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "add_image_ids",
     "add_sampled_captions",
     "check_columns",
+    "corrupt_labels",
     "decode_image",
     "load_image_text_dataset",
     "make_demo_dataset",

@@ -3,6 +3,8 @@ the collator and the embedded demo dataset. Each module's docstring states its b
 
 from .captions import CaptionSampler, add_sampled_captions
 from .collator import SiglipDataCollator
+from .embedding import embed_images, embed_texts
+from .groups import assign_positive_groups, group_size_stats, nearest_neighbours
 from .demo import DEMO_CLASSES, DEMO_TEMPLATES, make_demo_dataset
 from .images import ImageDecodeError, decode_image, to_rgb
 from .loading import add_image_ids, check_columns, load_image_text_dataset
@@ -16,6 +18,11 @@ __all__ = [
     "ImageDecodeError",
     "SiglipDataCollator",
     "add_image_ids",
+    "assign_positive_groups",
+    "embed_images",
+    "embed_texts",
+    "group_size_stats",
+    "nearest_neighbours",
     "add_sampled_captions",
     "check_columns",
     "corrupt_labels",

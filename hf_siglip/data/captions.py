@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ._hashing import hashed_uniform
+from ._maps import map_new_columns
 from .text import normalize_captions
 
 
@@ -87,7 +88,8 @@ def add_sampled_captions(dataset, sampler: CaptionSampler, epoch: int = 0, num_p
                          batch_size: int = 1000, **map_kwargs):
     """Add ``sampler.output_column`` (k captions per row for ``epoch``) to a Dataset or IterableDataset.
 
-    Only the caption columns (and the id column) are read, so images are not decoded or copied.
+    Only the caption columns (and the id column) are read and only the new column is written, so
+    images are neither decoded nor copied (:func:`~hf_siglip.data._maps.map_new_columns`).
     ``num_proc`` is ignored for an ``IterableDataset`` (streaming maps run lazily in the reader).
     """
     names = dataset.column_names or []
@@ -104,7 +106,5 @@ def add_sampled_captions(dataset, sampler: CaptionSampler, epoch: int = 0, num_p
         keys = values[-1] if use_ids else indices
         return {sampler.output_column: sampler.sample(columns, keys, epoch)}
 
-    kwargs = dict(input_columns=input_columns, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)
-    if num_proc is not None and hasattr(dataset, "cache_files"):
-        kwargs["num_proc"] = num_proc
-    return dataset.map(sample_batch, **kwargs)
+    return map_new_columns(dataset, sample_batch, input_columns, [sampler.output_column], num_proc=num_proc,
+                           batch_size=batch_size, with_indices=True, **map_kwargs)

@@ -10,6 +10,7 @@ from .demo import DEMO_CLASSES, DEMO_TEMPLATES, make_demo_dataset
 from .images import ImageDecodeError, decode_image, to_rgb
 from .loading import add_image_ids, check_columns, load_image_text_dataset
 from .noise import corrupt_labels
+from .pseudo_captions import add_pseudo_captions, load_captioner
 from .text import normalize_captions
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ImageDecodeError",
     "SiglipDataCollator",
     "add_image_ids",
+    "add_pseudo_captions",
     "assign_positive_groups",
     "embed_images",
     "embed_texts",
@@ -31,6 +33,7 @@ __all__ = [
     "check_columns",
     "corrupt_labels",
     "decode_image",
+    "load_captioner",
     "load_image_text_dataset",
     "make_demo_dataset",
     "load_spacy",

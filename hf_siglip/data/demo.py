@@ -89,7 +89,7 @@ def render_shape(shape: str, colour: str, size: str, position: str, background: 
 
 def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Generator, first_id: int) -> dict:
     colours, positions, backgrounds = list(COLOURS), list(POSITIONS), list(BACKGROUNDS)
-    columns = {k: [] for k in ("image", "captions", "label", "shape", "colour", "size", "position", "background",
+    columns = {k: [] for k in ("image", "caption", "label", "shape", "colour", "size", "position", "background",
                                "image_id", "concept_id")}
     for i in range(n_rows):
         s, c, z = rng.integers(len(SHAPES)), rng.integers(len(colours)), rng.integers(len(SIZES))
@@ -98,7 +98,7 @@ def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Ge
         columns["image"].append(render_shape(**attrs, image_size=image_size, rng=rng))
         words = dict(attrs, where=POSITION_PHRASES[attrs["position"]])
         chosen = rng.choice(len(CAPTION_TEMPLATES), size=min(n_captions, len(CAPTION_TEMPLATES)), replace=False)
-        columns["captions"].append([CAPTION_TEMPLATES[t].format(**words) for t in chosen])
+        columns["caption"].append([CAPTION_TEMPLATES[t].format(**words) for t in chosen])
         columns["label"].append(int(s * len(colours) + c))
         for key, value in attrs.items():
             columns[key].append(value)
@@ -110,7 +110,7 @@ def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Ge
 
 DEMO_FEATURES = datasets.Features({
     "image": datasets.Image(),
-    "captions": datasets.Sequence(datasets.Value("string")),
+    "caption": datasets.List(datasets.Value("string")),
     "label": datasets.ClassLabel(names=DEMO_CLASSES),
     "shape": datasets.Value("string"),
     "colour": datasets.Value("string"),
@@ -126,7 +126,7 @@ def make_demo_dataset(n_train: int = 4000, n_test: int = 1000, n_captions: int =
                       seed: int = 0) -> datasets.DatasetDict:
     """Generate the demo ``DatasetDict`` (``train`` / ``test``) with no download.
 
-    Columns: ``image`` (RGB PIL), ``captions`` (list of ``n_captions`` strings), ``label``
+    Columns: ``image`` (RGB PIL), ``caption`` (list of ``n_captions`` strings: the collator default), ``label``
     (``ClassLabel`` over ``DEMO_CLASSES``), the attributes ``shape``/``colour``/``size``/``position``/
     ``background``, ``image_id`` (unique across both splits) and ``concept_id`` (equal for images of the
     same five attributes: use it as the id column for concept-level positives).

@@ -62,25 +62,31 @@ class CaptionSampler:
 
     def sample(self, caption_columns: Mapping[str, Sequence], keys: Sequence[int], epoch: int = 0) -> list[list[str]]:
         """Sample for a batch: ``caption_columns[col][i]`` is row i's cell (string, list or None)."""
-        n_rows = len(keys)
         keys = np.asarray(keys, dtype=np.int64)
-        result: list[list[str]] = []
-        for i in range(n_rows):
-            candidates: list[str] = []
-            weights: list[float] = []
+        candidates: list[str] = []
+        rows: list[int] = []
+        weights: list[float] = []
+        for i in range(len(keys)):
             for column, weight in self.weights.items():
                 captions, _ = normalize_captions(caption_columns[column][i], row=int(keys[i]))
                 if captions and weight > 0:
                     candidates.extend(captions)
+                    rows.extend([i] * len(captions))
                     weights.extend([weight / len(captions)] * len(captions))
-            if len(candidates) <= self.k:
-                result.append(candidates)
-                continue
-            u = hashed_uniform(self.seed, epoch, keys[i], np.arange(len(candidates)))
-            # Efraimidis-Spirakis: the k largest u**(1/w) are a weighted sample without replacement.
-            scores = np.log(u) / np.asarray(weights)
-            chosen = np.sort(np.argpartition(-scores, self.k - 1)[: self.k])
-            result.append([candidates[j] for j in chosen])
+        if not candidates:
+            return [[] for _ in range(len(keys))]
+        rows_array = np.asarray(rows)
+        starts = np.searchsorted(rows_array, np.arange(len(keys)))
+        slots = np.arange(len(rows_array)) - starts[rows_array]  # position of each candidate within its row
+        u = hashed_uniform(self.seed, epoch, keys[rows_array], slots)
+        # Efraimidis-Spirakis: the k largest u**(1/w) per row are a weighted sample without replacement.
+        scores = np.log(u) / np.asarray(weights)
+        order = np.lexsort((-scores, rows_array))  # by row, best score first
+        rank = np.arange(len(order)) - starts[rows_array[order]]
+        chosen = np.sort(order[rank < self.k])  # back to row order, original caption order within a row
+        result: list[list[str]] = [[] for _ in range(len(keys))]
+        for j in chosen.tolist():
+            result[rows[j]].append(candidates[j])
         return result
 
 

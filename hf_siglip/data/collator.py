@@ -185,9 +185,11 @@ class SiglipDataCollator:
             if self.return_attention_mask:
                 out["attention_mask"] = torch.zeros(0, self.max_length, dtype=torch.long)
             return out
+        # plain lists then one numpy conversion: transformers' return_tensors="pt"/"np" conversion walks
+        # every token in Python and took 3x longer than tokenizing itself
         encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_attention_mask=self.return_attention_mask, return_tensors="pt")
-        out = {"input_ids": encoded["input_ids"].long()}
+                                 return_attention_mask=self.return_attention_mask)
+        out = {"input_ids": torch.from_numpy(np.asarray(encoded["input_ids"], dtype=np.int64))}
         if self.return_attention_mask:
-            out["attention_mask"] = encoded["attention_mask"].long()
+            out["attention_mask"] = torch.from_numpy(np.asarray(encoded["attention_mask"], dtype=np.int64))
         return out

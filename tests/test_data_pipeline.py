@@ -8,15 +8,20 @@ import datasets
 import numpy as np
 import pytest
 
-from data_fixtures import make_processor, make_tiny_siglip
+from data_fixtures import make_processor, make_tiny_siglip, save_tiny_blip_captioner
 from hf_siglip.data import (CaptionSampler, SiglipDataCollator, add_image_ids, add_pseudo_captions,
                             add_sampled_captions, assign_positive_groups, cat_filter, load_image_text_dataset,
                             make_demo_dataset)
-from test_data_pseudo_captions import captioner_path  # noqa: F401  (fixture)
 
 
-def test_chain_on_an_image_folder(tmp_path, captioner_path):  # noqa: F811
+def test_chain_on_an_image_folder(tmp_path):
     pytest.importorskip("spacy")
+    from hf_siglip.data import load_spacy
+    try:
+        load_spacy()
+    except ImportError as error:
+        pytest.skip(str(error))
+    captioner_path = save_tiny_blip_captioner(tmp_path / "blip")
     demo = make_demo_dataset(n_train=24, n_test=1, seed=5)["train"]
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -4,29 +4,13 @@ import datasets
 import numpy as np
 import pytest
 
-from data_fixtures import jpeg_bytes, make_tokenizer, random_rgb
+from data_fixtures import jpeg_bytes, random_rgb, save_tiny_blip_captioner
 from hf_siglip.data import add_pseudo_captions, load_captioner
 
 
 @pytest.fixture(scope="module")
 def captioner_path(tmp_path_factory):
-    import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
-
-    tokenizer = make_tokenizer()
-    tokenizer.add_special_tokens({"bos_token": "[DEC]", "sep_token": "[SEP]", "cls_token": "[CLS]"})
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=0,
-                         max_position_embeddings=64, encoder_hidden_size=32, **common),
-        vision_config=dict(image_size=32, patch_size=8, **common))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("blip")
-    BlipForConditionalGeneration(config).save_pretrained(path)
-    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(path)
-    return str(path)
+    return save_tiny_blip_captioner(tmp_path_factory.mktemp("blip"))
 
 
 def _images(n=10):

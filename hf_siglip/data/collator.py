@@ -27,6 +27,11 @@ Bad rows (policies; counts in ``collator.stats`` and a ``logging`` warning per a
 * a non-string caption: **raises** ``TypeError`` naming the row.
 
 If every row of a batch is dropped the tensors are empty (``B = T = 0``) rather than an exception.
+
+Use with ``transformers.Trainer``: set ``remove_unused_columns=False`` (the image/caption columns are
+not arguments of the model's ``forward``). ``set_epoch`` changes this object; ``DataLoader`` workers
+hold copies made when they start, so call it before each epoch's iterator is created (the default,
+non-persistent workers are re-created every epoch). ``stats`` counts only what this process's copy saw.
 """
 
 from __future__ import annotations

@@ -58,3 +58,11 @@ def test_demo_rows_collate():
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["input_ids"].shape == (32, 64)
     assert (batch["input_ids"] == 1).sum() == 0  # every demo word is in the test vocabulary (no <unk>)
     assert batch["text_ids"].tolist() == [i for i in range(8) for _ in range(4)]
+
+
+def test_first_caption_names_every_attribute():
+    demo = make_demo_dataset(n_train=30, n_test=5, n_captions=3)
+    for row in demo["train"]:
+        assert len(row["caption"]) == 3
+        full = row["caption"][0]
+        assert all(row[key] in full for key in ("shape", "colour", "size", "background"))

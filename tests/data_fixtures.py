@@ -51,6 +51,26 @@ def make_tiny_siglip(vocab_size: int, image_size: int = 32, seed: int = 0):
     return SiglipModel(config).eval()
 
 
+def save_tiny_blip_captioner(path) -> str:
+    """Save a randomly initialised 1-layer BLIP captioner + processor to ``path`` (for pseudo-captions)."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "sep_token": "[SEP]", "cls_token": "[CLS]"})
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=0,
+                         max_position_embeddings=64, encoder_hidden_size=32, **common),
+        vision_config=dict(image_size=32, patch_size=8, **common))
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(path)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
 def random_rgb(rng, size=16):
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 

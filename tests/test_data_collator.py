@@ -128,3 +128,18 @@ def test_collator_works_inside_a_dataloader_with_workers(processor):
     loader = DataLoader(rows, batch_size=2, num_workers=2, collate_fn=SiglipDataCollator(processor=processor))
     ids = torch.cat([b["image_ids"] for b in loader]).tolist()
     assert len(set(ids)) == 8  # per-worker offsets keep fallback ids apart
+
+
+def test_batch_feeds_a_siglip_model_and_ids_give_the_positive_mask(processor):
+    from data_fixtures import make_tiny_siglip
+    from hf_siglip.data import make_demo_dataset
+    rows = list(make_demo_dataset(n_train=6, n_test=1, n_captions=3)["train"])
+    rows[2]["image_id"] = rows[1]["image_id"]  # a duplicate image id: both rows' texts are positives of both
+    batch = SiglipDataCollator(processor=processor, max_length=16)(rows)
+    model = make_tiny_siglip(len(processor.tokenizer))
+    with torch.no_grad():
+        images = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        texts = model.get_text_features(input_ids=batch["input_ids"]).pooler_output
+    assert images.shape[0] == 6 and texts.shape[0] == 18
+    positives = batch["image_ids"][:, None] == batch["text_ids"][None, :]
+    assert positives.sum(1).tolist() == [3, 6, 6, 3, 3, 3]

@@ -15,26 +15,26 @@ def test_demo_dataset_structure_and_determinism():
     assert set(demo) == {"train", "test"} and len(demo["train"]) == 2000 and len(demo["test"]) == 500
     row = demo["train"][0]
     assert row["image"].mode == "RGB" and row["image"].size == (32, 32)
-    assert len(row["captions"]) == 4 and all(isinstance(c, str) and c for c in row["captions"])
+    assert len(row["caption"]) == 4 and all(isinstance(c, str) and c for c in row["caption"])
     assert demo["train"].features["label"].names == DEMO_CLASSES
     assert all("{}" in t for t in DEMO_TEMPLATES)
     # label names the colour and shape the captions talk about
     for r in demo["test"].select(range(50)):
         colour, shape = DEMO_CLASSES[r["label"]].split()
         assert (r["colour"], r["shape"]) == (colour, shape)
-        assert all(shape in c or colour in c for c in r["captions"])
+        assert all(shape in c or colour in c for c in r["caption"])
     # ids unique across splits, concepts repeat (false negatives exist)
     ids = list(demo["train"]["image_id"]) + list(demo["test"]["image_id"])
     assert len(set(ids)) == len(ids)
     concepts = np.asarray(demo["train"]["concept_id"])
     assert len(np.unique(concepts)) < len(concepts) / 2
-    assert len(set(c for caps in demo["train"]["captions"] for c in caps)) < 4 * 2000 / 2
+    assert len(set(c for caps in demo["train"]["caption"] for c in caps)) < 4 * 2000 / 2
     # deterministic per seed, different across seeds, test images differ from train images
     again = make_demo_dataset(n_train=50, n_test=10, seed=1)
-    assert list(again["train"]["captions"]) == list(demo["train"].select(range(50))["captions"])
+    assert list(again["train"]["caption"]) == list(demo["train"].select(range(50))["caption"])
     assert np.array_equal(np.asarray(again["train"][3]["image"]), np.asarray(demo["train"][3]["image"]))
     other = make_demo_dataset(n_train=50, n_test=10, seed=2)
-    assert list(other["train"]["captions"]) != list(again["train"]["captions"])
+    assert list(other["train"]["caption"]) != list(again["train"]["caption"])
     train_pixels = {np.asarray(r["image"]).tobytes() for r in demo["train"]}
     assert not any(np.asarray(r["image"]).tobytes() in train_pixels for r in demo["test"])
 
@@ -54,7 +54,15 @@ def test_demo_labels_are_recoverable_from_pixels():
 
 def test_demo_rows_collate():
     demo = make_demo_dataset(n_train=8, n_test=2)
-    batch = SiglipDataCollator(processor=make_processor(), caption_column="captions")(list(demo["train"]))
+    batch = SiglipDataCollator(processor=make_processor())(list(demo["train"]))
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["input_ids"].shape == (32, 64)
     assert (batch["input_ids"] == 1).sum() == 0  # every demo word is in the test vocabulary (no <unk>)
     assert batch["text_ids"].tolist() == [i for i in range(8) for _ in range(4)]
+
+
+def test_first_caption_names_every_attribute():
+    demo = make_demo_dataset(n_train=30, n_test=5, n_captions=3)
+    for row in demo["train"]:
+        assert len(row["caption"]) == 3
+        full = row["caption"][0]
+        assert all(row[key] in full for key in ("shape", "colour", "size", "background"))

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ._hashing import hashed_uniform
+from ._maps import map_new_columns
 from .text import normalize_captions
 
 
@@ -61,25 +62,31 @@ class CaptionSampler:
 
     def sample(self, caption_columns: Mapping[str, Sequence], keys: Sequence[int], epoch: int = 0) -> list[list[str]]:
         """Sample for a batch: ``caption_columns[col][i]`` is row i's cell (string, list or None)."""
-        n_rows = len(keys)
         keys = np.asarray(keys, dtype=np.int64)
-        result: list[list[str]] = []
-        for i in range(n_rows):
-            candidates: list[str] = []
-            weights: list[float] = []
+        candidates: list[str] = []
+        rows: list[int] = []
+        weights: list[float] = []
+        for i in range(len(keys)):
             for column, weight in self.weights.items():
                 captions, _ = normalize_captions(caption_columns[column][i], row=int(keys[i]))
                 if captions and weight > 0:
                     candidates.extend(captions)
+                    rows.extend([i] * len(captions))
                     weights.extend([weight / len(captions)] * len(captions))
-            if len(candidates) <= self.k:
-                result.append(candidates)
-                continue
-            u = hashed_uniform(self.seed, epoch, keys[i], np.arange(len(candidates)))
-            # Efraimidis-Spirakis: the k largest u**(1/w) are a weighted sample without replacement.
-            scores = np.log(u) / np.asarray(weights)
-            chosen = np.sort(np.argpartition(-scores, self.k - 1)[: self.k])
-            result.append([candidates[j] for j in chosen])
+        if not candidates:
+            return [[] for _ in range(len(keys))]
+        rows_array = np.asarray(rows)
+        starts = np.searchsorted(rows_array, np.arange(len(keys)))
+        slots = np.arange(len(rows_array)) - starts[rows_array]  # position of each candidate within its row
+        u = hashed_uniform(self.seed, epoch, keys[rows_array], slots)
+        # Efraimidis-Spirakis: the k largest u**(1/w) per row are a weighted sample without replacement.
+        scores = np.log(u) / np.asarray(weights)
+        order = np.lexsort((-scores, rows_array))  # by row, best score first
+        rank = np.arange(len(order)) - starts[rows_array[order]]
+        chosen = np.sort(order[rank < self.k])  # back to row order, original caption order within a row
+        result: list[list[str]] = [[] for _ in range(len(keys))]
+        for j in chosen.tolist():
+            result[rows[j]].append(candidates[j])
         return result
 
 
@@ -87,7 +94,8 @@ def add_sampled_captions(dataset, sampler: CaptionSampler, epoch: int = 0, num_p
                          batch_size: int = 1000, **map_kwargs):
     """Add ``sampler.output_column`` (k captions per row for ``epoch``) to a Dataset or IterableDataset.
 
-    Only the caption columns (and the id column) are read, so images are not decoded or copied.
+    Only the caption columns (and the id column) are read and only the new column is written, so
+    images are neither decoded nor copied (:func:`~hf_siglip.data._maps.map_new_columns`).
     ``num_proc`` is ignored for an ``IterableDataset`` (streaming maps run lazily in the reader).
     """
     names = dataset.column_names or []
@@ -104,7 +112,5 @@ def add_sampled_captions(dataset, sampler: CaptionSampler, epoch: int = 0, num_p
         keys = values[-1] if use_ids else indices
         return {sampler.output_column: sampler.sample(columns, keys, epoch)}
 
-    kwargs = dict(input_columns=input_columns, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)
-    if num_proc is not None and hasattr(dataset, "cache_files"):
-        kwargs["num_proc"] = num_proc
-    return dataset.map(sample_batch, **kwargs)
+    return map_new_columns(dataset, sample_batch, input_columns, [sampler.output_column], num_proc=num_proc,
+                           batch_size=batch_size, with_indices=True, **map_kwargs)

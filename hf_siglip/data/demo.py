@@ -3,8 +3,8 @@
 ``make_demo_dataset()`` draws small RGB images of one shape (5 kinds) in one colour (6), one size
 (2), one position (5) on one background (3) -- 900 distinct concepts -- with a little jitter in
 place, size, colour and background so no two images are identical. Each image has several captions
-made from templates that each mention only some attributes ("a red circle", "a large shape on the
-left", ...), so concepts and captions repeat across images: the batch holds false negatives, which is
+made from templates: the first names all five attributes, the others only some ("a red circle", "a
+triangle on the left", ...), so concepts and captions repeat across images: the batch holds false negatives, which is
 what multi-positive training and positive mining are for. ``test`` holds freshly drawn images for
 evaluation; zero-shot classification uses ``label`` (colour x shape, ``DEMO_CLASSES``, chance 1/30)
 with ``DEMO_TEMPLATES``. Deterministic given ``seed``; ~5,000 rows take a couple of seconds.
@@ -13,6 +13,7 @@ with ``DEMO_TEMPLATES``. Deterministic given ``seed``; ~5,000 rows take a couple
 from __future__ import annotations
 
 import math
+import re
 
 import datasets
 import numpy as np
@@ -38,6 +39,9 @@ DEMO_CLASSES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
 #: zero-shot prompt templates (class embeddings are averaged over them)
 DEMO_TEMPLATES = ["a {}.", "a photo of a {}.", "a drawing of a {}.", "a {} on a plain background.", "there is a {}."]
 
+#: the first caption of every image names all five attributes (so retrieval has a right answer);
+#: the others are drawn from ``CAPTION_TEMPLATES`` and mention only some
+FULL_CAPTION_TEMPLATE = "a {size} {colour} {shape} {where} on a {background} background"
 CAPTION_TEMPLATES = (
     "a {size} {colour} {shape}",
     "a {colour} {shape} {where}",
@@ -89,7 +93,7 @@ def render_shape(shape: str, colour: str, size: str, position: str, background: 
 
 def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Generator, first_id: int) -> dict:
     colours, positions, backgrounds = list(COLOURS), list(POSITIONS), list(BACKGROUNDS)
-    columns = {k: [] for k in ("image", "captions", "label", "shape", "colour", "size", "position", "background",
+    columns = {k: [] for k in ("image", "caption", "label", "shape", "colour", "size", "position", "background",
                                "image_id", "concept_id")}
     for i in range(n_rows):
         s, c, z = rng.integers(len(SHAPES)), rng.integers(len(colours)), rng.integers(len(SIZES))
@@ -97,8 +101,9 @@ def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Ge
         attrs = dict(shape=SHAPES[s], colour=colours[c], size=SIZES[z], position=positions[p], background=backgrounds[b])
         columns["image"].append(render_shape(**attrs, image_size=image_size, rng=rng))
         words = dict(attrs, where=POSITION_PHRASES[attrs["position"]])
-        chosen = rng.choice(len(CAPTION_TEMPLATES), size=min(n_captions, len(CAPTION_TEMPLATES)), replace=False)
-        columns["captions"].append([CAPTION_TEMPLATES[t].format(**words) for t in chosen])
+        chosen = rng.choice(len(CAPTION_TEMPLATES), size=min(n_captions - 1, len(CAPTION_TEMPLATES)), replace=False)
+        columns["caption"].append([FULL_CAPTION_TEMPLATE.format(**words)]
+                                  + [CAPTION_TEMPLATES[t].format(**words) for t in chosen])
         columns["label"].append(int(s * len(colours) + c))
         for key, value in attrs.items():
             columns[key].append(value)
@@ -110,7 +115,7 @@ def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Ge
 
 DEMO_FEATURES = datasets.Features({
     "image": datasets.Image(),
-    "captions": datasets.Sequence(datasets.Value("string")),
+    "caption": datasets.List(datasets.Value("string")),
     "label": datasets.ClassLabel(names=DEMO_CLASSES),
     "shape": datasets.Value("string"),
     "colour": datasets.Value("string"),
@@ -126,11 +131,13 @@ def make_demo_dataset(n_train: int = 4000, n_test: int = 1000, n_captions: int =
                       seed: int = 0) -> datasets.DatasetDict:
     """Generate the demo ``DatasetDict`` (``train`` / ``test``) with no download.
 
-    Columns: ``image`` (RGB PIL), ``captions`` (list of ``n_captions`` strings), ``label``
+    Columns: ``image`` (RGB PIL), ``caption`` (list of ``n_captions`` strings: the collator default), ``label``
     (``ClassLabel`` over ``DEMO_CLASSES``), the attributes ``shape``/``colour``/``size``/``position``/
     ``background``, ``image_id`` (unique across both splits) and ``concept_id`` (equal for images of the
     same five attributes: use it as the id column for concept-level positives).
     """
+    if n_captions < 1:
+        raise ValueError(f"n_captions must be >= 1, got {n_captions}")
     train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     return datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(_make_split(n_train, n_captions, image_size, train_rng, 0),
@@ -143,8 +150,8 @@ def make_demo_dataset(n_train: int = 4000, n_test: int = 1000, n_captions: int =
 def demo_vocabulary() -> list[str]:
     """Every word the demo captions and zero-shot prompts use (for a word-level test tokenizer)."""
     words = set()
-    for text in list(CAPTION_TEMPLATES) + DEMO_TEMPLATES + list(POSITION_PHRASES.values()):
-        words.update(text.replace("{", " ").replace("}", " ").replace(",", " , ").replace(".", " . ").split())
+    for text in [FULL_CAPTION_TEMPLATE, *CAPTION_TEMPLATES, *DEMO_TEMPLATES] + list(POSITION_PHRASES.values()):
+        without_placeholders = re.sub(r"\{[a-z]*\}", " ", text)
+        words.update(without_placeholders.replace(",", " , ").replace(".", " . ").split())
     words.update(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS)
-    return sorted(w for w in words if w not in {"size", "colour", "shape", "where", "background"} or w in
-                  {"background"})
+    return sorted(words)

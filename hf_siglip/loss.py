@@ -181,6 +181,17 @@ def _uniform_hash(row_index, col_index, seed):
     return h.to(torch.float64) / 4294967296.0
 
 
+def _matching_pairs(row_ids, col_ids):
+    """All (row, col) index pairs with row_ids[row] == col_ids[col], in O((n + m) log m + pairs)."""
+    sorted_ids, order = torch.sort(col_ids)
+    start = torch.searchsorted(sorted_ids, row_ids, right=False)
+    counts = torch.searchsorted(sorted_ids, row_ids, right=True) - start
+    rows = torch.repeat_interleave(torch.arange(row_ids.shape[0], device=row_ids.device), counts)
+    first = torch.cumsum(counts, 0) - counts  # where each row's run begins in the pair list
+    rank_in_run = torch.arange(rows.shape[0], device=row_ids.device) - first[rows]
+    return rows, order[start[rows] + rank_in_run]
+
+
 def _row_positive_counts(image_ids, all_text_ids):
     """How many texts (of the whole batch) carry each image's id."""
     sorted_ids = torch.sort(all_text_ids).values
@@ -385,15 +396,21 @@ class _Engine:
             targets_block = block[2] if opts.positive_targets is not None else None
             grad_y = travel[0]
             col_index = torch.arange(y_block.shape[0], device=x.device) + self.text_offsets[src]
+            if not general:
+                pair_rows, pair_cols = _matching_pairs(self.image_ids, ids_block)
             for rows, cols in self.tiles(n_rows, y_block.shape[0]):
                 y_tile = y_block[cols]
                 logits = torch.addmm(b, x_scaled[rows], y_tile.T)
-                positive = self.image_ids[rows, None] == ids_block[None, cols]
                 if not general:
-                    positive_f = positive.float()
-                    loss = F.softplus(logits).sum() - torch.dot(logits.view(-1), positive_f.view(-1))
-                    coef = logits.sigmoid_().sub_(positive_f)
+                    # positives are sparse: touch them by index instead of a dense label tile
+                    in_tile = ((pair_rows >= rows.start) & (pair_rows < rows.stop)
+                               & (pair_cols >= cols.start) & (pair_cols < cols.stop))
+                    tile_rows, tile_cols = pair_rows[in_tile] - rows.start, pair_cols[in_tile] - cols.start
+                    loss = F.softplus(logits).sum() - logits[tile_rows, tile_cols].sum()
+                    coef = logits.sigmoid_()
+                    coef[tile_rows, tile_cols] -= 1.0
                 else:
+                    positive = self.image_ids[rows, None] == ids_block[None, cols]
                     target = positive.float()
                     if targets_block is not None:
                         target = target * targets_block[None, cols]

@@ -262,6 +262,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
             positive of image j of the same process (n_images must equal n_texts).
         group: the process group to run the ring on (default: the default group when
             torch.distributed is initialised; without it the loss is a plain single-process loss).
+            Every process of the group must make the call, with the same options (checked: a
+            mismatch, a bad input or an empty process raises the same ValueError everywhere).
         normalize: "image" (default; divide by the global image count, the paper's form), "text"
             (by the global text count) or "row" (each image row also divided by its positive count).
         tile_size: side of the logits tiles held at once (default 1024); does not change the result.
@@ -271,10 +273,18 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
             image row (SigLIP sec. 4.8), chosen "random" (hash of global indices and seed), "hard"
             (highest logits) or "easy" (lowest logits); the others are masked out of the loss.
         mine_image_text, mine_image_image, mine_text_text: FFF in-batch positive mining thresholds on
-            cosine similarity (None = off).
+            cosine similarity (None = off), over the whole global batch: (i, j) also becomes positive
+            if cos(x_i, y_j) >= mine_image_text; if some image i' carrying j's id has
+            cos(x_i, x_i') >= mine_image_image; if some text j' carrying i's id has
+            cos(y_j', y_j) >= mine_text_text. Mined positives count everywhere ids do (row counts,
+            masking, softmax). Image-image and text-text mining each cost one extra ring pass.
         hard_negative_beta: HN-NCE style importance weights on negatives, w_ij proportional to
             exp(beta * cos_ij), mean 1 over each row's negatives (constants, no gradient through them).
-        loss_type: "sigmoid" (default) or "softmax" (symmetric InfoNCE through the same ids).
+        loss_type: "sigmoid" (default) or "softmax": symmetric InfoNCE through the same ids,
+            `(mean_i -sum_{j in P_i} log softmax_j(t x_i.y_j) / |P_i| + the same per text) / 2`;
+            it ignores logit_bias (zero gradient) and takes no normalize/masking/weights option.
+            Options that need row statistics (row counts under mining, hard/easy masking,
+            hard-negative weights, softmax) add one ring pass of logits each.
 
     Returns the fp32 scalar `W / N * sum_{local images i, all texts j} loss_ij`; see the module
     docstring for why its process average and gradients equal those of the global loss.
@@ -294,7 +304,9 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
         offset = sum(image_sizes[: ring.rank])
         image_ids = torch.arange(image_sizes[ring.rank], device=image_embeds.device) + offset
         text_ids = image_ids
-    engine = Engine(ring, opts, image_sizes, text_sizes, image_ids.long(), text_ids.long())
+    device = image_embeds.device
+    engine = Engine(ring, opts, image_sizes, text_sizes, image_ids.to(device, torch.long),
+                    text_ids.to(device, torch.long))
     return engine.apply(image_embeds, text_embeds, logit_scale, logit_bias)
 
 

@@ -192,7 +192,8 @@ class Engine:
             if opts.loss_type == "softmax":
                 self.b = torch.zeros_like(self.b)  # a bias cancels in a softmax
             self.x_scaled = self.x * self.t
-            self.targets = None if opts.positive_targets is None else opts.positive_targets.detach().float()
+            self.targets = (None if opts.positive_targets is None
+                            else opts.positive_targets.detach().to(self.x.device, torch.float32))
             self.mine_pairs()
             self.needs_cosine = (opts.mine_image_text is not None or opts.hard_negative_beta is not None)
             self.general = (opts.normalize == "row" or self.targets is not None or opts.negative_ratio is not None

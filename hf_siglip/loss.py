@@ -30,7 +30,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from .loss_ring import RingContext
+from .loss_ring import Engine, RingContext, uniform_hash
 
 __all__ = ["sigmoid_loss", "dense_sigmoid_loss", "SigmoidLoss", "NORMALIZATIONS", "NEGATIVE_SELECTIONS"]
 
@@ -87,8 +87,10 @@ class _Options:
         self.mine_text_text = None if mine_text_text is None else float(mine_text_text)
         self.hard_negative_beta = None if hard_negative_beta is None else float(hard_negative_beta)
         self.loss_type = loss_type
-        if loss_type == "softmax" and (negative_ratio is not None or hard_negative_beta is not None):
-            raise ValueError("negative masking and hard-negative weights apply to loss_type='sigmoid' only")
+        if loss_type == "softmax" and (negative_ratio is not None or hard_negative_beta is not None
+                                       or normalize != "image"):
+            raise ValueError("negative masking, hard-negative weights and normalize apply to loss_type='sigmoid' "
+                             "only (the softmax loss averages each row over its positives, then over rows)")
 
     @property
     def mining(self):
@@ -166,29 +168,6 @@ def _handshake(ctx, image_embeds, text_embeds, image_ids, options, problem):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Random negative masking: a hash of global (image, text) indices, so the ring and the dense
-# reference draw the same mask whatever the layout.
-# ----------------------------------------------------------------------------------------------------
-
-
-def _uniform_hash(row_index, col_index, seed):
-    """Deterministic pseudo-uniform numbers in [0, 1) for every (row, col) pair of global indices."""
-    h = (row_index[:, None] * 0x9E3779B1 + col_index[None, :] * 0x85EBCA77 + (seed * 0xC2B2AE3D + 0x165667B1))
-    h = h & 0xFFFFFFFF
-    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
-    h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF
-    h = h ^ (h >> 15)
-    return h.to(torch.float64) / 4294967296.0
-
-
-def _row_positive_counts(image_ids, all_text_ids):
-    """How many texts (of the whole batch) carry each image's id."""
-    sorted_ids = torch.sort(all_text_ids).values
-    return (torch.searchsorted(sorted_ids, image_ids, right=True)
-            - torch.searchsorted(sorted_ids, image_ids, right=False))
-
-
-# ----------------------------------------------------------------------------------------------------
 # Dense reference
 # ----------------------------------------------------------------------------------------------------
 
@@ -254,7 +233,7 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
             if opts.negative_selection == "random":
                 n_neg = negative.sum(1).clamp(min=1)
                 keep_prob = (quota.double() / n_neg.double()).clamp(max=1.0)
-                draw = _uniform_hash(torch.arange(n_i, device=x.device), torch.arange(n_t, device=x.device),
+                draw = uniform_hash(torch.arange(n_i, device=x.device), torch.arange(n_t, device=x.device),
                                      opts.seed)
                 keep = draw < keep_prob[:, None]
             else:
@@ -270,177 +249,6 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     return per_pair.sum() / denominator
 
 
-# ----------------------------------------------------------------------------------------------------
-# The ring engine
-# ----------------------------------------------------------------------------------------------------
-
-
-class _RingLoss(torch.autograd.Function):
-    """Forward computes the loss and all its gradients in one ring; backward scales them."""
-
-    @staticmethod
-    def forward(fn_ctx, image_embeds, text_embeds, logit_scale, logit_bias, engine):
-        loss, grads = engine.run(image_embeds, text_embeds, logit_scale, logit_bias)
-        fn_ctx.save_for_backward(*grads)
-        fn_ctx.dtypes = (image_embeds.dtype, text_embeds.dtype, logit_scale.dtype, logit_bias.dtype)
-        fn_ctx.shapes = (logit_scale.shape, logit_bias.shape)
-        return loss
-
-    @staticmethod
-    def backward(fn_ctx, grad_output):
-        gx, gy, gt, gb = fn_ctx.saved_tensors
-        dx, dy, dt, db = fn_ctx.dtypes
-        go = grad_output.float()
-        return ((gx * go).to(dx), (gy * go).to(dy), (gt * go).reshape(fn_ctx.shapes[0]).to(dt),
-                (gb * go).reshape(fn_ctx.shapes[1]).to(db), None)
-
-
-class _Engine:
-    """Everything one call needs: the ring, sizes, ids, options; `run` does the forward."""
-
-    def __init__(self, ring, opts, image_sizes, text_sizes, image_ids, text_ids):
-        self.ring, self.opts = ring, opts
-        self.image_sizes, self.text_sizes = image_sizes, text_sizes
-        self.image_offset = sum(image_sizes[: ring.rank])
-        self.text_offsets = [sum(text_sizes[:r]) for r in range(ring.world)]
-        self.n_images, self.n_texts = sum(image_sizes), sum(text_sizes)
-        self.image_ids, self.text_ids = image_ids, text_ids
-
-    # one pass round the ring ------------------------------------------------------------------------
-    def ring_pass(self, block, travel, visit):
-        """Carry `block` (tensors with one row per text of its home process) round the ring, calling
-        visit(src_rank, block, travel) on each; `travel` accumulators ride along and come home."""
-        ring = self.ring
-        for step in range(ring.world):
-            src = (ring.rank - step) % ring.world
-            if step < ring.world - 1:  # prefetch the next block while this one is computed
-                n_next = self.text_sizes[(src - 1) % ring.world]
-                next_block, wait_block = ring.start_shift(
-                    block, [((n_next,) + tuple(t.shape[1:]), t.dtype) for t in block])
-            visit(src, block, travel)
-            if ring.world > 1 and travel:
-                n_back = self.text_sizes[(src - 1) % ring.world]
-                travel, wait_travel = ring.start_shift(
-                    travel, [((n_back,) + tuple(t.shape[1:]), t.dtype) for t in travel])
-                wait_travel()
-            if step < ring.world - 1:
-                wait_block()
-                block = next_block
-        return travel
-
-    def tiles(self, n_rows, n_cols):
-        size = self.opts.tile_size
-        for c0 in range(0, n_cols, size):
-            for r0 in range(0, n_rows, size):
-                yield slice(r0, min(r0 + size, n_rows)), slice(c0, min(c0 + size, n_cols))
-
-    # forward -----------------------------------------------------------------------------------------
-    def run(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
-            x = image_embeds.detach().float()
-            y = text_embeds.detach().float()
-            t = logit_scale.detach().float().reshape(())
-            b = logit_bias.detach().float().reshape(())
-            if self.opts.loss_type == "softmax":
-                return self.run_softmax(x, y, t)
-            return self.run_sigmoid(x, y, t, b)
-
-    def block_of(self, y, extras=()):
-        return [y, self.text_ids] + list(extras)
-
-    def run_sigmoid(self, x, y, t, b):
-        opts, ring = self.opts, self.ring
-        n_rows = x.shape[0]
-        x_scaled = x * t
-        grad_x = torch.zeros_like(x)  # sum_j coef_ij y_j (without t and the normaliser)
-        totals = torch.zeros(2, dtype=torch.float64, device=x.device)  # loss sum, sum of coef
-        row_weight = None
-        needs_counts = opts.normalize == "row" or opts.negative_ratio is not None
-        if needs_counts:
-            if opts.mining:
-                raise NotImplementedError("normalize='row' and negative_ratio are not available with mining yet")
-            all_text_ids = ring.all_gather_padded(self.text_ids, self.text_sizes)
-            row_positives = _row_positive_counts(self.image_ids, all_text_ids)
-            if opts.normalize == "row":
-                row_weight = 1.0 / row_positives.clamp(min=1).float()
-        extras = []
-        if opts.positive_targets is not None:
-            extras.append(opts.positive_targets.detach().float())
-        general = row_weight is not None or extras or opts.negative_ratio is not None or opts.hard_negative_beta
-
-        if opts.negative_ratio is not None:
-            quota = (opts.negative_ratio * row_positives).floor().long()
-            if opts.negative_selection == "random":
-                n_neg = (self.n_texts - row_positives).clamp(min=1)
-                keep_prob = (quota.double() / n_neg.double()).clamp(max=1.0)
-            else:
-                threshold = self.selection_threshold(x_scaled, y, b, quota)
-        if opts.hard_negative_beta is not None:
-            log_norm, n_neg_row = self.hard_negative_normaliser(x, y)
-
-        row_index = torch.arange(n_rows, device=x.device) + self.image_offset
-
-        def visit(src, block, travel):
-            y_block, ids_block = block[0], block[1]
-            targets_block = block[2] if opts.positive_targets is not None else None
-            grad_y = travel[0]
-            col_index = torch.arange(y_block.shape[0], device=x.device) + self.text_offsets[src]
-            for rows, cols in self.tiles(n_rows, y_block.shape[0]):
-                y_tile = y_block[cols]
-                logits = torch.addmm(b, x_scaled[rows], y_tile.T)
-                positive = self.image_ids[rows, None] == ids_block[None, cols]
-                if not general:
-                    positive_f = positive.float()
-                    loss = F.softplus(logits).sum() - torch.dot(logits.view(-1), positive_f.view(-1))
-                    coef = logits.sigmoid_().sub_(positive_f)
-                else:
-                    target = positive.float()
-                    if targets_block is not None:
-                        target = target * targets_block[None, cols]
-                    weight = torch.ones_like(logits)
-                    if opts.hard_negative_beta is not None:
-                        cosine = (logits - b) / t
-                        hn = torch.exp(opts.hard_negative_beta * x[rows] @ y_tile.T - log_norm[rows, None])
-                        hn = hn * n_neg_row[rows, None]
-                        weight = torch.where(positive, weight, hn)
-                        del cosine
-                    if opts.negative_ratio is not None:
-                        if opts.negative_selection == "random":
-                            draw = _uniform_hash(row_index[rows], col_index[cols], opts.seed)
-                            keep = draw < keep_prob[rows, None]
-                        elif opts.negative_selection == "hard":
-                            keep = logits >= threshold[rows, None]
-                        else:
-                            keep = logits <= threshold[rows, None]
-                        weight = weight * (positive | keep).float()
-                    if row_weight is not None:
-                        weight = weight * row_weight[rows, None]
-                    loss = (weight * (F.softplus(logits) - target * logits)).sum()
-                    coef = weight * (torch.sigmoid(logits) - target)
-                totals[0] += loss.double()
-                totals[1] += coef.sum().double()
-                grad_x[rows].addmm_(coef, y_tile)
-                grad_y[cols].addmm_(coef.T, x[rows])
-
-        grad_y_home = self.ring_pass(self.block_of(y, extras), [torch.zeros_like(y)], visit)[0]
-        normaliser = self.n_texts if opts.normalize == "text" else self.n_images
-        scale = ring.world / normaliser
-        loss = (totals[0] * scale).float()
-        grads = (grad_x * (t * scale), grad_y_home * (t * scale),
-                 ((x * grad_x).sum().double() * scale).float(), (totals[1] * scale).float())
-        return loss, grads
-
-    # extra passes for options ---------------------------------------------------------------------
-    def selection_threshold(self, x_scaled, y, b, quota):
-        raise NotImplementedError("hard/easy negative selection is not implemented yet")
-
-    def hard_negative_normaliser(self, x, y):
-        raise NotImplementedError("hard-negative weights are not implemented yet")
-
-    def run_softmax(self, x, y, t):
-        raise NotImplementedError("loss_type='softmax' is not implemented yet")
-
-
 def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=None, text_ids=None, *,
                  group=None, **options):
     """SigLIP sigmoid loss of this process's images against the texts of every process.
@@ -454,6 +262,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
             positive of image j of the same process (n_images must equal n_texts).
         group: the process group to run the ring on (default: the default group when
             torch.distributed is initialised; without it the loss is a plain single-process loss).
+            Every process of the group must make the call, with the same options (checked: a
+            mismatch, a bad input or an empty process raises the same ValueError everywhere).
         normalize: "image" (default; divide by the global image count, the paper's form), "text"
             (by the global text count) or "row" (each image row also divided by its positive count).
         tile_size: side of the logits tiles held at once (default 1024); does not change the result.
@@ -463,10 +273,18 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
             image row (SigLIP sec. 4.8), chosen "random" (hash of global indices and seed), "hard"
             (highest logits) or "easy" (lowest logits); the others are masked out of the loss.
         mine_image_text, mine_image_image, mine_text_text: FFF in-batch positive mining thresholds on
-            cosine similarity (None = off).
+            cosine similarity (None = off), over the whole global batch: (i, j) also becomes positive
+            if cos(x_i, y_j) >= mine_image_text; if some image i' carrying j's id has
+            cos(x_i, x_i') >= mine_image_image; if some text j' carrying i's id has
+            cos(y_j', y_j) >= mine_text_text. Mined positives count everywhere ids do (row counts,
+            masking, softmax). Image-image and text-text mining each cost one extra ring pass.
         hard_negative_beta: HN-NCE style importance weights on negatives, w_ij proportional to
             exp(beta * cos_ij), mean 1 over each row's negatives (constants, no gradient through them).
-        loss_type: "sigmoid" (default) or "softmax" (symmetric InfoNCE through the same ids).
+        loss_type: "sigmoid" (default) or "softmax": symmetric InfoNCE through the same ids,
+            `(mean_i -sum_{j in P_i} log softmax_j(t x_i.y_j) / |P_i| + the same per text) / 2`;
+            it ignores logit_bias (zero gradient) and takes no normalize/masking/weights option.
+            Options that need row statistics (row counts under mining, hard/easy masking,
+            hard-negative weights, softmax) add one ring pass of logits each.
 
     Returns the fp32 scalar `W / N * sum_{local images i, all texts j} loss_ij`; see the module
     docstring for why its process average and gradients equal those of the global loss.
@@ -486,8 +304,10 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
         offset = sum(image_sizes[: ring.rank])
         image_ids = torch.arange(image_sizes[ring.rank], device=image_embeds.device) + offset
         text_ids = image_ids
-    engine = _Engine(ring, opts, image_sizes, text_sizes, image_ids.long(), text_ids.long())
-    return _RingLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, engine)
+    device = image_embeds.device
+    engine = Engine(ring, opts, image_sizes, text_sizes, image_ids.to(device, torch.long),
+                    text_ids.to(device, torch.long))
+    return engine.apply(image_embeds, text_embeds, logit_scale, logit_bias)
 
 
 class SigmoidLoss(torch.nn.Module):

@@ -40,7 +40,8 @@ def _leaves(n_images=9, n_texts=9, d=16, seed=0, t=8.0, b=-5.0):
 def _loss_and_grads(fn, leaves, *args, **kwargs):
     leaves = [leaf.detach().clone().requires_grad_() for leaf in leaves]
     loss = fn(*leaves, *args, **kwargs)
-    return loss.detach(), torch.autograd.grad(loss, leaves)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # the softmax loss has no bias
+    return loss.detach(), tuple(torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads))
 
 
 def _assert_close(a, b, tol=1e-5):
@@ -95,6 +96,18 @@ OPTION_SETS = [
     {"normalize": "row"},
     {"positive_targets": "random"},
     {"negative_ratio": 2, "negative_selection": "random", "seed": 3},
+    {"negative_ratio": 2, "negative_selection": "hard"},
+    {"negative_ratio": 1.5, "negative_selection": "easy"},
+    {"hard_negative_beta": 3.0},
+    {"mine_image_text": 0.4},
+    {"mine_image_image": 0.3},
+    {"mine_text_text": 0.3},
+    {"mine_image_text": 0.4, "mine_image_image": 0.3, "mine_text_text": 0.3, "normalize": "row"},
+    {"mine_image_image": 0.3, "negative_ratio": 1.5, "negative_selection": "hard"},
+    {"hard_negative_beta": 2.0, "negative_ratio": 3, "positive_targets": "random", "normalize": "row"},
+    {"loss_type": "softmax"},
+    {"loss_type": "softmax", "positive_targets": "random"},
+    {"loss_type": "softmax", "mine_image_text": 0.4, "mine_text_text": 0.3},
 ]
 
 
@@ -186,7 +199,8 @@ def test_bad_inputs_raise_clear_errors(change, message):
 
 @pytest.mark.parametrize("options", [{"normalize": "mean"}, {"tile_size": 0}, {"negative_ratio": 0},
                                      {"negative_selection": "medium"}, {"mine_image_text": 2.0},
-                                     {"loss_type": "hinge"}])
+                                     {"loss_type": "hinge"}, {"loss_type": "softmax", "normalize": "row"},
+                                     {"loss_type": "softmax", "negative_ratio": 2}])
 def test_bad_options_raise(options):
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
     with pytest.raises(ValueError):

@@ -93,6 +93,19 @@ _OPTION_CASES = {
     "duplicates_norm_row": {"normalize": "row"},
     "duplicates_positive_targets": {"positive_targets": True},
     "duplicates_negatives_random": {"negative_ratio": 3, "negative_selection": "random", "seed": 5},
+    "duplicates_negatives_hard": {"negative_ratio": 2, "negative_selection": "hard"},
+    "duplicates_negatives_easy": {"negative_ratio": 2.5, "negative_selection": "easy"},
+    "duplicates_hard_negative_weights": {"hard_negative_beta": 4.0},
+    "duplicates_mine_image_text": {"mine_image_text": 0.45},
+    "duplicates_mine_image_image": {"mine_image_image": 0.4},
+    "duplicates_mine_text_text": {"mine_text_text": 0.4},
+    "duplicates_mine_all_row_hard": {"mine_image_text": 0.45, "mine_image_image": 0.4, "mine_text_text": 0.4,
+                                     "normalize": "row", "negative_ratio": 2, "negative_selection": "hard"},
+    "duplicates_weights_targets_random": {"hard_negative_beta": 2.0, "positive_targets": True,
+                                          "negative_ratio": 4, "seed": 1},
+    "duplicates_softmax": {"loss_type": "softmax"},
+    "duplicates_softmax_targets_mining": {"loss_type": "softmax", "positive_targets": True,
+                                          "mine_image_image": 0.4, "mine_text_text": 0.4},
 }
 
 OPEN_CLIP_CASES = ("equal_plain", "equal_plain_default_tile", "equal_unique_ids")
@@ -133,13 +146,19 @@ def _check_parity(name, rank, world, group, SigLipLoss):
               b.clone().requires_grad_()]
     dense_options = {k: v for k, v in options.items() if k != "tile_size"}
     dense = dense_sigmoid_loss(*leaves, image_ids, text_ids, **dense_options)
-    dense_grads = torch.autograd.grad(dense, leaves)
+    dense_grads = torch.autograd.grad(dense, leaves, allow_unused=True)  # the softmax loss has no bias
+    dense_grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, dense_grads)]
 
     local_leaves = [_local(x, case["image_sizes"], rank).clone().requires_grad_(),
                     _local(y, case["text_sizes"], rank).clone().requires_grad_(),
                     t.clone().requires_grad_(), b.clone().requires_grad_()]
     loss = sigmoid_loss(*local_leaves, local_image_ids, local_text_ids, group=group, **local_options)
     grads = torch.autograd.grad(loss, local_leaves)
+
+    if set(options) - {"tile_size"}:  # an option that is on must matter on this data
+        plain = dense_sigmoid_loss(x, y, t, b, image_ids, text_ids)
+        if abs(float(plain) - float(dense)) < 1e-4:
+            return f"option changed nothing: {float(plain)} vs {float(dense)}"
 
     # DDP view: the process average of loss, dt and db; each process's embedding gradient / world
     summed = torch.stack([loss.detach(), grads[2], grads[3]]).double()

@@ -1,0 +1,213 @@
+"""Benchmark: time per forward+backward and peak memory per process of three distributed sigmoid losses.
+
+    PYTHONPATH=. python benchmarks/loss.py                 # the full table (several minutes on 2 cores)
+    PYTHONPATH=. python benchmarks/loss.py --batches 1024  # quick look
+
+Compared, at world size 2 (gloo, CPU, one thread per process), d = 512:
+  hf_siglip   hf_siglip.sigmoid_loss (ring, tiles of 1024 x 1024, closed-form gradients)
+  open_clip   open_clip SigLipLoss(dist_impl="bidir") (loaded from its loss.py; import open_clip needs torchvision)
+  all-gather  the naive loss: torch.distributed.nn.all_gather of the texts, then the local x global logits
+
+"k" is the number of captions (positives) per image: a process holds `batch` images and k * batch texts.
+open_clip cannot express k > 1 (it pairs image i with text i only), so its k = 5 cells are empty.
+"k=5, 1 pos" is hf_siglip on the same shapes with one positive per image (unique text ids): the cost of
+multiple positives is the ratio of the two.
+
+Peak memory: growth of the process's peak resident set size (VmHWM in /proc/self/status, reset through
+/proc/self/clear_refs before each step) over its resident size before the step. tracemalloc does not
+see torch's allocations. glibc is told (MALLOC_MMAP_THRESHOLD_) to serve allocations above 128 KiB with
+mmap, so freed tensors leave the resident set and the reading reflects what the step holds, not what
+the allocator cached from an earlier step. Inputs (embeddings, t, b) exist before the step; gradients
+and everything else the loss allocates are counted.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+
+# must be set before the worker processes start (glibc reads it at start-up)
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.nn  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hf_siglip.loss import sigmoid_loss  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def _open_clip_siglip():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SigLipLoss
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def naive_all_gather_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids):
+    """Every process gathers every text (with gradient) and builds its local x global logits."""
+    all_texts = torch.cat(torch.distributed.nn.all_gather(text_embeds))
+    gathered_ids = [torch.empty_like(text_ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered_ids, text_ids)
+    labels = 2.0 * (image_ids[:, None] == torch.cat(gathered_ids)[None, :]).float() - 1.0
+    logits = logit_scale * image_embeds @ all_texts.T + logit_bias
+    return -F.logsigmoid(labels * logits).sum() / image_embeds.shape[0]
+
+
+def _measure(steps, leaves, reps):
+    """One warm-up round, then `reps` rounds; each round runs every method once, interleaved, so that
+    load from other work on the machine spreads over all methods alike. Returns
+    {method: (median seconds, max peak growth in MiB)}."""
+    times = {method: [] for method in steps}
+    peaks = {method: [] for method in steps}
+    for rep in range(reps + 1):
+        for method, step in steps.items():
+            for leaf in leaves:
+                leaf.grad = None
+            dist.barrier()
+            _reset_peak()
+            base = _status_kib("VmRSS")
+            start = time.perf_counter()
+            step().backward()
+            elapsed = time.perf_counter() - start
+            peak = (_status_kib("VmHWM") - base) / 1024
+            if rep:
+                times[method].append(elapsed)
+                peaks[method].append(peak)
+    return {method: (statistics.median(times[method]), max(peaks[method])) for method in steps}
+
+
+def _worker(rank, world, port, configs, reps, results):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.nn.all_gather's notice
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    SigLipLoss = _open_clip_siglip()
+    rows = []
+    try:
+        for batch, k, methods in configs:
+            g = torch.Generator().manual_seed(rank)
+            d = 512
+            x = F.normalize(torch.randn(batch, d, generator=g), dim=1).requires_grad_()
+            y = F.normalize(torch.randn(k * batch, d, generator=g), dim=1).requires_grad_()
+            t = torch.tensor(10.0, requires_grad=True)
+            b = torch.tensor(-10.0, requires_grad=True)
+            image_ids = torch.arange(batch) + rank * batch
+            text_ids = image_ids.repeat_interleave(k)
+            unique_text_ids = torch.arange(k * batch) + world * batch * (rank + 1)
+            unique_text_ids[:batch] = image_ids  # one positive per image, the other texts have none
+            leaves = [x, y, t, b]
+            steps = {
+                "hf_siglip": lambda: sigmoid_loss(x, y, t, b, image_ids, text_ids),
+                "hf_siglip 1 pos": lambda: sigmoid_loss(x, y, t, b, image_ids, unique_text_ids),
+                "open_clip": lambda: SigLipLoss(rank=rank, world_size=world, dist_impl="bidir")(x, y, t, b),
+                "all-gather": lambda: naive_all_gather_loss(x, y, t, b, image_ids, text_ids),
+            }
+            chosen = {method: steps[method] for method in methods
+                      if not (method == "open_clip" and (k != 1 or SigLipLoss is None))}
+            measured = _measure(chosen, leaves, reps if batch * k <= 4096 else 1)
+            for method, (seconds, peak) in measured.items():
+                rows.append((world, batch, k, method, seconds, peak))
+            del x, y, leaves, steps
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        if rank == 0:
+            # a step takes as long as its slowest process; report the largest peak too
+            merged = {}
+            for per_rank in gathered:
+                for world_, batch, k, method, seconds, peak in per_rank:
+                    key = (world_, batch, k, method)
+                    old = merged.get(key, (0.0, 0.0))
+                    merged[key] = (max(old[0], seconds), max(old[1], peak))
+            results.update(merged)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(world, configs, reps):
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(_worker, args=(world, _free_port(), configs, reps, results), nprocs=world,
+                       start_method="spawn", join=True)
+    out = dict(results)
+    manager.shutdown()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--positives", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up (1 for big k=5 cells)")
+    parser.add_argument("--flat-batch", type=int, default=1024,
+                        help="local batch of the world-size 2 vs 4 memory rows (0 = skip)")
+    args = parser.parse_args()
+
+    all_methods = ("hf_siglip", "open_clip", "all-gather")
+    configs = []
+    for batch in args.batches:
+        for k in args.positives:
+            methods = all_methods + (("hf_siglip 1 pos",) if k > 1 else ())
+            configs.append((batch, k, methods))
+    results = run(2, configs, args.reps)
+    if args.flat_batch:
+        results.update(run(4, [(args.flat_batch, 1, all_methods)], args.reps))
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per process, d=512, "
+          f"peak = VmHWM growth per process")
+    header = ("world", "batch", "k", "hf_siglip s", "open_clip s", "all-gather s", "k=5, 1 pos s",
+              "hf_siglip MiB", "open_clip MiB", "all-gather MiB", "time vs open_clip", "mem vs open_clip")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for key in sorted({key[:3] for key in results}):
+        cell = {method: results.get(key + (method,)) for method in all_methods + ("hf_siglip 1 pos",)}
+
+        def fmt(value, index, digits):
+            return "-" if value is None else f"{value[index]:.{digits}f}"
+
+        ours, oc = cell["hf_siglip"], cell["open_clip"]
+        ratio_t = f"{ours[0] / oc[0]:.2f}x" if ours and oc else "-"
+        ratio_m = f"{ours[1] / oc[1]:.2f}x" if ours and oc and oc[1] > 0 else "-"
+        if key[2] > 1 and ours and cell["hf_siglip 1 pos"]:
+            ratio_t = f"k={key[2]} vs 1 pos: {ours[0] / cell['hf_siglip 1 pos'][0]:.2f}x"
+        print("| " + " | ".join([str(key[0]), str(key[1]), str(key[2])]
+                                + [fmt(cell[m], 0, 2) for m in all_methods + ("hf_siglip 1 pos",)]
+                                + [fmt(cell[m], 1, 0) for m in all_methods] + [ratio_t, ratio_m]) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ def tiny_training_setup(n_train=64, n_test=32, image_size=16, seed=0, **config_o
 
     torch.manual_seed(seed)
     dataset = hs.make_demo_dataset(n_train=n_train, n_test=n_test, n_captions=2, image_size=image_size, seed=seed)
-    captions = [caption for row in dataset["train"]["captions"] for caption in row]
+    captions = [caption for row in dataset["train"]["caption"] for caption in row]
     tokenizer = hs.train_caption_tokenizer(captions, vocab_size=200, model_max_length=12)
     processor = hs.build_processor(tokenizer, image_size=image_size)
     common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
@@ -70,5 +70,5 @@ def tiny_training_setup(n_train=64, n_test=32, image_size=16, seed=0, **config_o
         **config_overrides,
     )
     model = hs.SiglipBottleneckModel(config)
-    collator = hs.SiglipDataCollator(processor=processor, max_length=12, caption_column="captions")
+    collator = hs.SiglipDataCollator(processor=processor, max_length=12, caption_column="caption")
     return model, processor, collator, dataset

@@ -59,7 +59,7 @@ class SiglipScriptArguments:
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(default="test", metadata={"help": "Split to evaluate on (None: no evaluation)."})
     image_column: str = field(default="image", metadata={"help": "Image column."})
-    caption_column: str = field(default="captions", metadata={
+    caption_column: str = field(default="caption", metadata={
         "help": "Caption column (a string or a list of strings per row)."})
     max_length: int = field(default=16, metadata={"help": "Text length in tokens (padded/truncated)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})

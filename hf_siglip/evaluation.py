@@ -5,8 +5,8 @@
 - `zero_shot_classifier` + `zero_shot_metrics`: template-averaged class embeddings, top-1 / top-5.
 - `linear_probe`: few-shot (k per class) logistic regression, optionally initialised from the zero-shot
   classifier (DiHT).
-- `embed_images` / `embed_texts` / `add_image_embeddings`: batched, L2-normalised embeddings (the last one
-  is a `datasets` map that caches a locked image tower's embeddings for SigLiT training).
+- `add_image_embeddings`: a `datasets` map that caches a locked image tower's embeddings for SigLiT training
+  (batched, L2-normalised embeddings come from `hf_siglip.data.embedding`).
 
 Everything returns plain dicts of floats; `to_json` writes them for papers' tables.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.images import decode_image
+from .data.embedding import embed_images, embed_texts
 
 
 def retrieval_metrics(
@@ -57,34 +57,7 @@ def chance_recall(n_candidates: int, n_positives: float, k: int) -> float:
     return 1.0 - math.comb(n_candidates - round(n_positives), k) / math.comb(n_candidates, k)
 
 
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int = 64, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised text embeddings, tokenised as SigLIP was trained (padded to `max_length`)."""
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size]), padding="max_length", truncation=True,
-                           max_length=max_length, return_tensors="pt")
-        chunks.append(model.get_text_features(tokens["input_ids"].to(device), normalize=True).pooler_output.float())
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def embed_images(model, image_processor, images: Sequence, batch_size: int = 128) -> torch.Tensor:
-    """L2-normalised image embeddings of PIL images / image files / `datasets` image cells."""
-    model.eval()
-    parameter = next(model.parameters())
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = [decode_image(image) for image in images[start : start + batch_size]]
-        pixel_values = image_processor(images=batch, return_tensors="pt")["pixel_values"]
-        pixel_values = pixel_values.to(parameter.device, parameter.dtype)
-        chunks.append(model.get_image_features(pixel_values, normalize=True).pooler_output.float())
-    return torch.cat(chunks)
-
-
-def add_image_embeddings(dataset, model, image_processor, image_column: str = "image", batch_size: int = 128,
+def add_image_embeddings(dataset, model, processor, image_column: str = "image", batch_size: int = 128,
                          output_column: str = "image_embeds", **map_kwargs):
     """A `datasets` map that stores each row's image embedding (SigLiT: embed once with the locked tower).
 
@@ -92,18 +65,20 @@ def add_image_embeddings(dataset, model, image_processor, image_column: str = "i
     tower. The cached embeddings are L2-normalised, as the model would produce them.
     """
 
+    model.eval()
+
     def embed(batch):
-        return {output_column: embed_images(model, image_processor, batch[image_column], batch_size).numpy()}
+        return {output_column: embed_images(model, processor, batch[image_column], batch_size).numpy()}
 
     return dataset.map(embed, batched=True, batch_size=batch_size, **map_kwargs)
 
 
 @torch.no_grad()
-def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
+def zero_shot_classifier(model, processor, class_names: Sequence[str], templates: Sequence[str],
                          max_length: int = 64) -> torch.Tensor:
     """(n_classes, d) class embeddings: each class's prompts embedded, averaged, re-normalised (CLIP style)."""
     prompts = [template.format(name) for name in class_names for template in templates]
-    embeds = embed_texts(model, tokenizer, prompts, max_length=max_length)
+    embeds = embed_texts(model, processor, prompts, max_length=max_length)
     return F.normalize(embeds.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
 
 
@@ -179,8 +154,6 @@ def to_json(metrics: dict, path=None) -> str:
 __all__ = [
     "add_image_embeddings",
     "chance_recall",
-    "embed_images",
-    "embed_texts",
     "few_shot_indices",
     "linear_probe",
     "retrieval_metrics",

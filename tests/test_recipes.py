@@ -61,10 +61,16 @@ def test_every_recipe_is_tested_and_documents_its_paper():
     assert len(list((RECIPES / "accelerate_configs").glob("*.yaml"))) == 5
 
 
-def test_siglip_from_scratch(tmp_path):
+def test_siglip_from_scratch_then_eval(tmp_path):
     output_dir = run_recipe("siglip_from_scratch", tmp_path)
     config = json.loads((output_dir / "config.json").read_text())
     assert config["model_type"] == "siglip_bottleneck"
+
+    data = {key: TINY[key] for key in ("demo_train_size", "demo_test_size", "demo_image_size", "max_length")}
+    assert cli_main(["eval", "--checkpoint", str(output_dir), "--few_shot", "1", "--output_file",
+                     str(tmp_path / "eval.json"), *flags(data)]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert {"i2t_recall@1", "t2i_recall@5", "zero_shot_top1", "zero_shot_top5", "linear_probe_top1_1shot"} <= set(metrics)
 
 
 def test_siglit_locks_and_caches_the_pretrained_image_tower(tmp_path, native_tiny_checkpoint):

@@ -148,7 +148,7 @@ def test_locked_vision_tower_is_bit_identical_and_in_eval_mode(tmp_path):
 
 def test_siglit_with_cached_image_embeddings_never_runs_the_vision_tower(tmp_path):
     model, processor, collator, dataset = tiny_training_setup()
-    cached = add_image_embeddings(dataset["train"], model, processor.image_processor, batch_size=32)
+    cached = add_image_embeddings(dataset["train"], model, processor, batch_size=32)
     assert len(cached[0]["image_embeds"]) == 32
     calls = []
     model.vision_model.register_forward_pre_hook(lambda module, args: calls.append(1))

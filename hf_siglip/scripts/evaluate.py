@@ -5,9 +5,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
+from ..data.embedding import embed_images, embed_texts
 from ..evaluation import (
-    embed_images,
-    embed_texts,
     few_shot_indices,
     linear_probe,
     retrieval_metrics,
@@ -38,26 +37,26 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     if evaluation is None:
         raise ValueError("hf-siglip eval needs --eval_split (the split to evaluate).")
 
-    image_embeds = embed_images(model, processor.image_processor, evaluation[args.image_column])
+    image_embeds = embed_images(model, processor, evaluation[args.image_column])
     texts, text_ids = [], []
     for image_id, cell in zip(evaluation["image_id"], evaluation[args.caption_column]):
         captions = [cell] if isinstance(cell, str) else list(cell)
         texts += captions
         text_ids += [image_id] * len(captions)
-    text_embeds = embed_texts(model, processor.tokenizer, texts, max_length=args.max_length)
+    text_embeds = embed_texts(model, processor, texts, max_length=args.max_length)
     metrics = retrieval_metrics(image_embeds, text_embeds, torch.tensor(evaluation["image_id"]), torch.tensor(text_ids))
 
     classes = args.zero_shot_classes or (DEMO_CLASSES if args.dataset == DEMO else None)
     if classes and args.label_column in evaluation.column_names:
         templates = args.zero_shot_templates or DEMO_TEMPLATES
-        classifier = zero_shot_classifier(model, processor.tokenizer, classes, templates, max_length=args.max_length)
+        classifier = zero_shot_classifier(model, processor, classes, templates, max_length=args.max_length)
         labels = torch.tensor(evaluation[args.label_column])
         metrics.update(zero_shot_metrics(image_embeds, labels, classifier))
         if args.few_shot:
             chosen = few_shot_indices(train[args.label_column], args.few_shot, seed=args.few_shot)
             shots = train.select(chosen)
             probe = linear_probe(
-                embed_images(model, processor.image_processor, shots[args.image_column]),
+                embed_images(model, processor, shots[args.image_column]),
                 torch.tensor(shots[args.label_column]), image_embeds, labels, n_classes=len(classes),
                 init_classifier=classifier if args.probe_from_zero_shot else None)
             metrics.update({f"{name}_{args.few_shot}shot": value for name, value in probe.items()})

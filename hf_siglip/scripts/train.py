@@ -21,7 +21,8 @@ from ..data import (
     make_demo_dataset,
 )
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
-from ..evaluation import add_image_embeddings, chance_recall, embed_images, to_json, zero_shot_classifier, zero_shot_metrics
+from ..data.embedding import embed_images
+from ..evaluation import add_image_embeddings, chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
 from ..modeling_siglip_bottleneck import SiglipBottleneckModel
 from ..processing import build_processor, train_caption_tokenizer
 from ..trainer import SiglipTrainer
@@ -203,8 +204,9 @@ def zero_shot_evaluation(model, processor, evaluation, script_args: SiglipScript
     if not classes or evaluation is None or script_args.label_column not in evaluation.column_names:
         return {}
     templates = script_args.zero_shot_templates or DEMO_TEMPLATES
-    classifier = zero_shot_classifier(model, processor.tokenizer, classes, templates, max_length=script_args.max_length)
-    image_embeds = embed_images(model, processor.image_processor, evaluation[script_args.image_column])
+    model.eval()
+    classifier = zero_shot_classifier(model, processor, classes, templates, max_length=script_args.max_length)
+    image_embeds = embed_images(model, processor, evaluation[script_args.image_column])
     metrics = zero_shot_metrics(image_embeds, torch.tensor(evaluation[script_args.label_column]), classifier)
     metrics["zero_shot_chance_top1"] = 1.0 / len(classes)
     return metrics
@@ -242,7 +244,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         if not training_args.lock_vision_tower:
             raise ValueError("cache_image_embeddings needs lock_vision_tower: a trained tower's embeddings change.")
         with training_args.main_process_first(desc="caching image embeddings"):
-            train = add_image_embeddings(train, model, processor.image_processor, image_column=script_args.image_column)
+            train = add_image_embeddings(train, model, processor, image_column=script_args.image_column)
         train = train.remove_columns(script_args.image_column)
     sampler = None
     if script_args.captions_per_image:

@@ -108,3 +108,8 @@ def test_capfilt_keeps_best_or_thresholded_captions():
     candidates = ["a red cat", "a green circle", "a square"]
     assert kept == [c for c, s in zip(candidates, scores) if s >= threshold - 1e-6]
     assert report["captions"] == 9 and report["rows_removed"] == 0 and report["empty_captions"] == 1
+    # streaming gives the same choice and, once consumed, the same report
+    stream, stream_report = capfilt(dataset.to_iterable_dataset(), model, processor,
+                                    caption_columns=["caption", "pseudo"], top_k=1)
+    assert [r["caption_filtered"] for r in stream] == list(best["caption_filtered"])
+    assert stream_report == report

@@ -94,8 +94,8 @@ class SiglipDataCollator:
     caption_sampler: Optional[CaptionSampler] = None
     return_attention_mask: bool = False
     epoch: int = 0
-    stats: Counter = field(default_factory=Counter)
-    _fallback_counter: int = field(default=0, repr=False)
+    stats: Counter = field(default_factory=Counter, init=False)
+    _fallback_counter: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         if self.processor is not None:

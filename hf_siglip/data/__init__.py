@@ -9,7 +9,7 @@ Flow: ``load_image_text_dataset`` -> ``add_image_ids`` -> ``add_pseudo_captions`
 from .captions import CaptionSampler, add_sampled_captions
 from .collator import SiglipDataCollator
 from .demo import DEMO_CLASSES, DEMO_TEMPLATES, demo_vocabulary, make_demo_dataset
-from .embedding import embed_images, embed_texts
+from .embedding import add_image_embeddings, embed_images, embed_texts
 from .filters import capfilt, caption_complexity_and_action, cat_filter, load_spacy, ocr_words
 from .groups import UnionFind, assign_positive_groups, group_size_stats, nearest_neighbours
 from .images import ImageDecodeError, decode_image, to_rgb
@@ -25,6 +25,7 @@ __all__ = [
     "ImageDecodeError",
     "SiglipDataCollator",
     "UnionFind",
+    "add_image_embeddings",
     "add_image_ids",
     "add_pseudo_captions",
     "add_sampled_captions",

@@ -143,3 +143,28 @@ def test_batch_feeds_a_siglip_model_and_ids_give_the_positive_mask(processor):
     assert images.shape[0] == 6 and texts.shape[0] == 18
     positives = batch["image_ids"][:, None] == batch["text_ids"][None, :]
     assert positives.sum(1).tolist() == [3, 6, 6, 3, 3, 3]
+
+
+def test_cached_image_tower_embeddings_feed_the_collator(processor):
+    import datasets
+    from data_fixtures import jpeg_bytes, make_tiny_siglip
+    from hf_siglip.data import add_image_embeddings
+    model = make_tiny_siglip(len(processor.tokenizer))
+    rng = np.random.default_rng(0)
+    images = [{"bytes": jpeg_bytes(random_rgb(rng, 32)), "path": None} for _ in range(4)]
+    images[2] = {"bytes": b"garbage", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "image_id": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"image": images, "caption": ["a", "b", "c", "d"], "image_id": [0, 1, 2, 3]},
+                                         features=features)
+    cached = add_image_embeddings(dataset, model, processor)
+    embeds = list(cached["image_embeds"])  # column access: row 2 would decode its garbage image
+    assert embeds[2] is None and len(embeds[0]) == 32
+    with torch.no_grad():
+        pixels = processor.image_processor(images=[cached[0]["image"]], return_tensors="pt")["pixel_values"]
+        expected = model.get_image_features(pixel_values=pixels).pooler_output[0]
+    torch.testing.assert_close(torch.tensor(embeds[0]), expected, atol=1e-5, rtol=1e-5)
+    collator = SiglipDataCollator(processor=processor)
+    batch = collator(list(cached.remove_columns("image")))
+    assert batch["image_embeds"].shape == (3, 32) and batch["image_ids"].tolist() == [0, 1, 3]
+    assert collator.stats["rows_with_undecodable_image"] == 1

@@ -60,7 +60,10 @@ def test_cat_filter_counts_each_criterion_and_reads_text_in_images():
                                                  ["a woman walks past a red sign"]]
     assert report["rows"] == 5 and report["rows_removed"] == 3
     assert report["captions"] == 5 and report["captions_kept"] == 2
-    assert report["text_spotted"] == 1 and report["failed_action"] == 2 and report["failed_complexity"] == 1
+    assert report["captions_failed_text_spotting"] == 1 and report["captions_failed_action"] == 2
+    assert report["captions_failed_complexity"] == 1 and report["empty_captions"] == 2
+    assert report["rows_removed_text_spotting"] == 1 and report["rows_removed_action"] == 1
+    assert report["rows_removed_complexity"] == 0 and report["rows_removed_no_usable_caption"] == 1
     assert out[0]["image"].mode == "RGB"  # image column untouched, still decoded
     # streaming: same rows, report filled while consuming
     stream, stream_report = cat_filter(dataset.to_iterable_dataset(), min_complexity=2)
@@ -104,4 +107,9 @@ def test_capfilt_keeps_best_or_thresholded_captions():
     kept = thresholded["caption_filtered"][0]
     candidates = ["a red cat", "a green circle", "a square"]
     assert kept == [c for c, s in zip(candidates, scores) if s >= threshold - 1e-6]
-    assert report["captions"] == 9 and report["rows_removed"] == 0
+    assert report["captions"] == 9 and report["rows_removed"] == 0 and report["empty_captions"] == 1
+    # streaming gives the same choice and, once consumed, the same report
+    stream, stream_report = capfilt(dataset.to_iterable_dataset(), model, processor,
+                                    caption_columns=["caption", "pseudo"], top_k=1)
+    assert [r["caption_filtered"] for r in stream] == list(best["caption_filtered"])
+    assert stream_report == report

@@ -50,9 +50,13 @@ def test_parquet_save_to_disk_and_streaming_agree(tmp_path):
     (tmp_path / "pq").mkdir()
     dataset.to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
     dataset.save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "arrow").mkdir()
+    arrow_file = next((tmp_path / "disk").glob("*.arrow"))
+    (tmp_path / "arrow" / "part.arrow").write_bytes(arrow_file.read_bytes())  # bare Arrow file, no state.json
     processor = make_processor()
     results = []
-    for source, streaming in [("pq", False), ("pq", True), ("disk", False), ("disk", True)]:
+    for source, streaming in [("pq", False), ("pq", True), ("disk", False), ("disk", True), ("arrow", False),
+                              ("pq/part-0.parquet", False)]:
         loaded = load_image_text_dataset(str(tmp_path / source), streaming=streaming)
         assert isinstance(loaded, datasets.IterableDataset) == streaming
         loaded = add_image_ids(loaded)

@@ -1,12 +1,17 @@
 """Data side of hf_siglip: loading, caption augmentation, filters, positive groups, label noise,
-the collator and the embedded demo dataset. Each module's docstring states its bad-input policies."""
+the collator and the embedded demo dataset. Each module's docstring states its bad-input policies.
+
+Flow: ``load_image_text_dataset`` -> ``add_image_ids`` -> ``add_pseudo_captions`` ->
+``add_sampled_captions`` / ``CaptionSampler`` -> ``cat_filter`` / ``capfilt`` ->
+``assign_positive_groups`` -> ``SiglipDataCollator`` -> model and loss.
+"""
 
 from .captions import CaptionSampler, add_sampled_captions
 from .collator import SiglipDataCollator
-from .embedding import embed_images, embed_texts
-from .filters import capfilt, cat_filter, caption_complexity_and_action, load_spacy, ocr_words
-from .groups import assign_positive_groups, group_size_stats, nearest_neighbours
-from .demo import DEMO_CLASSES, DEMO_TEMPLATES, make_demo_dataset
+from .demo import DEMO_CLASSES, DEMO_TEMPLATES, demo_vocabulary, make_demo_dataset
+from .embedding import add_image_embeddings, embed_images, embed_texts
+from .filters import capfilt, caption_complexity_and_action, cat_filter, load_spacy, ocr_words
+from .groups import UnionFind, assign_positive_groups, group_size_stats, nearest_neighbours
 from .images import ImageDecodeError, decode_image, to_rgb
 from .loading import add_image_ids, check_columns, load_image_text_dataset
 from .noise import corrupt_labels
@@ -19,24 +24,27 @@ __all__ = [
     "DEMO_TEMPLATES",
     "ImageDecodeError",
     "SiglipDataCollator",
+    "UnionFind",
+    "add_image_embeddings",
     "add_image_ids",
     "add_pseudo_captions",
-    "assign_positive_groups",
-    "embed_images",
-    "embed_texts",
-    "group_size_stats",
-    "nearest_neighbours",
     "add_sampled_captions",
+    "assign_positive_groups",
     "capfilt",
     "caption_complexity_and_action",
     "cat_filter",
     "check_columns",
     "corrupt_labels",
     "decode_image",
+    "demo_vocabulary",
+    "embed_images",
+    "embed_texts",
+    "group_size_stats",
     "load_captioner",
     "load_image_text_dataset",
-    "make_demo_dataset",
     "load_spacy",
+    "make_demo_dataset",
+    "nearest_neighbours",
     "normalize_captions",
     "ocr_words",
     "to_rgb",

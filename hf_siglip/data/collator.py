@@ -21,7 +21,8 @@ Bad rows (policies; counts in ``collator.stats`` and a ``logging`` warning per a
 
 * no usable caption (None, empty list, only empty/whitespace strings): row **dropped**, counted;
 * None/empty/whitespace captions inside a list: caption **dropped**, counted, the rest kept;
-* an image that fails to decode (truncated, garbage, None): row **dropped**, counted;
+* an image that fails to decode (truncated, garbage, None), or a ``None`` cached ``image_embeds``:
+  row **dropped**, counted;
 * grey-scale / RGBA / 16-bit / palette images: **converted** to RGB (see :mod:`hf_siglip.data.images`);
 * a configured column missing from a row: **raises** ``KeyError`` naming the column and the row's columns;
 * a non-string caption: **raises** ``TypeError`` naming the row.
@@ -94,8 +95,8 @@ class SiglipDataCollator:
     caption_sampler: Optional[CaptionSampler] = None
     return_attention_mask: bool = False
     epoch: int = 0
-    stats: Counter = field(default_factory=Counter)
-    _fallback_counter: int = field(default=0, repr=False)
+    stats: Counter = field(default_factory=Counter, init=False)
+    _fallback_counter: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         if self.processor is not None:
@@ -146,6 +147,9 @@ class SiglipDataCollator:
                 dropped["rows_without_caption"] += 1
                 continue
             if use_embeds:
+                if row[self.image_embeds_column] is None:  # cached tower could not decode this image
+                    dropped["rows_with_undecodable_image"] += 1
+                    continue
                 embeds.append(np.asarray(row[self.image_embeds_column], dtype=np.float32))
             else:
                 if self.image_column not in row:

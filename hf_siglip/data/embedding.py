@@ -16,9 +16,9 @@ import torch
 from .images import decode_image
 
 
-def _features(output) -> torch.Tensor:
-    tensor = output if isinstance(output, torch.Tensor) else output.pooler_output
-    return torch.nn.functional.normalize(tensor.float(), dim=-1)
+def _features(output, normalize: bool = True) -> torch.Tensor:
+    tensor = (output if isinstance(output, torch.Tensor) else output.pooler_output).float()
+    return torch.nn.functional.normalize(tensor, dim=-1) if normalize else tensor
 
 
 def _device(model) -> torch.device:
@@ -29,14 +29,14 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def embed_images(model, processor, images: Sequence, batch_size: int = 64) -> torch.Tensor:
-    """``(N, D)`` unit-norm image embeddings; ``images`` are anything :func:`decode_image` accepts
-    (an undecodable image raises :class:`~hf_siglip.data.images.ImageDecodeError`)."""
+def embed_images(model, processor, images: Sequence, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+    """``(N, D)`` image embeddings (unit-norm unless ``normalize=False``); ``images`` are anything
+    :func:`decode_image` accepts (an undecodable image raises :class:`~hf_siglip.data.images.ImageDecodeError`)."""
     device, chunks = _device(model), []
     for start in range(0, len(images), batch_size):
         pil = [decode_image(image) for image in images[start:start + batch_size]]
         pixels = processor.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(device)
-        chunks.append(_features(model.get_image_features(pixel_values=pixels)).cpu())
+        chunks.append(_features(model.get_image_features(pixel_values=pixels), normalize).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
@@ -49,3 +49,43 @@ def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256, m
                                      max_length=max_length, return_tensors="pt")
         chunks.append(_features(model.get_text_features(input_ids=tokens["input_ids"].to(device))).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def add_image_embeddings(dataset, model, processor, column: str = "image_embeds", image_column: str = "image",
+                         normalize: bool = False, batch_size: int = 64):
+    """Cache a locked image tower's output (SigLiT): add ``column`` with one float vector per row.
+
+    The collator then emits ``image_embeds`` instead of ``pixel_values``. Raw tower outputs are stored
+    by default (``normalize=False``) so the model applies its own head/normalisation as in training.
+    A row whose image does not decode gets ``None`` (the collator drops it, counted). Only the image
+    column is read; the vectors are joined column-wise (images are not copied).
+    """
+    import datasets
+
+    from ._maps import map_new_columns
+    from .images import ImageDecodeError
+
+    def embed_batch(images):
+        decoded, rows = [], []
+        for row, image in enumerate(images):
+            try:
+                decoded.append(decode_image(image))
+                rows.append(row)
+            except ImageDecodeError:
+                pass
+        vectors = [None] * len(images)
+        if decoded:
+            embeddings = embed_images(model, processor, decoded, batch_size=batch_size, normalize=normalize)
+            for row, vector in zip(rows, embeddings.numpy()):
+                vectors[row] = vector.tolist()
+        return {column: vectors}
+
+    reader = dataset
+    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
+        reader = dataset.cast_column(image_column, datasets.Image(decode=False))
+    result = map_new_columns(reader, embed_batch, [image_column], [column], batch_size=batch_size,
+                             desc="image embeddings",
+                             features=datasets.Features({column: datasets.List(datasets.Value("float32"))}))
+    if reader is not dataset and result.features is not None:
+        result = result.cast_column(image_column, dataset.features[image_column])
+    return result

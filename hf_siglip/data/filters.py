@@ -16,7 +16,10 @@ SigLIP-like model and keeps the captions whose cosine similarity reaches ``thres
 ``threshold=None``, the best ``top_k`` -- always keeping at least ``min_keep`` (the best ones).
 
 Both write per-caption score columns and a filtered caption column, drop rows left without a caption,
-and return ``(dataset, report)``. For a ``Dataset`` the report is exact counts computed from the score
+and return ``(dataset, report)``. CAT's report counts captions failing each criterion
+(``captions_failed_<criterion>``) and, for removed rows, each criterion that failed on one of its
+captions (``rows_removed_<criterion>``; a row can count under several) or that it had no usable
+caption to begin with (``rows_removed_no_usable_caption``). For a ``Dataset`` the report is exact counts computed from the score
 columns; for an ``IterableDataset`` it is a ``Counter`` that fills in as the stream is consumed.
 Policies: None/empty/whitespace captions are removed first (counted as ``empty_captions``); an image
 that does not decode cannot be OCR'd or embedded: for CAT its captions are judged on text alone
@@ -111,14 +114,16 @@ def cat_filter(dataset, min_complexity: Optional[int] = 2, require_action: bool 
     def score_batch(*columns):
         captions_cells = columns[-1]
         images = columns[0] if text_spotting else [None] * len(captions_cells)
-        per_row = [normalize_captions(cell, row=i)[0] for i, cell in enumerate(captions_cells)]
+        normalized = [normalize_captions(cell, row=i) for i, cell in enumerate(captions_cells)]
+        per_row = [captions for captions, _ in normalized]
         flat = [c for captions in per_row for c in captions]
         if use_parse and flat:
             complexity, action = caption_complexity_and_action(load_spacy(spacy_model).pipe(flat, batch_size=256))
         else:
             complexity, action = [0] * len(flat), [True] * len(flat)
         out = {"cat_complexity": [], "cat_action": [], "cat_text_spotted": [], "cat_keep": [],
-               "cat_undecodable_image": [], caption_column: []}
+               "cat_undecodable_image": [], "cat_empty_captions": [dropped for _, dropped in normalized],
+               caption_column: []}
         position = 0
         for captions, image in zip(per_row, images):
             n = len(captions)
@@ -151,7 +156,8 @@ def cat_filter(dataset, min_complexity: Optional[int] = 2, require_action: bool 
     features = datasets.Features({
         "cat_complexity": datasets.List(datasets.Value("int32")), "cat_action": datasets.List(datasets.Value("bool")),
         "cat_text_spotted": datasets.List(datasets.Value("bool")), "cat_keep": datasets.List(datasets.Value("bool")),
-        "cat_undecodable_image": datasets.Value("bool"), caption_column: datasets.List(datasets.Value("string"))})
+        "cat_undecodable_image": datasets.Value("bool"), "cat_empty_captions": datasets.Value("int32"),
+        caption_column: datasets.List(datasets.Value("string"))})
     scored = map_new_columns(reader, score_batch, input_columns,
                              [caption_column, *[c for c in features if c != caption_column]], num_proc=num_proc,
                              batch_size=batch_size, desc="CAT filter", features=features)
@@ -164,18 +170,23 @@ def cat_filter(dataset, min_complexity: Optional[int] = 2, require_action: bool 
 
 def _cat_report(min_complexity, require_action, text_spotting):
     def report(rows_batch, counter):
-        for comp, act, spotted, keep, undecodable in zip(rows_batch["cat_complexity"], rows_batch["cat_action"],
-                                                         rows_batch["cat_text_spotted"], rows_batch["cat_keep"],
-                                                         rows_batch["cat_undecodable_image"]):
+        for comp, act, spotted, keep, undecodable, empty in zip(
+                rows_batch["cat_complexity"], rows_batch["cat_action"], rows_batch["cat_text_spotted"],
+                rows_batch["cat_keep"], rows_batch["cat_undecodable_image"], rows_batch["cat_empty_captions"]):
+            failed = {"complexity": [min_complexity is not None and c < min_complexity for c in comp],
+                      "action": [require_action and not a for a in act],
+                      "text_spotting": [text_spotting and s for s in spotted]}
             counter["captions"] += len(keep)
             counter["captions_kept"] += sum(keep)
-            if min_complexity is not None:
-                counter["failed_complexity"] += sum(c < min_complexity for c in comp)
-            if require_action:
-                counter["failed_action"] += sum(not a for a in act)
-            if text_spotting:
-                counter["text_spotted"] += sum(spotted)
+            counter["empty_captions"] += empty
             counter["undecodable_images"] += int(undecodable)
+            for criterion, flags in failed.items():
+                counter[f"captions_failed_{criterion}"] += sum(flags)
+            if not any(keep):  # the row will be removed: say which criteria removed it
+                if not keep:
+                    counter["rows_removed_no_usable_caption"] += 1
+                for criterion, flags in failed.items():
+                    counter[f"rows_removed_{criterion}"] += int(any(flags))
     return report
 
 
@@ -219,8 +230,8 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
         raise KeyError(f"CapFilt needs columns {[image_column, *caption_columns]}; the dataset has {names}")
 
     def filter_batch(images, *caption_cells):
-        candidates = [[c for column in caption_cells for c in normalize_captions(column[i], row=i)[0]]
-                      for i in range(len(images))]
+        normalized = [[normalize_captions(column[i], row=i) for column in caption_cells] for i in range(len(images))]
+        candidates = [[c for captions, _ in row for c in captions] for row in normalized]
         decodable, pil = [], []
         for i, image in enumerate(images):
             try:
@@ -232,7 +243,8 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
         flat = [c for i in decodable for c in candidates[i]]
         text_embeddings = embed_texts(model, processor, flat, max_length=max_length) if flat else None
         out = {output_column: [list(c) for c in candidates], "capfilt_scores": [[] for _ in images],
-               "capfilt_undecodable_image": [True] * len(images), "capfilt_candidates": [len(c) for c in candidates]}
+               "capfilt_undecodable_image": [True] * len(images), "capfilt_candidates": [len(c) for c in candidates],
+               "capfilt_empty_captions": [sum(dropped for _, dropped in row) for row in normalized]}
         position = 0
         for j, i in enumerate(decodable):
             n = len(candidates[i])
@@ -254,16 +266,18 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
     features = datasets.Features({output_column: datasets.List(datasets.Value("string")),
                                   "capfilt_scores": datasets.List(datasets.Value("float32")),
                                   "capfilt_undecodable_image": datasets.Value("bool"),
-                                  "capfilt_candidates": datasets.Value("int32")})
+                                  "capfilt_candidates": datasets.Value("int32"),
+                                  "capfilt_empty_captions": datasets.Value("int32")})
     scored = map_new_columns(reader, filter_batch, [image_column, *caption_columns], list(features),
                              batch_size=batch_size, desc="CapFilt", features=features)
     if reader is not dataset and scored.features is not None:
         scored = scored.cast_column(image_column, dataset.features[image_column])
 
     def report_batch(batch, counter):
-        for n, kept, undecodable in zip(batch["capfilt_candidates"], batch[output_column],
-                                        batch["capfilt_undecodable_image"]):
+        for n, kept, undecodable, empty in zip(batch["capfilt_candidates"], batch[output_column],
+                                               batch["capfilt_undecodable_image"], batch["capfilt_empty_captions"]):
             counter["captions"] += n
+            counter["empty_captions"] += empty
             counter["captions_kept"] += len(kept)
             counter["undecodable_images"] += int(undecodable)
 

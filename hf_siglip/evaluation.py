@@ -5,8 +5,8 @@
 - `zero_shot_classifier` + `zero_shot_metrics`: template-averaged class embeddings, top-1 / top-5.
 - `linear_probe`: few-shot (k per class) logistic regression, optionally initialised from the zero-shot
   classifier (DiHT).
-- `add_image_embeddings`: a `datasets` map that caches a locked image tower's embeddings for SigLiT training
-  (batched, L2-normalised embeddings come from `hf_siglip.data.embedding`).
+Batched, L2-normalised embeddings come from `hf_siglip.data.embedding` (also home of `add_image_embeddings`,
+the SigLiT embedding cache).
 
 Everything returns plain dicts of floats; `to_json` writes them for papers' tables.
 """
@@ -55,22 +55,6 @@ def chance_recall(n_candidates: int, n_positives: float, k: int) -> float:
     if k >= n_candidates:
         return 1.0
     return 1.0 - math.comb(n_candidates - round(n_positives), k) / math.comb(n_candidates, k)
-
-
-def add_image_embeddings(dataset, model, processor, image_column: str = "image", batch_size: int = 128,
-                         output_column: str = "image_embeds", **map_kwargs):
-    """A `datasets` map that stores each row's image embedding (SigLiT: embed once with the locked tower).
-
-    The collator then emits `image_embeds` instead of `pixel_values` and the trainer skips the vision
-    tower. The cached embeddings are L2-normalised, as the model would produce them.
-    """
-
-    model.eval()
-
-    def embed(batch):
-        return {output_column: embed_images(model, processor, batch[image_column], batch_size).numpy()}
-
-    return dataset.map(embed, batched=True, batch_size=batch_size, **map_kwargs)
 
 
 @torch.no_grad()
@@ -152,7 +136,6 @@ def to_json(metrics: dict, path=None) -> str:
 
 
 __all__ = [
-    "add_image_embeddings",
     "chance_recall",
     "few_shot_indices",
     "linear_probe",

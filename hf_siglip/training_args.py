@@ -47,7 +47,7 @@ class SiglipTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Freeze the vision tower and keep it in eval mode (SigLiT). With rows carrying precomputed "
-            "`image_embeds` (see hf_siglip.evaluation.add_image_embeddings) the tower is not run at all."
+            "`image_embeds` (see hf_siglip.data.add_image_embeddings) the tower is not run at all."
         },
     )
     logit_scale_max: float | None = field(

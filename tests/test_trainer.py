@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_training_setup
 
 import hf_siglip as hs
-from hf_siglip.evaluation import add_image_embeddings
+from hf_siglip.data.embedding import add_image_embeddings
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 

@@ -21,8 +21,8 @@ from ..data import (
     make_demo_dataset,
 )
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
-from ..data.embedding import embed_images
-from ..evaluation import add_image_embeddings, chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
+from ..data.embedding import add_image_embeddings, embed_images
+from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
 from ..modeling_siglip_bottleneck import SiglipBottleneckModel
 from ..processing import build_processor, train_caption_tokenizer
 from ..trainer import SiglipTrainer

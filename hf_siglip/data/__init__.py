@@ -7,7 +7,7 @@ Flow: ``load_image_text_dataset`` -> ``add_image_ids`` -> ``add_pseudo_captions`
 """
 
 from .captions import CaptionSampler, add_sampled_captions
-from .collator import SiglipDataCollator
+from .collator import SiglipDataCollator, collator_epoch_callback
 from .demo import DEMO_CLASSES, DEMO_TEMPLATES, demo_vocabulary, make_demo_dataset
 from .embedding import add_image_embeddings, embed_images, embed_texts
 from .filters import capfilt, caption_complexity_and_action, cat_filter, load_spacy, ocr_words
@@ -34,6 +34,7 @@ __all__ = [
     "caption_complexity_and_action",
     "cat_filter",
     "check_columns",
+    "collator_epoch_callback",
     "corrupt_labels",
     "decode_image",
     "demo_vocabulary",

@@ -101,15 +101,10 @@ class UnionFind:
 
 
 def _link(uf: UnionFind, scores, indices, query_rows, key_rows, threshold) -> int:
-    links = 0
-    for q in range(len(indices)):
-        for score, key in zip(scores[q], indices[q]):
-            if key < 0 or score < threshold:
-                break  # results are sorted by score
-            a, b = query_rows[q], key_rows[key]
-            if a != b and uf.union(int(a), int(b)):
-                links += 1
-    return links
+    """Union every (query row, neighbour row) pair scoring >= threshold; return the merges made."""
+    query, slot = np.nonzero((scores >= threshold) & (indices >= 0))  # faiss pads missing hits with -1
+    a, b = query_rows[query], key_rows[indices[query, slot]]
+    return sum(uf.union(int(x), int(y)) for x, y in zip(a[a != b], b[a != b]))
 
 
 def group_size_stats(group_ids) -> dict:

@@ -203,3 +203,13 @@ def test_epoch_callback_drives_fresh_captions_in_a_real_trainer_loop(processor, 
     trainer.train()
     assert [epoch for epoch, _ in seen] == [0, 1]
     assert not torch.equal(seen[0][1], seen[1][1])  # different captions sampled in epoch 1
+
+
+def test_tokenizer_and_image_processor_instead_of_processor(processor):
+    collator = SiglipDataCollator(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
+                                  image_column="img", caption_column="text", id_column="key", max_length=10)
+    batch = collator([{"img": Image.new("L", (5, 9)), "text": "a red circle", "key": 42}])
+    assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch["input_ids"].shape == (1, 10)
+    assert batch["image_ids"].tolist() == [42] and batch["text_ids"].tolist() == [42]
+    with pytest.raises(ValueError, match="tokenizer"):
+        SiglipDataCollator(image_processor=processor.image_processor)

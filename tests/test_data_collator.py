@@ -168,3 +168,48 @@ def test_cached_image_tower_embeddings_feed_the_collator(processor):
     batch = collator(list(cached.remove_columns("image")))
     assert batch["image_embeds"].shape == (3, 32) and batch["image_ids"].tolist() == [0, 1, 3]
     assert collator.stats["rows_with_undecodable_image"] == 1
+
+
+def test_epoch_callback_drives_fresh_captions_in_a_real_trainer_loop(processor, tmp_path):
+    """A real transformers.Trainer over 2 epochs: the callback moves the collator to each epoch."""
+    import transformers
+    from hf_siglip.data import collator_epoch_callback
+
+    rows = [{"image": Image.new("RGB", (8, 8), (i * 20, 0, 0)), "caption": [f"cat {w}" for w in
+             ["red", "blue", "green", "yellow", "purple", "orange"]], "image_id": i} for i in range(4)]
+    seen = []
+
+    class Recorder(SiglipDataCollator):
+        def __call__(self, batch_rows):
+            batch = super().__call__(batch_rows)
+            seen.append((self.epoch, batch["input_ids"].clone()))
+            return batch
+
+    collator = Recorder(processor=processor, max_length=8, caption_sampler=CaptionSampler(["caption"], k=1, seed=0))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, pixel_values, input_ids, image_ids, text_ids):
+            return {"loss": (self.weight * pixel_values.mean()).sum() + 0 * self.weight.sum()}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4,
+                                          remove_unused_columns=False, report_to=[], save_strategy="no",
+                                          logging_strategy="no", use_cpu=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=Tiny(), args=args, train_dataset=rows, data_collator=collator,
+                                   callbacks=[collator_epoch_callback(collator)])
+    trainer.train()
+    assert [epoch for epoch, _ in seen] == [0, 1]
+    assert not torch.equal(seen[0][1], seen[1][1])  # different captions sampled in epoch 1
+
+
+def test_tokenizer_and_image_processor_instead_of_processor(processor):
+    collator = SiglipDataCollator(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
+                                  image_column="img", caption_column="text", id_column="key", max_length=10)
+    batch = collator([{"img": Image.new("L", (5, 9)), "text": "a red circle", "key": 42}])
+    assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch["input_ids"].shape == (1, 10)
+    assert batch["image_ids"].tolist() == [42] and batch["text_ids"].tolist() == [42]
+    with pytest.raises(ValueError, match="tokenizer"):
+        SiglipDataCollator(image_processor=processor.image_processor)

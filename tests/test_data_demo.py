@@ -66,3 +66,26 @@ def test_first_caption_names_every_attribute():
         assert len(row["caption"]) == 3
         full = row["caption"][0]
         assert all(row[key] in full for key in ("shape", "colour", "size", "background"))
+
+
+def test_digits_dataset_from_sklearn():
+    from hf_siglip.data import DIGITS_CLASSES, DIGITS_TEMPLATES, make_digits_dataset
+    digits = make_digits_dataset(seed=0)
+    assert len(digits["train"]) + len(digits["test"]) == 1797 and 340 < len(digits["test"]) < 380
+    assert not set(digits["train"]["image_id"]) & set(digits["test"]["image_id"])
+    row = digits["test"][0]
+    assert row["image"].size == (32, 32) and row["image"].mode == "RGB"
+    name = DIGITS_CLASSES[row["label"]]
+    assert len(row["caption"]) == 3 and all(name in c for c in row["caption"][:1])
+    assert row["colour"] in row["caption"][0] and all("{}" in t for t in DIGITS_TEMPLATES)
+    again = make_digits_dataset(seed=0)
+    assert list(again["test"]["caption"]) == list(digits["test"]["caption"])
+    # every word is in the test vocabulary, and the labels are recoverable from the pixels
+    batch = SiglipDataCollator(processor=make_processor())(list(digits["test"].select(range(20))))
+    assert (batch["input_ids"] == 1).sum() == 0
+    from sklearn.neighbors import KNeighborsClassifier
+    def features(split):
+        return np.stack([np.asarray(im.convert("L"), dtype=np.float32).ravel() for im in digits[split]["image"]])
+    accuracy = KNeighborsClassifier(3).fit(features("train"), digits["train"]["label"]).score(
+        features("test"), digits["test"]["label"])
+    assert accuracy > 0.5, accuracy

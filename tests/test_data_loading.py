@@ -118,3 +118,14 @@ def test_sklearn_digits_roundtrip_through_collator():
     assert batch["pixel_values"].shape == (20, 3, 32, 32)
     # the processor resized the real 8x8 digit: dark background in the corner, bright stroke somewhere
     assert batch["pixel_values"][:, :, 0, 0].max() < -0.9 and batch["pixel_values"].amax(dim=(1, 2, 3)).min() > 0.5
+
+
+def test_exif_orientation_matches_datasets_decoding(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    ours = decode_image(str(tmp_path / "rotated.jpg"))
+    theirs = datasets.Image().decode_example({"path": str(tmp_path / "rotated.jpg"), "bytes": None})
+    assert ours.size == theirs.size == (20, 40)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs.convert("RGB")))

@@ -7,8 +7,9 @@ Flow: ``load_image_text_dataset`` -> ``add_image_ids`` -> ``add_pseudo_captions`
 """
 
 from .captions import CaptionSampler, add_sampled_captions
-from .collator import SiglipDataCollator
-from .demo import DEMO_CLASSES, DEMO_TEMPLATES, demo_vocabulary, make_demo_dataset
+from .collator import SiglipDataCollator, collator_epoch_callback
+from .demo import (DEMO_CLASSES, DEMO_TEMPLATES, DIGITS_CLASSES, DIGITS_TEMPLATES, demo_vocabulary,
+                   make_demo_dataset, make_digits_dataset)
 from .embedding import add_image_embeddings, embed_images, embed_texts
 from .filters import capfilt, caption_complexity_and_action, cat_filter, load_spacy, ocr_words
 from .groups import UnionFind, assign_positive_groups, group_size_stats, nearest_neighbours
@@ -22,6 +23,8 @@ __all__ = [
     "CaptionSampler",
     "DEMO_CLASSES",
     "DEMO_TEMPLATES",
+    "DIGITS_CLASSES",
+    "DIGITS_TEMPLATES",
     "ImageDecodeError",
     "SiglipDataCollator",
     "UnionFind",
@@ -34,6 +37,7 @@ __all__ = [
     "caption_complexity_and_action",
     "cat_filter",
     "check_columns",
+    "collator_epoch_callback",
     "corrupt_labels",
     "decode_image",
     "demo_vocabulary",
@@ -44,6 +48,7 @@ __all__ = [
     "load_image_text_dataset",
     "load_spacy",
     "make_demo_dataset",
+    "make_digits_dataset",
     "nearest_neighbours",
     "normalize_captions",
     "ocr_words",

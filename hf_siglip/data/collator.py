@@ -202,3 +202,19 @@ class SiglipDataCollator:
         if self.return_attention_mask:
             out["attention_mask"] = torch.from_numpy(np.asarray(encoded["attention_mask"], dtype=np.int64))
         return out
+
+
+def collator_epoch_callback(collator: SiglipDataCollator):
+    """A ``transformers.TrainerCallback`` that calls ``collator.set_epoch`` at each epoch start.
+
+    ``Trainer`` fires ``on_epoch_begin`` before it iterates that epoch's DataLoader, so non-persistent
+    workers (the default) copy the collator with the new epoch. With ``dataloader_persistent_workers``
+    the workers keep the epoch they started with: sample captions with ``add_sampled_captions`` instead.
+    """
+    from transformers import TrainerCallback
+
+    class CollatorEpochCallback(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            collator.set_epoch(int(state.epoch or 0))
+
+    return CollatorEpochCallback()

@@ -8,6 +8,9 @@ triangle on the left", ...), so concepts and captions repeat across images: the 
 what multi-positive training and positive mining are for. ``test`` holds freshly drawn images for
 evaluation; zero-shot classification uses ``label`` (colour x shape, ``DEMO_CLASSES``, chance 1/30)
 with ``DEMO_TEMPLATES``. Deterministic given ``seed``; ~5,000 rows take a couple of seconds.
+
+``make_digits_dataset()`` does the same for scikit-learn's bundled handwritten digits (real 8x8
+images, coloured and upscaled), with ``DIGITS_CLASSES`` / ``DIGITS_TEMPLATES`` for zero-shot.
 """
 
 from __future__ import annotations
@@ -150,8 +153,77 @@ def make_demo_dataset(n_train: int = 4000, n_test: int = 1000, n_captions: int =
 def demo_vocabulary() -> list[str]:
     """Every word the demo captions and zero-shot prompts use (for a word-level test tokenizer)."""
     words = set()
-    for text in [FULL_CAPTION_TEMPLATE, *CAPTION_TEMPLATES, *DEMO_TEMPLATES] + list(POSITION_PHRASES.values()):
+    for text in [FULL_CAPTION_TEMPLATE, *CAPTION_TEMPLATES, *DEMO_TEMPLATES, *DIGIT_CAPTION_TEMPLATES,
+                 *DIGITS_TEMPLATES] + list(POSITION_PHRASES.values()):
         without_placeholders = re.sub(r"\{[a-z]*\}", " ", text)
         words.update(without_placeholders.replace(",", " , ").replace(".", " . ").split())
-    words.update(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS)
+    words.update(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS, DIGIT_NAMES)
     return sorted(words)
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: zero-shot class names for :func:`make_digits_dataset` (index = ``label``)
+DIGITS_CLASSES = list(DIGIT_NAMES)
+#: zero-shot prompt templates for :func:`make_digits_dataset`
+DIGITS_TEMPLATES = ["the digit {}.", "a handwritten {}.", "a photo of the number {}.", "a drawing of a {}."]
+DIGIT_CAPTION_TEMPLATES = (
+    "a {colour} handwritten {name} on {background}",  # always first: names every attribute
+    "the digit {name}",
+    "a handwritten {name}",
+    "a {colour} {name}",
+    "the number {name} written in {colour}",
+    "a {name} on a {background} background",
+)
+
+_DIGITS_FEATURES = datasets.Features({
+    "image": datasets.Image(),
+    "caption": datasets.List(datasets.Value("string")),
+    "label": datasets.ClassLabel(names=DIGITS_CLASSES),
+    "colour": datasets.Value("string"),
+    "background": datasets.Value("string"),
+    "image_id": datasets.Value("int64"),
+})
+
+
+def make_digits_dataset(n_captions: int = 3, image_size: int = 32, test_fraction: float = 0.2,
+                        seed: int = 0) -> datasets.DatasetDict:
+    """scikit-learn's 1,797 real 8x8 handwritten digits as an image-caption ``DatasetDict``.
+
+    Each digit is upscaled to ``image_size``, drawn in one of the ``COLOURS`` on a ``BACKGROUNDS``
+    colour, and gets ``n_captions`` template captions (the first names digit, colour and background).
+    ``label`` indexes ``DIGITS_CLASSES`` (chance 1/10) for zero-shot with ``DIGITS_TEMPLATES``. A
+    seeded ``test_fraction`` of the digits is held out. Needs scikit-learn (bundled data, no download).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("make_digits_dataset needs scikit-learn: pip install scikit-learn") from error
+    if n_captions < 1:
+        raise ValueError(f"n_captions must be >= 1, got {n_captions}")
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits.target))
+    n_test = int(round(test_fraction * len(order)))
+    colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
+
+    def split(indices):
+        columns = {k: [] for k in _DIGITS_FEATURES}
+        for index in indices:
+            ink = digits.images[index] / 16.0
+            colour, background = colours[rng.integers(len(colours))], backgrounds[rng.integers(len(backgrounds))]
+            pixels = (ink[..., None] * np.asarray(COLOURS[colour]) +
+                      (1 - ink[..., None]) * np.asarray(BACKGROUNDS[background]))
+            image = Image.fromarray(pixels.round().astype(np.uint8)).resize((image_size, image_size),
+                                                                           Image.Resampling.BILINEAR)
+            words = dict(name=DIGIT_NAMES[digits.target[index]], colour=colour, background=background)
+            others = rng.choice(np.arange(1, len(DIGIT_CAPTION_TEMPLATES)),
+                                size=min(n_captions - 1, len(DIGIT_CAPTION_TEMPLATES) - 1), replace=False)
+            columns["image"].append(image)
+            columns["caption"].append([DIGIT_CAPTION_TEMPLATES[t].format(**words) for t in [0, *others]])
+            columns["label"].append(int(digits.target[index]))
+            columns["colour"].append(colour)
+            columns["background"].append(background)
+            columns["image_id"].append(int(index))
+        return datasets.Dataset.from_dict(columns, features=_DIGITS_FEATURES)
+
+    return datasets.DatasetDict({"train": split(order[n_test:]), "test": split(order[:n_test])})

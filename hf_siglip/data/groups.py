@@ -100,16 +100,11 @@ class UnionFind:
         return np.fromiter((self.find(i) for i in range(len(self.parent))), dtype=np.int64, count=len(self.parent))
 
 
-def _link(uf: UnionFind, scores, indices, query_rows, key_rows, threshold, same_kind: bool) -> int:
-    links = 0
-    for q in range(len(indices)):
-        for score, key in zip(scores[q], indices[q]):
-            if key < 0 or score < threshold:
-                break  # results are sorted by score
-            a, b = query_rows[q], key_rows[key]
-            if a != b and uf.union(int(a), int(b)):
-                links += 1
-    return links
+def _link(uf: UnionFind, scores, indices, query_rows, key_rows, threshold) -> int:
+    """Union every (query row, neighbour row) pair scoring >= threshold; return the merges made."""
+    query, slot = np.nonzero((scores >= threshold) & (indices >= 0))  # faiss pads missing hits with -1
+    a, b = query_rows[query], key_rows[indices[query, slot]]
+    return sum(uf.union(int(x), int(y)) for x, y in zip(a[a != b], b[a != b]))
 
 
 def group_size_stats(group_ids) -> dict:
@@ -168,13 +163,13 @@ def assign_positive_groups(dataset, model=None, processor=None, image_threshold:
     image_rows, text_rows = np.asarray(image_rows), np.asarray(text_rows)
     if image_threshold is not None and len(image_rows):
         scores, indices = nearest_neighbours(image_embeddings, image_embeddings, k + 1, backend)
-        stats["image_image_links"] = _link(uf, scores, indices, image_rows, image_rows, image_threshold, True)
+        stats["image_image_links"] = _link(uf, scores, indices, image_rows, image_rows, image_threshold)
     if text_threshold is not None and text_embeddings is not None:
         scores, indices = nearest_neighbours(text_embeddings, text_embeddings, k + 1, backend)
-        stats["text_text_links"] = _link(uf, scores, indices, text_rows, text_rows, text_threshold, True)
+        stats["text_text_links"] = _link(uf, scores, indices, text_rows, text_rows, text_threshold)
     if image_text_threshold is not None and text_embeddings is not None and len(image_rows):
         scores, indices = nearest_neighbours(image_embeddings, text_embeddings, k, backend)
-        stats["image_text_links"] = _link(uf, scores, indices, image_rows, text_rows, image_text_threshold, False)
+        stats["image_text_links"] = _link(uf, scores, indices, image_rows, text_rows, image_text_threshold)
 
     has_ids = "image_id" in names and all(i is not None for i in existing_ids)
     image_ids = np.asarray(existing_ids if has_ids else np.arange(n_rows) + id_offset, dtype=np.int64)

@@ -13,6 +13,8 @@ Policies (tested in ``tests/test_data_images.py`` with real files):
   counted warning**. PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone on purpose: a
   half-grey truncated image is silently wrong data.
 * ``None`` in the image column: :class:`ImageDecodeError` as well (skipped, counted).
+* an EXIF orientation tag (phone photos): the image is **rotated upright**, as ``datasets``' own
+  ``Image`` feature does, so decoding here and decoding in ``datasets`` give the same pixels.
 
 Accepted values: ``PIL.Image.Image``; the ``{"bytes": ..., "path": ...}`` dicts that ``datasets``
 produces for an ``Image(decode=False)`` column; a path string; raw ``bytes``; an ``HxW`` / ``HxWxC``
@@ -25,7 +27,7 @@ import io
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 
 class ImageDecodeError(ValueError):
@@ -99,6 +101,8 @@ def decode_image(value: Any) -> Image.Image:
     try:
         image = _open(value)
         image.load()  # force decoding now: a truncated file fails here, not later in the processor
+        if image.getexif().get(ExifTags.Base.Orientation) is not None:
+            image = ImageOps.exif_transpose(image)  # as datasets' Image feature does when it decodes
         return to_rgb(image)
     except ImageDecodeError:
         raise

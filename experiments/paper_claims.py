@@ -19,8 +19,7 @@ import json
 import os
 import time
 
-import numpy as np
-
+from hf_siglip.data.demo import DIGITS_CLASSES, DIGITS_TEMPLATES, make_digits_dataset
 from hf_siglip.scripts.train import (
     DEMO_TRAINING_DEFAULTS,
     SiglipModelArguments,
@@ -29,33 +28,9 @@ from hf_siglip.scripts.train import (
 )
 from hf_siglip.training_args import SiglipTrainingArguments
 
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_TEMPLATES = ["the digit {}.", "a handwritten {}.", "a photo of the number {}."]
-
-
-def make_digits_dataset(path: str, image_size: int = 32) -> str:
-    """scikit-learn's 1,797 real 8x8 digits as an image-caption dataset (train/test) saved to `path`."""
-    import datasets
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(digits.target))
-    rows = {"image": [], "caption": [], "label": [], "image_id": []}
-    for index in order:
-        pixels = (digits.images[index] / 16.0 * 255).astype(np.uint8)
-        image = Image.fromarray(pixels).resize((image_size, image_size), Image.NEAREST).convert("RGB")
-        name = DIGIT_NAMES[digits.target[index]]
-        rows["image"].append(image)
-        rows["caption"].append([template.format(name) for template in DIGIT_TEMPLATES])
-        rows["label"].append(int(digits.target[index]))
-        rows["image_id"].append(100_000 + int(index))
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
-                                  "label": datasets.Value("int64"), "image_id": datasets.Value("int64")})
-    full = datasets.Dataset.from_dict(rows, features=features)
-    split = full.train_test_split(test_size=0.3, shuffle=False)
-    split.save_to_disk(path)
+def save_digits_dataset(path: str) -> str:
+    """scikit-learn's digits as an image-caption dataset on disk (what `hf-siglip train --dataset` reads)."""
+    make_digits_dataset().save_to_disk(path)
     return path
 
 
@@ -101,9 +76,9 @@ def main():
 
     # 4. pretrained tower with vs without weight decay: pretrain on the demo, fine-tune on digits
     pretrained = os.path.join(args.output_dir, "bias_-10")
-    digits = make_digits_dataset(os.path.join(args.output_dir, "digits"))
-    digits_args = dict(dataset=digits, eval_split="test", zero_shot_classes=DIGIT_NAMES,
-                       zero_shot_templates=DIGIT_TEMPLATES, max_length=12)
+    digits = save_digits_dataset(os.path.join(args.output_dir, "digits"))
+    digits_args = dict(dataset=digits, eval_split="test", zero_shot_classes=DIGITS_CLASSES,
+                       zero_shot_templates=DIGITS_TEMPLATES, max_length=12)
     finetune = dict(num_train_epochs=2, learning_rate=1e-3, weight_decay=0.1, per_device_train_batch_size=64)
     for label, decay in (("pretrained towers: no weight decay", 0.0), ("pretrained towers: weight decay 0.1", 0.1)):
         name = "finetune_wd0" if decay == 0.0 else "finetune_wd0.1"

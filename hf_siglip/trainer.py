@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .data.collator import SiglipDataCollator
+from .data.collator import SiglipDataCollator, collator_epoch_callback
 from .evaluation import retrieval_metrics
 from .hub import build_model_card
 from .loss import sigmoid_loss
@@ -92,16 +92,6 @@ class _ClampLogitScale(TrainerCallback):
                 model.logit_scale.clamp_(max=self.max_log)
 
 
-class _CollatorEpoch(TrainerCallback):
-    """Tell the collator the epoch, so per-epoch caption sampling (FFF) draws fresh captions each epoch."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch or 0))
-
-
 class SiglipTrainer(Trainer):
     r"""`transformers.Trainer` for SigLIP dual encoders ([`SiglipBottleneckModel`] or any model with the same
     forward outputs: normalised `image_embeds` / `text_embeds`, `logit_scale` (t) and `logit_bias`).
@@ -134,8 +124,8 @@ class SiglipTrainer(Trainer):
         self._accumulation_window = []
         if args.logit_scale_max is not None:
             self.add_callback(_ClampLogitScale(args.logit_scale_max))
-        if hasattr(self.data_collator, "set_epoch"):
-            self.add_callback(_CollatorEpoch(self.data_collator))
+        if hasattr(self.data_collator, "set_epoch"):  # fresh per-epoch caption sampling (FFF)
+            self.add_callback(collator_epoch_callback(self.data_collator))
         self.card_info = {}  # extra model card fields (datasets, recipe, training_curve, ...) for create_model_card
 
     def pretrained_towers(self) -> set[str]:

@@ -1,5 +1,6 @@
-"""Process-group plumbing for the ring sigmoid loss: group resolution, a metadata handshake that makes
-every process raise the same error instead of hanging, and neighbour shifts of tensor lists.
+"""The ring engine behind `hf_siglip.loss.sigmoid_loss`: process-group plumbing (group resolution,
+neighbour shifts of tensor lists, small gathers), index helpers, and `Engine`, which runs the tiled
+passes round the ring inside one autograd Function.
 
 Imports torch only (copied beside the modeling file for `trust_remote_code` loading).
 """
@@ -73,7 +74,8 @@ class RingContext:
 def uniform_hash(row_index, col_index, seed):
     """Deterministic pseudo-uniform numbers in [0, 1) for every (row, col) pair of global indices, so
     the ring and the dense reference draw the same random negative mask whatever the layout."""
-    h = row_index[:, None] * 0x9E3779B1 + col_index[None, :] * 0x85EBCA77 + (seed * 0xC2B2AE3D + 0x165667B1)
+    salt = ((seed & 0xFFFFFFFF) * 0xC2B2AE3D + 0x165667B1) & 0xFFFFFFFF  # stays inside int64 below
+    h = row_index[:, None] * 0x9E3779B1 + col_index[None, :] * 0x85EBCA77 + salt
     h = h & 0xFFFFFFFF
     h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
     h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF

@@ -205,3 +205,16 @@ def test_bad_options_raise(options):
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
     with pytest.raises(ValueError):
         sigmoid_loss(x, y, t, b, **options)
+
+
+def test_group_without_torch_distributed_is_an_error():
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    with pytest.raises(ValueError, match="not initialised"):
+        sigmoid_loss(x, y, t, b, group=object())
+
+
+def test_large_random_seed_is_accepted():
+    leaves = _leaves(6, 6)
+    options = {"negative_ratio": 2, "seed": 2**40 + 7}
+    _assert_close(_loss_and_grads(sigmoid_loss, leaves, tile_size=4, **options),
+                  _loss_and_grads(dense_sigmoid_loss, leaves, **options))

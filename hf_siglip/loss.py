@@ -181,6 +181,8 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     checks, not for training.
     """
     opts = _Options(**{k: v for k, v in options.items() if k != "tile_size"})
+    if logit_bias is None and torch.is_tensor(logit_scale):
+        logit_bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids, opts)
     if problem is not None:
         raise ValueError(f"dense_sigmoid_loss: {problem}")
@@ -256,7 +258,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
     Args:
         image_embeds: (n_images, d) local, L2-normalised image embeddings.
         text_embeds: (n_texts, d) local, L2-normalised text embeddings.
-        logit_scale: t, already exponentiated (one-element tensor). logit_bias: b (one-element tensor).
+        logit_scale: t, already exponentiated (one-element tensor). logit_bias: b (one-element tensor,
+            or None for no bias).
         image_ids, text_ids: integer ids (1-d, one per row). Image i and text j are positives iff their
             ids are equal, on whichever processes they live. Without ids, text j of a process is the
             positive of image j of the same process (n_images must equal n_texts).
@@ -290,6 +293,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
     docstring for why its process average and gradients equal those of the global loss.
     """
     opts = _Options(**options)
+    if logit_bias is None and torch.is_tensor(logit_scale):  # a model without a learnt bias
+        logit_bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     ring = RingContext(group)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids, opts)
     if ring.world == 1:

@@ -142,6 +142,9 @@ class Engine:
         log-sum-exps; column statistics ride home with their block), only when options need one;
       - a selection pass (running top-k of negative logits per row) for hard/easy negative masking;
       - the main pass: loss and closed-form gradients, text gradients riding home with their block.
+    Beyond O((n_images + n_texts) * d + tile^2), options hold: hard/easy masking a running top-k of
+    n_images x (ratio * most positives of a row) logits; image-image/text-text mining the list of
+    mined pairs (text-text mining gathers it from every process).
     """
 
     def __init__(self, ring, opts, image_sizes, text_sizes, image_ids, text_ids):

@@ -218,3 +218,9 @@ def test_large_random_seed_is_accepted():
     options = {"negative_ratio": 2, "seed": 2**40 + 7}
     _assert_close(_loss_and_grads(sigmoid_loss, leaves, tile_size=4, **options),
                   _loss_and_grads(dense_sigmoid_loss, leaves, **options))
+
+
+def test_no_bias_means_zero_bias():
+    x, y, t, _ = _leaves(5, 5)
+    got = sigmoid_loss(x.detach(), y.detach(), t.detach(), None)
+    assert torch.allclose(got, sigmoid_loss(x.detach(), y.detach(), t.detach(), torch.tensor(0.0)))

@@ -173,11 +173,12 @@ def run(world, configs, reps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1024, 4096],
+                        help="local batches of the world-size 2 rows (none: only the world-size 4 row)")
     parser.add_argument("--positives", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up (1 for big k=5 cells)")
     parser.add_argument("--flat-batch", type=int, default=1024,
-                        help="local batch of the world-size 2 vs 4 memory rows (0 = skip)")
+                        help="local batch of the world-size 4 row, for memory against world size 2 (0 = skip)")
     args = parser.parse_args()
 
     all_methods = ("hf_siglip", "open_clip", "all-gather")
@@ -186,7 +187,7 @@ def main():
         for k in args.positives:
             methods = all_methods + (("hf_siglip 1 pos",) if k > 1 else ())
             configs.append((batch, k, methods))
-    results = run(2, configs, args.reps)
+    results = run(2, configs, args.reps) if configs else {}
     if args.flat_batch:
         results.update(run(4, [(args.flat_batch, 1, all_methods)], args.reps))
 

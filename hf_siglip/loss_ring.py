@@ -156,7 +156,10 @@ class Engine:
         self.image_ids, self.text_ids = image_ids, text_ids
 
     def apply(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        return _RingLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, self)
+        inputs = (image_embeds, text_embeds, logit_scale, logit_bias)
+        # without gradients (evaluation) only the logits product runs: a third of the work
+        self.needs_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        return _RingLoss.apply(*inputs, self)
 
     # plumbing ----------------------------------------------------------------------------------------
     def ring_pass(self, block, travel, visit, sizes=None):
@@ -392,7 +395,7 @@ class Engine:
 
         def visit(src, block, travel):
             y_block, ids_block = block[0], block[1]
-            grad_y = travel[0]
+            grad_y = travel[0] if travel else None
             pairs = self.block_pairs(src, ids_block)
             col_index = torch.arange(y_block.shape[0], device=x.device) + self.text_offsets[src]
             for rows, cols in self.tiles(n_rows, y_block.shape[0]):
@@ -405,6 +408,9 @@ class Engine:
                               & (pair_cols >= cols.start) & (pair_cols < cols.stop))
                     tile_rows, tile_cols = pair_rows[inside] - rows.start, pair_cols[inside] - cols.start
                     loss = F.softplus(logits).sum() - logits[tile_rows, tile_cols].sum()
+                    if grad_y is None:
+                        totals[0] += loss.double()
+                        continue
                     coef = logits.sigmoid_()
                     coef[tile_rows, tile_cols] -= 1.0
                 else:
@@ -435,10 +441,12 @@ class Engine:
                         coef = weight * (torch.sigmoid(logits) - target)
                 totals[0] += loss.double()
                 totals[1] += coef.sum().double()
-                grad_x[rows].addmm_(coef, y_tile)
-                grad_y[cols].addmm_(coef.T, x[rows])
+                if grad_y is not None:
+                    grad_x[rows].addmm_(coef, y_tile)
+                    grad_y[cols].addmm_(coef.T, x[rows])
 
-        grad_y_home = self.ring_pass(block, [torch.zeros_like(self.y)], visit)[0]
+        travel = self.ring_pass(block, [torch.zeros_like(self.y)] if self.needs_grads else [], visit)
+        grad_y_home = travel[0] if travel else torch.zeros_like(self.y)
         if softmax:
             scale = ring.world  # the 1 / (2N) factors are inside coef
             bias_grad = torch.zeros((), device=x.device)

@@ -224,3 +224,14 @@ def test_no_bias_means_zero_bias():
     x, y, t, _ = _leaves(5, 5)
     got = sigmoid_loss(x.detach(), y.detach(), t.detach(), None)
     assert torch.allclose(got, sigmoid_loss(x.detach(), y.detach(), t.detach(), torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("options", [{}, {"normalize": "row", "negative_ratio": 2}, {"loss_type": "softmax"}])
+def test_without_gradients_the_value_is_unchanged(options):
+    x, y, t, b = [leaf.detach() for leaf in _leaves(7, 9)]
+    image_ids, text_ids = torch.arange(7), torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1])
+    with torch.no_grad():
+        evaluated = sigmoid_loss(x, y, t, b, image_ids, text_ids, tile_size=4, **options)
+    trained = sigmoid_loss(x, y.clone().requires_grad_(), t, b, image_ids, text_ids, tile_size=4, **options)
+    assert torch.allclose(evaluated, trained.detach(), rtol=1e-6)
+    assert not evaluated.requires_grad and trained.requires_grad

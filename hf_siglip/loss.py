@@ -53,6 +53,8 @@ class _Options:
         normalize="image",
         tile_size=_DEFAULT_TILE,
         positive_targets=None,
+        teacher=None,
+        teacher_weight=0.4,
         negative_ratio=None,
         negative_selection="random",
         seed=0,
@@ -79,6 +81,14 @@ class _Options:
         self.normalize = normalize
         self.tile_size = tile_size
         self.positive_targets = positive_targets
+        if teacher is not None and not (isinstance(teacher, (tuple, list)) and len(teacher) == 4):
+            raise ValueError("teacher must be (image_embeds, text_embeds, logit_scale, logit_bias) or None")
+        if not 0.0 <= float(teacher_weight) <= 1.0:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {teacher_weight!r}")
+        if teacher is not None and loss_type == "softmax":
+            raise ValueError("teacher (momentum distillation) targets apply to loss_type='sigmoid' only")
+        self.teacher = None if teacher is None else tuple(teacher)
+        self.teacher_weight = float(teacher_weight)
         self.negative_ratio = None if negative_ratio is None else float(negative_ratio)
         self.negative_selection = negative_selection
         self.seed = int(seed)
@@ -98,7 +108,8 @@ class _Options:
 
     def fingerprint(self):
         """A process-independent hash of every option that changes the math (not tile_size)."""
-        key = repr((self.normalize, self.positive_targets is not None, self.negative_ratio,
+        key = repr((self.normalize, self.positive_targets is not None, self.teacher is not None,
+                    self.teacher_weight if self.teacher is not None else None, self.negative_ratio,
                     self.negative_selection, self.seed, self.mine_image_text, self.mine_image_image,
                     self.mine_text_text, self.hard_negative_beta, self.loss_type))
         return zlib.crc32(key.encode())
@@ -136,6 +147,15 @@ def _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids
     if targets is not None:
         if not (torch.is_tensor(targets) and targets.dim() == 1 and targets.shape[0] == text_embeds.shape[0]):
             return "positive_targets must be a 1-d tensor with one value per local text"
+    if options.teacher is not None:
+        t_images, t_texts, t_scale, t_bias = options.teacher
+        if not (torch.is_tensor(t_images) and torch.is_tensor(t_texts) and t_images.dim() == 2
+                and t_texts.dim() == 2 and t_images.shape[1] == t_texts.shape[1]):
+            return "teacher embeddings must be two 2-d tensors with the same dim"
+        if t_images.shape[0] != image_embeds.shape[0] or t_texts.shape[0] != text_embeds.shape[0]:
+            return "teacher embeddings must have one row per local image / text"
+        if not (torch.is_tensor(t_scale) and t_scale.numel() == 1 and torch.is_tensor(t_bias) and t_bias.numel() == 1):
+            return "teacher logit_scale and logit_bias must be one-element tensors"
     return None
 
 
@@ -212,6 +232,11 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     target = positive.float()
     if opts.positive_targets is not None:
         target = target * opts.positive_targets.float()[None, :]
+    if opts.teacher is not None:
+        with torch.no_grad():
+            t_images, t_texts, t_scale, t_bias = [v.detach().float() for v in opts.teacher]
+            teacher_probability = torch.sigmoid(t_scale.reshape(()) * t_images @ t_texts.T + t_bias.reshape(()))
+        target = (1.0 - opts.teacher_weight) * target + opts.teacher_weight * teacher_probability
     row_positives = positive.sum(1).clamp(min=1).float()
 
     if opts.loss_type == "softmax":
@@ -272,6 +297,10 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
         tile_size: side of the logits tiles held at once (default 1024); does not change the result.
         positive_targets: (n_texts,) soft targets in [0, 1] for each text's positive pairs (1 = hard
             positive), e.g. momentum-distillation confidences; negatives keep target 0.
+        teacher, teacher_weight: momentum distillation (ALBEF): teacher = (image_embeds, text_embeds,
+            logit_scale, logit_bias) of this process's rows from a momentum/EMA model (constants);
+            every pair's target becomes (1 - w) * its target + w * sigmoid(teacher logit), w =
+            teacher_weight (default 0.4). The teacher's text embeddings travel with the text block.
         negative_ratio, negative_selection, seed: keep only floor(ratio * positives) negatives per
             image row (SigLIP sec. 4.8), chosen "random" (hash of global indices and seed), "hard"
             (highest logits) or "easy" (lowest logits); the others are masked out of the loss.

@@ -202,9 +202,15 @@ class Engine:
             self.x_scaled = self.x * self.t
             self.targets = (None if opts.positive_targets is None
                             else opts.positive_targets.detach().to(self.x.device, torch.float32))
+            self.teacher = None
+            if opts.teacher is not None:  # scaled teacher images, teacher texts (they travel), bias
+                t_images, t_texts, t_scale, t_bias = [v.detach().to(self.x.device, torch.float32)
+                                                      for v in opts.teacher]
+                self.teacher = (t_images * t_scale.reshape(()), t_texts, t_bias.reshape(()))
             self.mine_pairs()
             self.needs_cosine = (opts.mine_image_text is not None or opts.hard_negative_beta is not None)
-            self.general = (opts.normalize == "row" or self.targets is not None or opts.negative_ratio is not None
+            self.general = (opts.normalize == "row" or self.targets is not None or self.teacher is not None
+                            or opts.negative_ratio is not None
                             or opts.hard_negative_beta is not None or opts.mine_image_text is not None
                             or opts.loss_type == "softmax")
             self.statistics()
@@ -216,6 +222,8 @@ class Engine:
         block = [y, self.text_ids]
         if self.targets is not None:
             block.append(self.targets)
+        if self.teacher is not None:
+            block.append(self.teacher[1])
         return block
 
     # positives ---------------------------------------------------------------------------------------
@@ -418,6 +426,11 @@ class Engine:
                     target = positive.float()
                     if self.targets is not None:
                         target = target * block[2][None, cols]
+                    if self.teacher is not None:
+                        teacher_images, _, teacher_bias = self.teacher
+                        teacher_texts = block[3 if self.targets is not None else 2]
+                        teacher_logits = torch.addmm(teacher_bias, teacher_images[rows], teacher_texts[cols].T)
+                        target = torch.lerp(target, torch.sigmoid(teacher_logits), opts.teacher_weight)
                     if softmax:
                         loss, coef = self.softmax_terms(logits, target, rows, cols, block[-1],
                                                         row_positives, row_target_share, row_lse)

@@ -105,6 +105,8 @@ OPTION_SETS = [
     {"mine_image_text": 0.4, "mine_image_image": 0.3, "mine_text_text": 0.3, "normalize": "row"},
     {"mine_image_image": 0.3, "negative_ratio": 1.5, "negative_selection": "hard"},
     {"hard_negative_beta": 2.0, "negative_ratio": 3, "positive_targets": "random", "normalize": "row"},
+    {"teacher": "random"},
+    {"teacher": "random", "teacher_weight": 1.0, "positive_targets": "random", "mine_image_text": 0.4},
     {"loss_type": "softmax"},
     {"loss_type": "softmax", "positive_targets": "random"},
     {"loss_type": "softmax", "mine_image_text": 0.4, "mine_text_text": 0.3},
@@ -119,6 +121,8 @@ def test_options_match_dense_reference(options):
     options = dict(options)
     if options.get("positive_targets") == "random":
         options["positive_targets"] = torch.rand(13, generator=torch.Generator().manual_seed(2))
+    if options.get("teacher") == "random":  # a momentum model's embeddings, of another width
+        options["teacher"] = (_unit(10, 5, seed=7), _unit(13, 5, seed=8), torch.tensor(6.0), torch.tensor(-2.0))
     got = _loss_and_grads(sigmoid_loss, leaves, image_ids, text_ids, tile_size=4, **options)
     want = _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids, **options)
     _assert_close(got, want)
@@ -200,7 +204,8 @@ def test_bad_inputs_raise_clear_errors(change, message):
 @pytest.mark.parametrize("options", [{"normalize": "mean"}, {"tile_size": 0}, {"negative_ratio": 0},
                                      {"negative_selection": "medium"}, {"mine_image_text": 2.0},
                                      {"loss_type": "hinge"}, {"loss_type": "softmax", "normalize": "row"},
-                                     {"loss_type": "softmax", "negative_ratio": 2}])
+                                     {"loss_type": "softmax", "negative_ratio": 2}, {"teacher_weight": 1.5},
+                                     {"teacher": (1, 2)}])
 def test_bad_options_raise(options):
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
     with pytest.raises(ValueError):

@@ -83,6 +83,9 @@ def _case(world, name):
     y[: min(len(x), len(y)) // 2] = F.normalize(y[: min(len(x), len(y)) // 2] + x[: min(len(x), len(y)) // 2], dim=1)
     if "positive_targets" in options:
         options["positive_targets"] = torch.rand(sum(text_sizes), generator=g)
+    if "teacher" in options:  # a momentum model's embeddings, of another width
+        options["teacher"] = (_unit(sum(image_sizes), 7, g), _unit(sum(text_sizes), 7, g), torch.tensor(5.0),
+                              torch.tensor(-3.0))
     return dict(x=x, y=y, image_sizes=image_sizes, text_sizes=text_sizes, ids=ids, options=options,
                 t=torch.tensor(7.5), b=torch.tensor(-4.0))
 
@@ -103,6 +106,7 @@ _OPTION_CASES = {
                                      "normalize": "row", "negative_ratio": 2, "negative_selection": "hard"},
     "duplicates_weights_targets_random": {"hard_negative_beta": 2.0, "positive_targets": True,
                                           "negative_ratio": 4, "seed": 1},
+    "duplicates_teacher": {"teacher": True, "teacher_weight": 0.6, "normalize": "row"},
     "duplicates_softmax": {"loss_type": "softmax"},
     "duplicates_softmax_targets_mining": {"loss_type": "softmax", "positive_targets": True,
                                           "mine_image_image": 0.4, "mine_text_text": 0.4},
@@ -141,6 +145,10 @@ def _check_parity(name, rank, world, group, SigLipLoss):
     local_options = dict(options)
     if "positive_targets" in options:
         local_options["positive_targets"] = _local(options["positive_targets"], case["text_sizes"], rank)
+    if "teacher" in options:
+        teacher_images, teacher_texts, teacher_scale, teacher_bias = options["teacher"]
+        local_options["teacher"] = (_local(teacher_images, case["image_sizes"], rank),
+                                    _local(teacher_texts, case["text_sizes"], rank), teacher_scale, teacher_bias)
 
     leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), t.clone().requires_grad_(),
               b.clone().requires_grad_()]

@@ -71,7 +71,8 @@ class _Options:
         if negative_ratio is not None and not negative_ratio > 0:
             raise ValueError(f"negative_ratio (kept negatives per positive) must be > 0, got {negative_ratio!r}")
         if negative_selection not in NEGATIVE_SELECTIONS:
-            raise ValueError(f"negative_selection must be one of {NEGATIVE_SELECTIONS}, got {negative_selection!r}")
+            raise ValueError(f"negative_selection must be one of {NEGATIVE_SELECTIONS}, "
+                             f"got {negative_selection!r}")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         for name, value in (("mine_image_text", mine_image_text), ("mine_image_image", mine_image_image),
@@ -154,7 +155,7 @@ def _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids
             return "teacher embeddings must be two 2-d tensors with the same dim"
         if t_images.shape[0] != image_embeds.shape[0] or t_texts.shape[0] != text_embeds.shape[0]:
             return "teacher embeddings must have one row per local image / text"
-        if not (torch.is_tensor(t_scale) and t_scale.numel() == 1 and torch.is_tensor(t_bias) and t_bias.numel() == 1):
+        if not all(torch.is_tensor(v) and v.numel() == 1 for v in (t_scale, t_bias)):
             return "teacher logit_scale and logit_bias must be one-element tensors"
     return None
 

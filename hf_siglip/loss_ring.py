@@ -260,7 +260,8 @@ class Engine:
             self.ring_pass([self.y], [], visit)
             local = torch.unique(torch.cat(found), dim=0)
             counts = self.ring.all_gather_ints([local.shape[0]], device)[:, 0].tolist()
-            every = torch.stack([self.ring.all_gather_padded(local[:, k].contiguous(), counts) for k in range(2)], 1)
+            every = torch.stack([self.ring.all_gather_padded(local[:, k].contiguous(), counts)
+                                 for k in range(2)], 1)
             image_rows, pair_index = matching_pairs(self.image_ids, every[:, 0])
             self.text_mined = (image_rows, every[pair_index, 1])
 
@@ -308,12 +309,12 @@ class Engine:
         opts, n_rows, device = self.opts, self.x.shape[0], self.x.device
         softmax = opts.loss_type == "softmax"
         self.row_positives = None
-        counts_by_ids = not (opts.mining or softmax) and (opts.normalize == "row" or opts.negative_ratio is not None)
+        needs_counts = opts.normalize == "row" or opts.negative_ratio is not None
+        counts_by_ids = needs_counts and not (opts.mining or softmax)
         if counts_by_ids:  # cheap: positives by ids only, from the gathered text ids
             all_text_ids = self.ring.all_gather_padded(self.text_ids, self.text_sizes)
             self.row_positives = row_positive_counts(self.image_ids, all_text_ids).double()
-        needs_pass = softmax or opts.hard_negative_beta is not None or (
-            opts.mining and (opts.normalize == "row" or opts.negative_ratio is not None))
+        needs_pass = softmax or opts.hard_negative_beta is not None or (opts.mining and needs_counts)
         if not needs_pass:
             return
         neg_inf = -float("inf")
@@ -442,7 +443,8 @@ class Engine:
                             weight = torch.where(positive, weight, hard)
                         if opts.negative_ratio is not None:
                             if opts.negative_selection == "random":
-                                keep = uniform_hash(row_index[rows], col_index[cols], opts.seed) < keep_prob[rows, None]
+                                draw = uniform_hash(row_index[rows], col_index[cols], opts.seed)
+                                keep = draw < keep_prob[rows, None]
                             elif opts.negative_selection == "hard":
                                 keep = logits >= self.threshold[rows, None]
                             else:
@@ -474,7 +476,7 @@ class Engine:
     def softmax_terms(self, logits, target, rows, cols, column_stats, row_positives, row_target_share, row_lse):
         """Symmetric InfoNCE through ids: loss share and d loss / d logits of one tile (with the
         1 / (2 N_images) and 1 / (2 N_texts) factors)."""
-        col_positives, col_target_share, col_lse = column_stats[cols, 0], column_stats[cols, 1], column_stats[cols, 2]
+        col_positives, col_target_share, col_lse = column_stats[cols].unbind(1)
         row_factor = 0.5 / self.n_images
         col_factor = 0.5 / self.n_texts
         row_soft = torch.exp(logits - row_lse[rows, None])

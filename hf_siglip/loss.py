@@ -45,6 +45,15 @@ _DEFAULT_TILE = 1024
 # ----------------------------------------------------------------------------------------------------
 
 
+def _parse_options(options, caller="sigmoid_loss"):
+    try:
+        return _Options(**options)
+    except TypeError as error:  # an unknown keyword: name it and list the known ones
+        code = _Options.__init__.__code__
+        known = code.co_varnames[1:code.co_argcount]
+        raise TypeError(f"{caller}: {error}; known options: {', '.join(known)}, group") from None
+
+
 class _Options:
     """The keyword options of `sigmoid_loss`, validated; `fingerprint` must agree across processes."""
 
@@ -201,7 +210,7 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     batch. Returns the global loss L (see the module docstring). Quadratic memory: for tests and
     checks, not for training.
     """
-    opts = _Options(**{k: v for k, v in options.items() if k != "tile_size"})
+    opts = _parse_options({k: v for k, v in options.items() if k != "tile_size"}, "dense_sigmoid_loss")
     if logit_bias is None and torch.is_tensor(logit_scale):
         logit_bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids, opts)
@@ -322,7 +331,7 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
     Returns the fp32 scalar `W / N * sum_{local images i, all texts j} loss_ij`; see the module
     docstring for why its process average and gradients equal those of the global loss.
     """
-    opts = _Options(**options)
+    opts = _parse_options(options)
     if logit_bias is None and torch.is_tensor(logit_scale):  # a model without a learnt bias
         logit_bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     ring = RingContext(group)
@@ -350,7 +359,7 @@ class SigmoidLoss(torch.nn.Module):
 
     def __init__(self, group=None, **options):
         super().__init__()
-        _Options(**options)  # fail early on bad options
+        _parse_options(options, "SigmoidLoss")  # fail early on bad options
         self.group, self.options = group, options
 
     def forward(self, image_embeds, text_embeds, logit_scale, logit_bias, image_ids=None, text_ids=None):

@@ -240,3 +240,9 @@ def test_without_gradients_the_value_is_unchanged(options):
     trained = sigmoid_loss(x, y.clone().requires_grad_(), t, b, image_ids, text_ids, tile_size=4, **options)
     assert torch.allclose(evaluated, trained.detach(), rtol=1e-6)
     assert not evaluated.requires_grad and trained.requires_grad
+
+
+def test_unknown_option_is_named():
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    with pytest.raises(TypeError, match="negative_ration.*known options: normalize"):
+        sigmoid_loss(x, y, t, b, negative_ration=2)

@@ -83,9 +83,10 @@ def naive_all_gather_loss(image_embeds, text_embeds, logit_scale, logit_bias, im
 
 def _measure(steps, leaves, reps):
     """One warm-up round, then `reps` rounds; each round runs every method once, interleaved, so that
-    load from other work on the machine spreads over all methods alike. Returns
-    {method: (median seconds, max peak growth in MiB)}."""
-    times = {method: [] for method in steps}
+    load from other work on the machine spreads over all methods alike. Returns {method: (median wall
+    seconds, median CPU seconds of this process, max peak growth in MiB)}."""
+    wall = {method: [] for method in steps}
+    cpu = {method: [] for method in steps}
     peaks = {method: [] for method in steps}
     for rep in range(reps + 1):
         for method, step in steps.items():
@@ -94,14 +95,16 @@ def _measure(steps, leaves, reps):
             dist.barrier()
             _reset_peak()
             base = _status_kib("VmRSS")
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step().backward()
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             peak = (_status_kib("VmHWM") - base) / 1024
             if rep:
-                times[method].append(elapsed)
+                wall[method].append(elapsed)
+                cpu[method].append(elapsed_cpu)
                 peaks[method].append(peak)
-    return {method: (statistics.median(times[method]), max(peaks[method])) for method in steps}
+    return {method: (statistics.median(wall[method]), statistics.median(cpu[method]), max(peaks[method]))
+            for method in steps}
 
 
 def _worker(rank, world, port, configs, reps, results):
@@ -133,8 +136,8 @@ def _worker(rank, world, port, configs, reps, results):
             chosen = {method: steps[method] for method in methods
                       if not (method == "open_clip" and (k != 1 or SigLipLoss is None))}
             measured = _measure(chosen, leaves, reps if batch * k <= 4096 else 1)
-            for method, (seconds, peak) in measured.items():
-                rows.append((world, batch, k, method, seconds, peak))
+            for method, (seconds, cpu_seconds, peak) in measured.items():
+                rows.append((world, batch, k, method, seconds, cpu_seconds, peak))
             del x, y, leaves, steps
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -142,10 +145,10 @@ def _worker(rank, world, port, configs, reps, results):
             # a step takes as long as its slowest process; report the largest peak too
             merged = {}
             for per_rank in gathered:
-                for world_, batch, k, method, seconds, peak in per_rank:
+                for world_, batch, k, method, seconds, cpu_seconds, peak in per_rank:
                     key = (world_, batch, k, method)
-                    old = merged.get(key, (0.0, 0.0))
-                    merged[key] = (max(old[0], seconds), max(old[1], peak))
+                    old = merged.get(key, (0.0, 0.0, 0.0))
+                    merged[key] = (max(old[0], seconds), max(old[1], cpu_seconds), max(old[2], peak))
             results.update(merged)
         dist.barrier()
     finally:
@@ -170,11 +173,12 @@ def run(world, configs, reps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1024, 4096],
+                        help="local batches of the world-size 2 rows (none: only the world-size 4 row)")
     parser.add_argument("--positives", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up (1 for big k=5 cells)")
     parser.add_argument("--flat-batch", type=int, default=1024,
-                        help="local batch of the world-size 2 vs 4 memory rows (0 = skip)")
+                        help="local batch of the world-size 4 row, for memory against world size 2 (0 = skip)")
     args = parser.parse_args()
 
     all_methods = ("hf_siglip", "open_clip", "all-gather")
@@ -183,30 +187,28 @@ def main():
         for k in args.positives:
             methods = all_methods + (("hf_siglip 1 pos",) if k > 1 else ())
             configs.append((batch, k, methods))
-    results = run(2, configs, args.reps)
+    results = run(2, configs, args.reps) if configs else {}
     if args.flat_batch:
         results.update(run(4, [(args.flat_batch, 1, all_methods)], args.reps))
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per process, d=512, "
-          f"peak = VmHWM growth per process")
-    header = ("world", "batch", "k", "hf_siglip s", "open_clip s", "all-gather s", "k=5, 1 pos s",
-              "hf_siglip MiB", "open_clip MiB", "all-gather MiB", "time vs open_clip", "mem vs open_clip")
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per process, d=512; "
+          f"time = wall (CPU) seconds per forward+backward, slowest process; memory = VmHWM growth, "
+          f"largest process; load average at the end {open('/proc/loadavg').read().split()[0]}")
+    header = ("world", "batch", "k", "hf_siglip s", "open_clip s", "all-gather s", "hf_siglip k=5, 1 pos s",
+              "hf_siglip MiB", "open_clip MiB", "all-gather MiB", "time vs open_clip (CPU)", "mem vs open_clip")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for key in sorted({key[:3] for key in results}):
         cell = {method: results.get(key + (method,)) for method in all_methods + ("hf_siglip 1 pos",)}
-
-        def fmt(value, index, digits):
-            return "-" if value is None else f"{value[index]:.{digits}f}"
-
-        ours, oc = cell["hf_siglip"], cell["open_clip"]
-        ratio_t = f"{ours[0] / oc[0]:.2f}x" if ours and oc else "-"
-        ratio_m = f"{ours[1] / oc[1]:.2f}x" if ours and oc and oc[1] > 0 else "-"
-        if key[2] > 1 and ours and cell["hf_siglip 1 pos"]:
-            ratio_t = f"k={key[2]} vs 1 pos: {ours[0] / cell['hf_siglip 1 pos'][0]:.2f}x"
-        print("| " + " | ".join([str(key[0]), str(key[1]), str(key[2])]
-                                + [fmt(cell[m], 0, 2) for m in all_methods + ("hf_siglip 1 pos",)]
-                                + [fmt(cell[m], 1, 0) for m in all_methods] + [ratio_t, ratio_m]) + " |")
+        ours, oc, one = cell["hf_siglip"], cell["open_clip"], cell["hf_siglip 1 pos"]
+        times = ["-" if v is None else f"{v[0]:.2f} ({v[1]:.2f})" for v in
+                 (cell[m] for m in all_methods + ("hf_siglip 1 pos",))]
+        memory = ["-" if v is None else f"{v[2]:.0f}" for v in (cell[m] for m in all_methods)]
+        ratio_t = f"{ours[0] / oc[0]:.2f}x ({ours[1] / oc[1]:.2f}x)" if ours and oc else "-"
+        if ours and one:
+            ratio_t = f"k={key[2]} vs 1 pos: {ours[0] / one[0]:.2f}x ({ours[1] / one[1]:.2f}x)"
+        ratio_m = f"{ours[2] / oc[2]:.2f}x" if ours and oc and oc[2] > 0 else "-"
+        print("| " + " | ".join([str(v) for v in key] + times + memory + [ratio_t, ratio_m]) + " |")
 
 
 if __name__ == "__main__":

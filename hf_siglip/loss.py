@@ -45,6 +45,15 @@ _DEFAULT_TILE = 1024
 # ----------------------------------------------------------------------------------------------------
 
 
+def _parse_options(options, caller="sigmoid_loss"):
+    try:
+        return _Options(**options)
+    except TypeError as error:  # an unknown keyword: name it and list the known ones
+        code = _Options.__init__.__code__
+        known = code.co_varnames[1:code.co_argcount]
+        raise TypeError(f"{caller}: {error}; known options: {', '.join(known)}, group") from None
+
+
 class _Options:
     """The keyword options of `sigmoid_loss`, validated; `fingerprint` must agree across processes."""
 
@@ -53,6 +62,8 @@ class _Options:
         normalize="image",
         tile_size=_DEFAULT_TILE,
         positive_targets=None,
+        teacher=None,
+        teacher_weight=0.4,
         negative_ratio=None,
         negative_selection="random",
         seed=0,
@@ -69,7 +80,8 @@ class _Options:
         if negative_ratio is not None and not negative_ratio > 0:
             raise ValueError(f"negative_ratio (kept negatives per positive) must be > 0, got {negative_ratio!r}")
         if negative_selection not in NEGATIVE_SELECTIONS:
-            raise ValueError(f"negative_selection must be one of {NEGATIVE_SELECTIONS}, got {negative_selection!r}")
+            raise ValueError(f"negative_selection must be one of {NEGATIVE_SELECTIONS}, "
+                             f"got {negative_selection!r}")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         for name, value in (("mine_image_text", mine_image_text), ("mine_image_image", mine_image_image),
@@ -79,6 +91,14 @@ class _Options:
         self.normalize = normalize
         self.tile_size = tile_size
         self.positive_targets = positive_targets
+        if teacher is not None and not (isinstance(teacher, (tuple, list)) and len(teacher) == 4):
+            raise ValueError("teacher must be (image_embeds, text_embeds, logit_scale, logit_bias) or None")
+        if not 0.0 <= float(teacher_weight) <= 1.0:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {teacher_weight!r}")
+        if teacher is not None and loss_type == "softmax":
+            raise ValueError("teacher (momentum distillation) targets apply to loss_type='sigmoid' only")
+        self.teacher = None if teacher is None else tuple(teacher)
+        self.teacher_weight = float(teacher_weight)
         self.negative_ratio = None if negative_ratio is None else float(negative_ratio)
         self.negative_selection = negative_selection
         self.seed = int(seed)
@@ -98,7 +118,8 @@ class _Options:
 
     def fingerprint(self):
         """A process-independent hash of every option that changes the math (not tile_size)."""
-        key = repr((self.normalize, self.positive_targets is not None, self.negative_ratio,
+        key = repr((self.normalize, self.positive_targets is not None, self.teacher is not None,
+                    self.teacher_weight if self.teacher is not None else None, self.negative_ratio,
                     self.negative_selection, self.seed, self.mine_image_text, self.mine_image_image,
                     self.mine_text_text, self.hard_negative_beta, self.loss_type))
         return zlib.crc32(key.encode())
@@ -136,6 +157,15 @@ def _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids
     if targets is not None:
         if not (torch.is_tensor(targets) and targets.dim() == 1 and targets.shape[0] == text_embeds.shape[0]):
             return "positive_targets must be a 1-d tensor with one value per local text"
+    if options.teacher is not None:
+        t_images, t_texts, t_scale, t_bias = options.teacher
+        if not (torch.is_tensor(t_images) and torch.is_tensor(t_texts) and t_images.dim() == 2
+                and t_texts.dim() == 2 and t_images.shape[1] == t_texts.shape[1]):
+            return "teacher embeddings must be two 2-d tensors with the same dim"
+        if t_images.shape[0] != image_embeds.shape[0] or t_texts.shape[0] != text_embeds.shape[0]:
+            return "teacher embeddings must have one row per local image / text"
+        if not all(torch.is_tensor(v) and v.numel() == 1 for v in (t_scale, t_bias)):
+            return "teacher logit_scale and logit_bias must be one-element tensors"
     return None
 
 
@@ -180,7 +210,9 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     batch. Returns the global loss L (see the module docstring). Quadratic memory: for tests and
     checks, not for training.
     """
-    opts = _Options(**{k: v for k, v in options.items() if k != "tile_size"})
+    opts = _parse_options({k: v for k, v in options.items() if k != "tile_size"}, "dense_sigmoid_loss")
+    if logit_bias is None and torch.is_tensor(logit_scale):
+        logit_bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids, opts)
     if problem is not None:
         raise ValueError(f"dense_sigmoid_loss: {problem}")
@@ -210,6 +242,11 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     target = positive.float()
     if opts.positive_targets is not None:
         target = target * opts.positive_targets.float()[None, :]
+    if opts.teacher is not None:
+        with torch.no_grad():
+            t_images, t_texts, t_scale, t_bias = [v.detach().float() for v in opts.teacher]
+            teacher_probability = torch.sigmoid(t_scale.reshape(()) * t_images @ t_texts.T + t_bias.reshape(()))
+        target = (1.0 - opts.teacher_weight) * target + opts.teacher_weight * teacher_probability
     row_positives = positive.sum(1).clamp(min=1).float()
 
     if opts.loss_type == "softmax":
@@ -256,7 +293,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
     Args:
         image_embeds: (n_images, d) local, L2-normalised image embeddings.
         text_embeds: (n_texts, d) local, L2-normalised text embeddings.
-        logit_scale: t, already exponentiated (one-element tensor). logit_bias: b (one-element tensor).
+        logit_scale: t, already exponentiated (one-element tensor). logit_bias: b (one-element tensor,
+            or None for no bias).
         image_ids, text_ids: integer ids (1-d, one per row). Image i and text j are positives iff their
             ids are equal, on whichever processes they live. Without ids, text j of a process is the
             positive of image j of the same process (n_images must equal n_texts).
@@ -269,6 +307,10 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
         tile_size: side of the logits tiles held at once (default 1024); does not change the result.
         positive_targets: (n_texts,) soft targets in [0, 1] for each text's positive pairs (1 = hard
             positive), e.g. momentum-distillation confidences; negatives keep target 0.
+        teacher, teacher_weight: momentum distillation (ALBEF): teacher = (image_embeds, text_embeds,
+            logit_scale, logit_bias) of this process's rows from a momentum/EMA model (constants);
+            every pair's target becomes (1 - w) * its target + w * sigmoid(teacher logit), w =
+            teacher_weight (default 0.4). The teacher's text embeddings travel with the text block.
         negative_ratio, negative_selection, seed: keep only floor(ratio * positives) negatives per
             image row (SigLIP sec. 4.8), chosen "random" (hash of global indices and seed), "hard"
             (highest logits) or "easy" (lowest logits); the others are masked out of the loss.
@@ -289,7 +331,9 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
     Returns the fp32 scalar `W / N * sum_{local images i, all texts j} loss_ij`; see the module
     docstring for why its process average and gradients equal those of the global loss.
     """
-    opts = _Options(**options)
+    opts = _parse_options(options)
+    if logit_bias is None and torch.is_tensor(logit_scale):  # a model without a learnt bias
+        logit_bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     ring = RingContext(group)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids, opts)
     if ring.world == 1:
@@ -315,7 +359,7 @@ class SigmoidLoss(torch.nn.Module):
 
     def __init__(self, group=None, **options):
         super().__init__()
-        _Options(**options)  # fail early on bad options
+        _parse_options(options, "SigmoidLoss")  # fail early on bad options
         self.group, self.options = group, options
 
     def forward(self, image_embeds, text_embeds, logit_scale, logit_bias, image_ids=None, text_ids=None):

@@ -1,5 +1,6 @@
-"""Process-group plumbing for the ring sigmoid loss: group resolution, a metadata handshake that makes
-every process raise the same error instead of hanging, and neighbour shifts of tensor lists.
+"""The ring engine behind `hf_siglip.loss.sigmoid_loss`: process-group plumbing (group resolution,
+neighbour shifts of tensor lists, small gathers), index helpers, and `Engine`, which runs the tiled
+passes round the ring inside one autograd Function.
 
 Imports torch only (copied beside the modeling file for `trust_remote_code` loading).
 """
@@ -73,7 +74,8 @@ class RingContext:
 def uniform_hash(row_index, col_index, seed):
     """Deterministic pseudo-uniform numbers in [0, 1) for every (row, col) pair of global indices, so
     the ring and the dense reference draw the same random negative mask whatever the layout."""
-    h = row_index[:, None] * 0x9E3779B1 + col_index[None, :] * 0x85EBCA77 + (seed * 0xC2B2AE3D + 0x165667B1)
+    salt = ((seed & 0xFFFFFFFF) * 0xC2B2AE3D + 0x165667B1) & 0xFFFFFFFF  # stays inside int64 below
+    h = row_index[:, None] * 0x9E3779B1 + col_index[None, :] * 0x85EBCA77 + salt
     h = h & 0xFFFFFFFF
     h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
     h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF
@@ -140,6 +142,9 @@ class Engine:
         log-sum-exps; column statistics ride home with their block), only when options need one;
       - a selection pass (running top-k of negative logits per row) for hard/easy negative masking;
       - the main pass: loss and closed-form gradients, text gradients riding home with their block.
+    Beyond O((n_images + n_texts) * d + tile^2), options hold: hard/easy masking a running top-k of
+    n_images x (ratio * most positives of a row) logits; image-image/text-text mining the list of
+    mined pairs (text-text mining gathers it from every process).
     """
 
     def __init__(self, ring, opts, image_sizes, text_sizes, image_ids, text_ids):
@@ -151,7 +156,10 @@ class Engine:
         self.image_ids, self.text_ids = image_ids, text_ids
 
     def apply(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        return _RingLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, self)
+        inputs = (image_embeds, text_embeds, logit_scale, logit_bias)
+        # without gradients (evaluation) only the logits product runs: a third of the work
+        self.needs_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        return _RingLoss.apply(*inputs, self)
 
     # plumbing ----------------------------------------------------------------------------------------
     def ring_pass(self, block, travel, visit, sizes=None):
@@ -194,9 +202,15 @@ class Engine:
             self.x_scaled = self.x * self.t
             self.targets = (None if opts.positive_targets is None
                             else opts.positive_targets.detach().to(self.x.device, torch.float32))
+            self.teacher = None
+            if opts.teacher is not None:  # scaled teacher images, teacher texts (they travel), bias
+                t_images, t_texts, t_scale, t_bias = [v.detach().to(self.x.device, torch.float32)
+                                                      for v in opts.teacher]
+                self.teacher = (t_images * t_scale.reshape(()), t_texts, t_bias.reshape(()))
             self.mine_pairs()
             self.needs_cosine = (opts.mine_image_text is not None or opts.hard_negative_beta is not None)
-            self.general = (opts.normalize == "row" or self.targets is not None or opts.negative_ratio is not None
+            self.general = (opts.normalize == "row" or self.targets is not None or self.teacher is not None
+                            or opts.negative_ratio is not None
                             or opts.hard_negative_beta is not None or opts.mine_image_text is not None
                             or opts.loss_type == "softmax")
             self.statistics()
@@ -208,6 +222,8 @@ class Engine:
         block = [y, self.text_ids]
         if self.targets is not None:
             block.append(self.targets)
+        if self.teacher is not None:
+            block.append(self.teacher[1])
         return block
 
     # positives ---------------------------------------------------------------------------------------
@@ -244,7 +260,8 @@ class Engine:
             self.ring_pass([self.y], [], visit)
             local = torch.unique(torch.cat(found), dim=0)
             counts = self.ring.all_gather_ints([local.shape[0]], device)[:, 0].tolist()
-            every = torch.stack([self.ring.all_gather_padded(local[:, k].contiguous(), counts) for k in range(2)], 1)
+            every = torch.stack([self.ring.all_gather_padded(local[:, k].contiguous(), counts)
+                                 for k in range(2)], 1)
             image_rows, pair_index = matching_pairs(self.image_ids, every[:, 0])
             self.text_mined = (image_rows, every[pair_index, 1])
 
@@ -292,12 +309,12 @@ class Engine:
         opts, n_rows, device = self.opts, self.x.shape[0], self.x.device
         softmax = opts.loss_type == "softmax"
         self.row_positives = None
-        counts_by_ids = not (opts.mining or softmax) and (opts.normalize == "row" or opts.negative_ratio is not None)
+        needs_counts = opts.normalize == "row" or opts.negative_ratio is not None
+        counts_by_ids = needs_counts and not (opts.mining or softmax)
         if counts_by_ids:  # cheap: positives by ids only, from the gathered text ids
             all_text_ids = self.ring.all_gather_padded(self.text_ids, self.text_sizes)
             self.row_positives = row_positive_counts(self.image_ids, all_text_ids).double()
-        needs_pass = softmax or opts.hard_negative_beta is not None or (
-            opts.mining and (opts.normalize == "row" or opts.negative_ratio is not None))
+        needs_pass = softmax or opts.hard_negative_beta is not None or (opts.mining and needs_counts)
         if not needs_pass:
             return
         neg_inf = -float("inf")
@@ -387,7 +404,7 @@ class Engine:
 
         def visit(src, block, travel):
             y_block, ids_block = block[0], block[1]
-            grad_y = travel[0]
+            grad_y = travel[0] if travel else None
             pairs = self.block_pairs(src, ids_block)
             col_index = torch.arange(y_block.shape[0], device=x.device) + self.text_offsets[src]
             for rows, cols in self.tiles(n_rows, y_block.shape[0]):
@@ -400,6 +417,9 @@ class Engine:
                               & (pair_cols >= cols.start) & (pair_cols < cols.stop))
                     tile_rows, tile_cols = pair_rows[inside] - rows.start, pair_cols[inside] - cols.start
                     loss = F.softplus(logits).sum() - logits[tile_rows, tile_cols].sum()
+                    if grad_y is None:
+                        totals[0] += loss.double()
+                        continue
                     coef = logits.sigmoid_()
                     coef[tile_rows, tile_cols] -= 1.0
                 else:
@@ -407,6 +427,11 @@ class Engine:
                     target = positive.float()
                     if self.targets is not None:
                         target = target * block[2][None, cols]
+                    if self.teacher is not None:
+                        teacher_images, _, teacher_bias = self.teacher
+                        teacher_texts = block[3 if self.targets is not None else 2]
+                        teacher_logits = torch.addmm(teacher_bias, teacher_images[rows], teacher_texts[cols].T)
+                        target = torch.lerp(target, torch.sigmoid(teacher_logits), opts.teacher_weight)
                     if softmax:
                         loss, coef = self.softmax_terms(logits, target, rows, cols, block[-1],
                                                         row_positives, row_target_share, row_lse)
@@ -418,7 +443,8 @@ class Engine:
                             weight = torch.where(positive, weight, hard)
                         if opts.negative_ratio is not None:
                             if opts.negative_selection == "random":
-                                keep = uniform_hash(row_index[rows], col_index[cols], opts.seed) < keep_prob[rows, None]
+                                draw = uniform_hash(row_index[rows], col_index[cols], opts.seed)
+                                keep = draw < keep_prob[rows, None]
                             elif opts.negative_selection == "hard":
                                 keep = logits >= self.threshold[rows, None]
                             else:
@@ -430,10 +456,12 @@ class Engine:
                         coef = weight * (torch.sigmoid(logits) - target)
                 totals[0] += loss.double()
                 totals[1] += coef.sum().double()
-                grad_x[rows].addmm_(coef, y_tile)
-                grad_y[cols].addmm_(coef.T, x[rows])
+                if grad_y is not None:
+                    grad_x[rows].addmm_(coef, y_tile)
+                    grad_y[cols].addmm_(coef.T, x[rows])
 
-        grad_y_home = self.ring_pass(block, [torch.zeros_like(self.y)], visit)[0]
+        travel = self.ring_pass(block, [torch.zeros_like(self.y)] if self.needs_grads else [], visit)
+        grad_y_home = travel[0] if travel else torch.zeros_like(self.y)
         if softmax:
             scale = ring.world  # the 1 / (2N) factors are inside coef
             bias_grad = torch.zeros((), device=x.device)
@@ -448,7 +476,7 @@ class Engine:
     def softmax_terms(self, logits, target, rows, cols, column_stats, row_positives, row_target_share, row_lse):
         """Symmetric InfoNCE through ids: loss share and d loss / d logits of one tile (with the
         1 / (2 N_images) and 1 / (2 N_texts) factors)."""
-        col_positives, col_target_share, col_lse = column_stats[cols, 0], column_stats[cols, 1], column_stats[cols, 2]
+        col_positives, col_target_share, col_lse = column_stats[cols].unbind(1)
         row_factor = 0.5 / self.n_images
         col_factor = 0.5 / self.n_texts
         row_soft = torch.exp(logits - row_lse[rows, None])

@@ -105,6 +105,8 @@ OPTION_SETS = [
     {"mine_image_text": 0.4, "mine_image_image": 0.3, "mine_text_text": 0.3, "normalize": "row"},
     {"mine_image_image": 0.3, "negative_ratio": 1.5, "negative_selection": "hard"},
     {"hard_negative_beta": 2.0, "negative_ratio": 3, "positive_targets": "random", "normalize": "row"},
+    {"teacher": "random"},
+    {"teacher": "random", "teacher_weight": 1.0, "positive_targets": "random", "mine_image_text": 0.4},
     {"loss_type": "softmax"},
     {"loss_type": "softmax", "positive_targets": "random"},
     {"loss_type": "softmax", "mine_image_text": 0.4, "mine_text_text": 0.3},
@@ -119,6 +121,8 @@ def test_options_match_dense_reference(options):
     options = dict(options)
     if options.get("positive_targets") == "random":
         options["positive_targets"] = torch.rand(13, generator=torch.Generator().manual_seed(2))
+    if options.get("teacher") == "random":  # a momentum model's embeddings, of another width
+        options["teacher"] = (_unit(10, 5, seed=7), _unit(13, 5, seed=8), torch.tensor(6.0), torch.tensor(-2.0))
     got = _loss_and_grads(sigmoid_loss, leaves, image_ids, text_ids, tile_size=4, **options)
     want = _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids, **options)
     _assert_close(got, want)
@@ -200,8 +204,45 @@ def test_bad_inputs_raise_clear_errors(change, message):
 @pytest.mark.parametrize("options", [{"normalize": "mean"}, {"tile_size": 0}, {"negative_ratio": 0},
                                      {"negative_selection": "medium"}, {"mine_image_text": 2.0},
                                      {"loss_type": "hinge"}, {"loss_type": "softmax", "normalize": "row"},
-                                     {"loss_type": "softmax", "negative_ratio": 2}])
+                                     {"loss_type": "softmax", "negative_ratio": 2}, {"teacher_weight": 1.5},
+                                     {"teacher": (1, 2)}])
 def test_bad_options_raise(options):
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
     with pytest.raises(ValueError):
         sigmoid_loss(x, y, t, b, **options)
+
+
+def test_group_without_torch_distributed_is_an_error():
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    with pytest.raises(ValueError, match="not initialised"):
+        sigmoid_loss(x, y, t, b, group=object())
+
+
+def test_large_random_seed_is_accepted():
+    leaves = _leaves(6, 6)
+    options = {"negative_ratio": 2, "seed": 2**40 + 7}
+    _assert_close(_loss_and_grads(sigmoid_loss, leaves, tile_size=4, **options),
+                  _loss_and_grads(dense_sigmoid_loss, leaves, **options))
+
+
+def test_no_bias_means_zero_bias():
+    x, y, t, _ = _leaves(5, 5)
+    got = sigmoid_loss(x.detach(), y.detach(), t.detach(), None)
+    assert torch.allclose(got, sigmoid_loss(x.detach(), y.detach(), t.detach(), torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("options", [{}, {"normalize": "row", "negative_ratio": 2}, {"loss_type": "softmax"}])
+def test_without_gradients_the_value_is_unchanged(options):
+    x, y, t, b = [leaf.detach() for leaf in _leaves(7, 9)]
+    image_ids, text_ids = torch.arange(7), torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1])
+    with torch.no_grad():
+        evaluated = sigmoid_loss(x, y, t, b, image_ids, text_ids, tile_size=4, **options)
+    trained = sigmoid_loss(x, y.clone().requires_grad_(), t, b, image_ids, text_ids, tile_size=4, **options)
+    assert torch.allclose(evaluated, trained.detach(), rtol=1e-6)
+    assert not evaluated.requires_grad and trained.requires_grad
+
+
+def test_unknown_option_is_named():
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    with pytest.raises(TypeError, match="negative_ration.*known options: normalize"):
+        sigmoid_loss(x, y, t, b, negative_ration=2)

@@ -83,6 +83,9 @@ def _case(world, name):
     y[: min(len(x), len(y)) // 2] = F.normalize(y[: min(len(x), len(y)) // 2] + x[: min(len(x), len(y)) // 2], dim=1)
     if "positive_targets" in options:
         options["positive_targets"] = torch.rand(sum(text_sizes), generator=g)
+    if "teacher" in options:  # a momentum model's embeddings, of another width
+        options["teacher"] = (_unit(sum(image_sizes), 7, g), _unit(sum(text_sizes), 7, g), torch.tensor(5.0),
+                              torch.tensor(-3.0))
     return dict(x=x, y=y, image_sizes=image_sizes, text_sizes=text_sizes, ids=ids, options=options,
                 t=torch.tensor(7.5), b=torch.tensor(-4.0))
 
@@ -103,6 +106,7 @@ _OPTION_CASES = {
                                      "normalize": "row", "negative_ratio": 2, "negative_selection": "hard"},
     "duplicates_weights_targets_random": {"hard_negative_beta": 2.0, "positive_targets": True,
                                           "negative_ratio": 4, "seed": 1},
+    "duplicates_teacher": {"teacher": True, "teacher_weight": 0.6, "normalize": "row"},
     "duplicates_softmax": {"loss_type": "softmax"},
     "duplicates_softmax_targets_mining": {"loss_type": "softmax", "positive_targets": True,
                                           "mine_image_image": 0.4, "mine_text_text": 0.4},
@@ -141,6 +145,10 @@ def _check_parity(name, rank, world, group, SigLipLoss):
     local_options = dict(options)
     if "positive_targets" in options:
         local_options["positive_targets"] = _local(options["positive_targets"], case["text_sizes"], rank)
+    if "teacher" in options:
+        teacher_images, teacher_texts, teacher_scale, teacher_bias = options["teacher"]
+        local_options["teacher"] = (_local(teacher_images, case["image_sizes"], rank),
+                                    _local(teacher_texts, case["text_sizes"], rank), teacher_scale, teacher_bias)
 
     leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), t.clone().requires_grad_(),
               b.clone().requires_grad_()]
@@ -188,6 +196,50 @@ def _check_parity(name, rank, world, group, SigLipLoss):
     return "ok" if not problems else "; ".join(problems)
 
 
+class _TinyDualEncoder(torch.nn.Module):
+    """Two linear towers, t and b: enough for DDP to average real parameter gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_tower = torch.nn.Linear(12, 8)
+        self.text_tower = torch.nn.Linear(10, 8)
+        self.log_scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.bias = torch.nn.Parameter(torch.tensor(-4.0))
+
+    def forward(self, images, texts):
+        return (F.normalize(self.image_tower(images), dim=-1), F.normalize(self.text_tower(texts), dim=-1),
+                self.log_scale.exp(), self.bias)
+
+
+def _check_ddp(rank, world, options):
+    """DDP's averaged parameter gradients equal the dense global loss's, with unequal local batches,
+    k captions and duplicate ids across processes."""
+    from hf_siglip.loss import dense_sigmoid_loss, sigmoid_loss
+
+    g = torch.Generator().manual_seed(world)
+    image_sizes = [3 + 2 * r for r in range(world)]
+    text_sizes = [2 * n + (r % 2) for r, n in enumerate(image_sizes)]
+    images, texts = torch.randn(sum(image_sizes), 12, generator=g), torch.randn(sum(text_sizes), 10, generator=g)
+    image_ids = torch.randint(0, 9, (sum(image_sizes),), generator=g)
+    text_ids = torch.randint(0, 9, (sum(text_sizes),), generator=g)
+    torch.manual_seed(0)
+    reference = _TinyDualEncoder()
+    model = _TinyDualEncoder()
+    model.load_state_dict(reference.state_dict())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    local = ddp(_local(images, image_sizes, rank), _local(texts, text_sizes, rank))
+    sigmoid_loss(*local, _local(image_ids, image_sizes, rank), _local(text_ids, text_sizes, rank),
+                 tile_size=3, **options).backward()
+    dense_sigmoid_loss(*reference(images, texts), image_ids, text_ids, **options).backward()
+    problems = [f"{name} differs by {_max_diff(p.grad, q.grad):.3g}"
+                for (name, p), q in zip(model.named_parameters(), reference.parameters())
+                if not _max_diff(p.grad, q.grad) <= TOLERANCE]
+    return "ok" if not problems else "; ".join(problems)
+
+
+DDP_CASES = {"ddp": {}, "ddp_row_mining": {"normalize": "row", "mine_image_text": 0.3, "mine_text_text": 0.3}}
+
+
 def _check_error(name, rank, world, group):
     """Every process must raise ValueError (not hang) when one process's inputs are wrong."""
     from hf_siglip.loss import sigmoid_loss
@@ -224,6 +276,11 @@ def _worker(rank, world, port, out_dir):
             try:
                 results[name] = _check_parity(name, rank, world, None, SigLipLoss)
             except Exception:  # recorded, and the other cases still run
+                results[name] = "exception: " + traceback.format_exc()
+        for name, options in DDP_CASES.items():
+            try:
+                results[name] = _check_ddp(rank, world, options)
+            except Exception:
                 results[name] = "exception: " + traceback.format_exc()
         for name in ERROR_CASES:
             results[name] = _check_error(name, rank, world, None)
@@ -276,6 +333,13 @@ def _results(world, tmp_path_factory):
 def test_ring_matches_dense_and_open_clip(world, name, tmp_path_factory):
     if name in OPEN_CLIP_CASES and _open_clip_loss_class() is None:
         pytest.skip("open_clip not installed (the oracle half of this case)")
+    per_rank = [r[name] for r in _results(world, tmp_path_factory)]
+    assert per_rank == ["ok"] * world, per_rank
+
+
+@pytest.mark.parametrize("name", DDP_CASES)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ddp_averaged_parameter_gradients_equal_the_global_loss(world, name, tmp_path_factory):
     per_rank = [r[name] for r in _results(world, tmp_path_factory)]
     assert per_rank == ["ok"] * world, per_rank
 

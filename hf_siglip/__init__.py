@@ -5,7 +5,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
 from .data import SiglipDataCollator, make_demo_dataset
 from .hub import build_model_card, push_to_hub
-from .loss import dense_sigmoid_loss, sigmoid_loss
+from .loss import SigmoidLoss, dense_sigmoid_loss, sigmoid_loss
 from .modeling_siglip_bottleneck import (
     BottleneckTokenEmbedding,
     SiglipBottleneckModel,
@@ -37,6 +37,7 @@ __all__ = [
     "SiglipDataCollator",
     "SiglipTrainer",
     "SiglipTrainingArguments",
+    "SigmoidLoss",
     "build_model_card",
     "build_processor",
     "dense_sigmoid_loss",

@@ -260,11 +260,11 @@ class SiglipTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
-        last_eval = next((entry for entry in reversed(self.state.log_history)
-                          if any(key.startswith("eval_") for key in entry)), {})
-        metrics = {key[len("eval_"):]: value for key, value in last_eval.items()
-                   if key.startswith("eval_") and isinstance(value, float) and "runtime" not in key
-                   and "per_second" not in key}
+        metrics = {}  # every evaluation logged so far; later values replace earlier ones
+        for entry in self.state.log_history:
+            metrics.update({key[len("eval_"):]: value for key, value in entry.items()
+                            if key.startswith("eval_") and isinstance(value, float) and "runtime" not in key
+                            and "per_second" not in key})
         info = {"metrics": metrics or None, **self.card_info}
         if finetuned_from is not None:
             info["base_model"] = finetuned_from

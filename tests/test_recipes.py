@@ -45,6 +45,7 @@ def run_recipe(name, tmp_path, **overrides) -> Path:
         assert (output_dir / artifact).exists(), artifact
     card = (output_dir / "README.md").read_text()
     assert f"Recipe: {name}" in card
+    assert "| i2t_recall@1 |" in card and "| zero_shot_top1 |" in card  # retrieval and zero-shot both reach the card
     metrics = json.loads((output_dir / "eval_results.json").read_text())["metrics"]
     assert 0.0 <= metrics["eval_i2t_recall@1"] <= 1.0
     return output_dir

@@ -146,3 +146,16 @@ def test_push_to_hub_uploads_weights_processor_and_card_offline(processor):
     assert card.data.metrics == ["zero_shot_top1"]
     assert card.data.eval_results[0].metric_value == pytest.approx(0.42)
     assert "trust_remote_code=True" in card.text and "SiglipModel.from_pretrained" in card.text
+
+
+def test_push_command_uploads_a_checkpoint_folder(processor, tmp_path, capsys):
+    model = SiglipBottleneckModel(SiglipBottleneckConfig(
+        text_config=tiny_text_config(), vision_config=tiny_vision_config()))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with mock.patch.object(HfApi, "create_repo"), mock.patch.object(HfApi, "create_commit") as commit:
+        assert cli_main(["push", str(tmp_path), "someone/pushed", "--base-model", "google/siglip-base-patch16-224",
+                         "--dataset", "someone/data"]) == 0
+    files = {op.path_in_repo for op in commit.call_args.kwargs["operations"]}
+    assert {"model.safetensors", "README.md", "tokenizer.json", "processor_config.json"} <= files
+    assert "Pushed" in capsys.readouterr().out

@@ -45,9 +45,10 @@ def _train(argv: list[str]) -> int:
         (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments), argv,
         defaults=DEMO_TRAINING_DEFAULTS, prog="hf-siglip train")
     metrics = run_train(script_args, model_args, training_args)
-    if metrics:
-        print(f"\nEvaluation ({script_args.dataset}, held-out split):\n{format_metrics(metrics)}")
-    print(f"Saved model, processor, model card and training curves to {training_args.output_dir}")
+    if training_args.process_index == 0:  # one report, also under accelerate launch
+        if metrics:
+            print(f"\nEvaluation ({script_args.dataset}, held-out split):\n{format_metrics(metrics)}")
+        print(f"Saved model, processor, model card and training curves to {training_args.output_dir}")
     return 0
 
 

@@ -294,6 +294,12 @@ class SiglipTrainer(Trainer):
                 parts["text_embeds"].append(outputs.text_embeds.float())
                 parts["image_ids"].append(inputs["image_ids"])
                 parts["text_ids"].append(inputs["text_ids"])
+        if not parts:
+            raise ValueError(
+                f"The evaluation set gave no batch ({len(dataloader.dataset)} rows, eval batch size "
+                f"{self.args.per_device_eval_batch_size} per process, dataloader_drop_last="
+                f"{self.args.dataloader_drop_last}): lower per_device_eval_batch_size or turn off dataloader_drop_last."
+            )
         gathered = {name: self._gather_rows(torch.cat(values)) for name, values in parts.items()}
         metrics = retrieval_metrics(gathered["image_embeds"], gathered["text_embeds"], gathered["image_ids"],
                                     gathered["text_ids"])

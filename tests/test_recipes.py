@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,18 @@ def test_diht_cat_filter_with_hard_negatives(tmp_path):
     output_dir = run_recipe("diht_cat_hard_negatives", tmp_path, cat_min_complexity=1)
     report = json.loads((output_dir / "eval_results.json").read_text())["data"]
     assert "cat_filter" in report
+
+
+def test_documented_two_process_launch_line(tmp_path):
+    """The README's `accelerate launch` line (2 gloo processes, the CPU config) with the recipe at tiny scale."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    command = [accelerate, "launch", "--config_file", str(RECIPES / "accelerate_configs" / "cpu_two_processes.yaml"),
+               "--main_process_port", "29633", "-m", "hf_siglip", "train", "--config",
+               str(RECIPES / "siglip_from_scratch.yaml"),
+               *flags({**TINY, "output_dir": tmp_path / "ddp", "use_cpu": "false", "disable_tqdm": "true"})]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("Evaluation (demo, held-out split)") == 1  # reported once, by the main process
+    history = json.loads((tmp_path / "ddp" / "eval_results.json").read_text())["metrics"]
+    assert history["eval_i2t_recall@1"] >= 0.0 and (tmp_path / "ddp" / "model.safetensors").exists()

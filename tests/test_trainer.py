@@ -183,3 +183,11 @@ def test_plain_training_arguments_are_accepted(tmp_path):
     trainer = hs.SiglipTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]),
                                data_collator=collator, train_dataset=dataset["train"])
     assert isinstance(trainer.args, hs.SiglipTrainingArguments) and trainer.args.adam_beta2 == 0.999
+
+
+def test_an_evaluation_set_with_no_batch_is_a_clear_error(tmp_path):
+    model, _, collator, dataset = tiny_training_setup(n_test=8)
+    args = training_args(tmp_path, per_device_eval_batch_size=16, dataloader_drop_last=True)
+    trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, eval_dataset=dataset["test"])
+    with pytest.raises(ValueError, match="evaluation set gave no batch .8 rows"):
+        trainer.evaluate()

@@ -45,7 +45,6 @@ DEMO_TRAINING_DEFAULTS = dict(
     eval_strategy="no",
     save_strategy="no",
     report_to="none",
-    dataloader_drop_last=True,
     seed=0,
 )
 

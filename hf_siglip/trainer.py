@@ -280,7 +280,11 @@ class SiglipTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Loss and retrieval recall@k (both ways, all captions per image) over the evaluation set."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:  # retrieval ranks every held-out image against every caption: never drop a partial batch
+            dataloader = self.get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         model.eval()
         losses, parts = [], defaultdict(list)
@@ -295,11 +299,7 @@ class SiglipTrainer(Trainer):
                 parts["image_ids"].append(inputs["image_ids"])
                 parts["text_ids"].append(inputs["text_ids"])
         if not parts:
-            raise ValueError(
-                f"The evaluation set gave no batch ({len(dataloader.dataset)} rows, eval batch size "
-                f"{self.args.per_device_eval_batch_size} per process, dataloader_drop_last="
-                f"{self.args.dataloader_drop_last}): lower per_device_eval_batch_size or turn off dataloader_drop_last."
-            )
+            raise ValueError("The evaluation set is empty: nothing to evaluate.")
         gathered = {name: self._gather_rows(torch.cat(values)) for name, values in parts.items()}
         metrics = retrieval_metrics(gathered["image_embeds"], gathered["text_embeds"], gathered["image_ids"],
                                     gathered["text_ids"])

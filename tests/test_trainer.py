@@ -185,9 +185,14 @@ def test_plain_training_arguments_are_accepted(tmp_path):
     assert isinstance(trainer.args, hs.SiglipTrainingArguments) and trainer.args.adam_beta2 == 0.999
 
 
-def test_an_evaluation_set_with_no_batch_is_a_clear_error(tmp_path):
-    model, _, collator, dataset = tiny_training_setup(n_test=8)
+def test_evaluation_uses_every_row_even_with_drop_last(tmp_path):
+    model, _, collator, dataset = tiny_training_setup(n_test=24)
     args = training_args(tmp_path, per_device_eval_batch_size=16, dataloader_drop_last=True)
     trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, eval_dataset=dataset["test"])
-    with pytest.raises(ValueError, match="evaluation set gave no batch .8 rows"):
-        trainer.evaluate()
+    # 24 images = one batch of 16 + a partial batch of 8: both are embedded and ranked
+    embedded = []
+    model.vision_model.register_forward_hook(lambda module, inputs, output: embedded.append(len(output.pooler_output)))
+    metrics = trainer.evaluate()
+    assert sum(embedded) == 24 and metrics["eval_i2t_unmatched"] == 0
+    with pytest.raises(ValueError, match="evaluation set is empty"):
+        trainer.evaluate(eval_dataset=dataset["test"].select([]))

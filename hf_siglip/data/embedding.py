@@ -63,16 +63,10 @@ def add_image_embeddings(dataset, model, processor, column: str = "image_embeds"
     import datasets
 
     from ._maps import map_new_columns
-    from .images import ImageDecodeError
+    from .images import decode_decodable
 
     def embed_batch(images):
-        decoded, rows = [], []
-        for row, image in enumerate(images):
-            try:
-                decoded.append(decode_image(image))
-                rows.append(row)
-            except ImageDecodeError:
-                pass
+        decoded, rows = decode_decodable(images)
         vectors = [None] * len(images)
         if decoded:
             embeddings = embed_images(model, processor, decoded, batch_size=batch_size, normalize=normalize)

@@ -40,7 +40,7 @@ import numpy as np
 
 from ._maps import map_new_columns
 from .embedding import embed_images, embed_texts
-from .images import ImageDecodeError, decode_image
+from .images import ImageDecodeError, decode_decodable, decode_image
 from .text import normalize_captions
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -232,13 +232,7 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
     def filter_batch(images, *caption_cells):
         normalized = [[normalize_captions(column[i], row=i) for column in caption_cells] for i in range(len(images))]
         candidates = [[c for captions, _ in row for c in captions] for row in normalized]
-        decodable, pil = [], []
-        for i, image in enumerate(images):
-            try:
-                pil.append(decode_image(image))
-                decodable.append(i)
-            except ImageDecodeError:
-                pass
+        pil, decodable = decode_decodable(images)
         image_embeddings = embed_images(model, processor, pil, batch_size=batch_size)
         flat = [c for i in decodable for c in candidates[i]]
         text_embeddings = embed_texts(model, processor, flat, max_length=max_length) if flat else None

@@ -108,3 +108,15 @@ def decode_image(value: Any) -> Image.Image:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(f"{type(error).__name__}: {error}") from error
+
+
+def decode_decodable(values) -> tuple[list[Image.Image], list[int]]:
+    """The values that decode, as RGB images, and their positions; the caller counts or marks the rest."""
+    images, positions = [], []
+    for position, value in enumerate(values):
+        try:
+            images.append(decode_image(value))
+        except ImageDecodeError:
+            continue
+        positions.append(position)
+    return images, positions

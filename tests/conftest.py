@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random SigLIP models saved locally (nothing is downloaded)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -72,3 +73,16 @@ def tiny_training_setup(n_train=64, n_test=32, image_size=16, seed=0, **config_o
     model = hs.SiglipBottleneckModel(config)
     collator = hs.SiglipDataCollator(processor=processor, max_length=12, caption_column="caption")
     return model, processor, collator, dataset
+
+
+def open_clip_siglip_loss_class():
+    """open_clip's SigLipLoss (the test oracle), loaded from its loss.py: `import open_clip` needs torchvision,
+    which is not installed beside CPU torch. None when open_clip_torch is absent."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SigLipLoss

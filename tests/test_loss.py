@@ -1,27 +1,23 @@
 """Single-process tests of the sigmoid loss: the dense reference against a loop over pairs, the tiled
 engine against the dense reference for every option, open_clip parity, numerics and input errors."""
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import open_clip_siglip_loss_class
 
 from hf_siglip import sigmoid_loss
 from hf_siglip.loss import SigmoidLoss, dense_sigmoid_loss
 
 
 def _open_clip_siglip():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
+    loss_class = open_clip_siglip_loss_class()
+    if loss_class is None:
         pytest.skip("open_clip not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.SigLipLoss
+    return loss_class
 
 
 def _unit(n, d, seed):

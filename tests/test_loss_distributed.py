@@ -6,7 +6,6 @@ written per rank to a JSON file and checked by its own pytest test.
 """
 
 import datetime
-import importlib.util
 import json
 import os
 import socket
@@ -18,22 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import open_clip_siglip_loss_class
 
 WORLD_SIZES = (2, 3, 4)
 TOLERANCE = 1e-5
 LAUNCH_DEADLINE_S = 150
-
-
-def _open_clip_loss_class():
-    """open_clip's SigLipLoss loaded from its loss.py (importing open_clip needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.SigLipLoss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,7 +259,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        SigLipLoss = _open_clip_loss_class()
+        SigLipLoss = open_clip_siglip_loss_class()
         for name in PARITY_CASES:
             try:
                 results[name] = _check_parity(name, rank, world, None, SigLipLoss)
@@ -331,7 +319,7 @@ def _results(world, tmp_path_factory):
 @pytest.mark.parametrize("name", PARITY_CASES)
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_ring_matches_dense_and_open_clip(world, name, tmp_path_factory):
-    if name in OPEN_CLIP_CASES and _open_clip_loss_class() is None:
+    if name in OPEN_CLIP_CASES and open_clip_siglip_loss_class() is None:
         pytest.skip("open_clip not installed (the oracle half of this case)")
     per_rank = [r[name] for r in _results(world, tmp_path_factory)]
     assert per_rank == ["ok"] * world, per_rank

@@ -16,9 +16,10 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     """TRL-style parsing: built-in `defaults` < YAML file given by `--config` < command-line flags."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, prog=prog)
+    # allow_abbrev=False: argparse would otherwise take `--learning_rat 0.1` for `--learning_rate`
+    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file whose keys are any of the fields below")
-    config_reader = argparse.ArgumentParser(add_help=False)
+    config_reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_reader.add_argument("--config", default=None)
     config_path = config_reader.parse_known_args(argv)[0].config
     values = dict(defaults or {})
@@ -38,6 +39,9 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
 
 
 def _train(argv: list[str]) -> int:
+    from .launching import prepare_cpu_torchrun
+
+    prepare_cpu_torchrun()  # before the arguments set up devices: torchrun on CPU gets gloo processes
     from .scripts.train import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, format_metrics, run_train
     from .training_args import SiglipTrainingArguments
 

@@ -40,6 +40,23 @@ def _eval_table(metrics: dict[str, float] | None) -> str:
     return "| metric | value |\n|---|---|\n" + rows
 
 
+def _data_table(report: dict | None) -> str:
+    """The data steps' counts (rows dropped or skipped, and why) as a table; nested reports are flattened."""
+    rows = []
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}/{key}" if prefix else str(key), inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append(f"| {prefix} | {value:,} |" if isinstance(value, int) else f"| {prefix} | {value:.4g} |")
+
+    walk("", report or {})
+    if not rows:
+        return "No row was dropped or skipped."
+    return "| step / reason | count |\n|---|---|\n" + "\n".join(rows)
+
+
 def build_model_card(
     model,
     repo_id: str = "path/to/checkpoint",
@@ -53,11 +70,13 @@ def build_model_card(
     training_data: str | None = None,
     training_curve: str | None = None,
     limitations: str = "",
+    data_report: dict | None = None,
 ) -> ModelCard:
     """Fill the package's model card template for `model` (a `SiglipBottleneckModel`).
 
     `metrics` (name -> value) become the evaluation table, the card's `metrics` metadata and, with
     `eval_dataset` named, `model-index` results. `training_curve` is a path relative to the repo root.
+    `data_report` holds the data steps' counts (rows dropped or skipped, per reason).
     """
     datasets = [datasets] if isinstance(datasets, str) else datasets
     model_name = repo_id.split("/")[-1]
@@ -101,6 +120,7 @@ def build_model_card(
         recipe=recipe or "not recorded",
         training_curve=training_curve,
         eval_table=_eval_table(metrics),
+        data_table=_data_table(data_report),
         limitations=limitations,
         native_compatible=model.config.text_config.bottleneck_dim is None and model.config.uses_siglip_vision_tower,
     )

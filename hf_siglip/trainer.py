@@ -16,9 +16,10 @@ one extra forward pass. The loss is not divided by G: it is already the loss of 
 """
 
 import contextlib
+import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch import nn
@@ -27,8 +28,11 @@ from transformers import Trainer, TrainerCallback
 from .data.collator import SiglipDataCollator, collator_epoch_callback
 from .evaluation import retrieval_metrics
 from .hub import build_model_card
+from .launching import check_process_world
 from .loss import sigmoid_loss
 from .training_args import SiglipTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_embeds", "attention_mask", "position_ids")
 # Parameters SigLIP/ViT practice never decays: biases, norms (matched by module type below), the learnable
@@ -107,11 +111,18 @@ class SiglipTrainer(Trainer):
     Logged each `logging_steps`: the global loss, `t`, `b`, `positives_per_image` (over the global batch),
     `logit_positive_mean` / `logit_negative_mean` (over this process's local image x text block).
     `evaluate()` reports the loss and retrieval recall@1/5/10 both ways on the evaluation set.
+
+    Bad rows: the collator's per-batch drop counts (`dropped_rows`) are summed in `data_counts`. A step in
+    which some process's batch has no row left (every image broken, say) is skipped on every process
+    together: no forward, no backward, so the optimizer leaves every weight as it is (parameters without a
+    gradient are not updated) while the step counter and learning-rate schedule move on. Skipped batches and
+    the rows skipped with them are counted; `data_report()` sums the counts over processes.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
         args = _as_siglip_arguments(args)
+        check_process_world(args.world_size)  # the ring loss must span exactly the trainer's processes
         if data_collator is None and processing_class is not None:
             data_collator = SiglipDataCollator(processor=processing_class)
         for tower in _locked_towers(args):
@@ -122,6 +133,7 @@ class SiglipTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._metrics = defaultdict(list)
         self._accumulation_window = []
+        self.data_counts = Counter()  # "train/<reason>", "evaluation/<reason>": rows dropped or skipped
         if args.logit_scale_max is not None:
             self.add_callback(_ClampLogitScale(args.logit_scale_max))
         if hasattr(self.data_collator, "set_epoch"):  # fresh per-epoch caption sampling (FFF)
@@ -204,13 +216,52 @@ class SiglipTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._count_dropped_rows(inputs, "train")
         window = self._accumulation_window
         if len(window) <= 1 or not any(inputs is batch for batch in window):
+            if self._skip_if_any_process_empty([inputs], "train"):
+                return torch.zeros((), device=self.args.device)
             return super().training_step(model, inputs, num_items_in_batch)
         if inputs is not window[-1]:
             # Earlier micro-batches are processed together with the last one (which runs with gradient sync).
             return torch.zeros((), device=self.args.device)
-        return self._embedding_cache_step(model, [self._prepare_inputs(batch) for batch in window])
+        if self._skip_if_any_process_empty(window, "train"):
+            return torch.zeros((), device=self.args.device)
+        micro_batches = [self._prepare_inputs(batch) for batch in window if _batch_rows(batch) > 0]
+        return self._embedding_cache_step(model, micro_batches)
+
+    # --- bad rows --------------------------------------------------------------------------------------
+
+    def _count_dropped_rows(self, inputs, stage: str) -> None:
+        for reason, count in (inputs.pop("dropped_rows", None) or {}).items():
+            self.data_counts[f"{stage}/{reason}"] += int(count)
+
+    def _skip_if_any_process_empty(self, batches, stage: str) -> bool:
+        """True (and counted) when this step's batch has no row on some process: every process then skips
+        it together, since the loss needs rows everywhere and a lone skip would leave the others waiting."""
+        rows = sum(_batch_rows(batch) for batch in batches)
+        fewest = rows
+        if self.accelerator.num_processes > 1:
+            fewest = int(self.accelerator.gather(torch.tensor([rows], device=self.args.device)).min())
+        if fewest > 0:
+            return False
+        if rows == 0:
+            self.data_counts[f"{stage}/empty_batches_skipped"] += 1
+        else:
+            self.data_counts[f"{stage}/rows_skipped_with_another_process_empty_batch"] += rows
+        logger.warning("skipping a %s batch: %s", stage, "every row of this process's batch was dropped" if rows == 0
+                       else "another process's batch has no row left")
+        return True
+
+    def data_report(self) -> dict[str, int]:
+        """`data_counts` summed over all processes (a collective: call it on every process)."""
+        from accelerate.utils import gather_object
+
+        total = Counter()
+        parts = gather_object([dict(self.data_counts)]) if self.accelerator.num_processes > 1 else [self.data_counts]
+        for part in parts:
+            total.update(part)
+        return dict(sorted(total.items()))
 
     def _embedding_cache_step(self, model, micro_batches) -> torch.Tensor:
         model.train()
@@ -290,6 +341,9 @@ class SiglipTrainer(Trainer):
         losses, parts = [], defaultdict(list)
         with torch.no_grad():
             for inputs in dataloader:
+                self._count_dropped_rows(inputs, "evaluation")
+                if self._skip_if_any_process_empty([inputs], "evaluation"):
+                    continue
                 inputs = self._prepare_inputs(inputs)
                 with self.compute_loss_context_manager():
                     loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
@@ -314,6 +368,14 @@ class SiglipTrainer(Trainer):
             return tensor
         flat = self._gather_ragged(tensor.reshape(len(tensor), -1).flatten())
         return flat.view(-1, *tensor.shape[1:])
+
+
+def _batch_rows(batch) -> int:
+    """Images in a collated batch (a custom collator without ids: the first dimension of its image input)."""
+    for key in ("image_ids", "pixel_values", "image_embeds"):
+        if key in batch:
+            return len(batch[key])
+    return 1  # nothing to judge by: assume the batch has rows
 
 
 def _as_siglip_arguments(args) -> SiglipTrainingArguments:

@@ -77,3 +77,8 @@ class SiglipTrainingArguments(TrainingArguments):
             raise ValueError("lock_text_tower and lock_vision_tower are both set: nothing would be trained.")
         if self.loss_options is None:
             self.loss_options = {}
+        if not isinstance(self.loss_options, dict):
+            raise ValueError(f"loss_options must be a mapping of sigmoid_loss options, got {self.loss_options!r}")
+        from .loss import _parse_options
+
+        _parse_options(self.loss_options, caller="loss_options")  # an unknown key or bad value fails here, not at step 1

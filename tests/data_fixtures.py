@@ -109,3 +109,19 @@ def write_broken_image_folder(root: Path, seed: int = 0) -> dict:
         for name, caption, _ in rows:
             handle.write(json.dumps({"file_name": name, "caption": caption}) + "\n")
     return {name: outcome for name, _, outcome in rows}
+
+
+def write_image_folder(root: Path, rows, size: int = 16, seed: int = 0) -> Path:
+    """An imagefolder of real files: ``rows`` holds ``(kind, caption)`` with kind "good" (a random RGB PNG) or
+    "garbage" (bytes that are no image); the caption (a string, a list or None) goes to ``metadata.jsonl``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metadata.jsonl", "w") as handle:
+        for index, (kind, caption) in enumerate(rows):
+            name = f"{index:04d}.png"
+            if kind == "good":
+                random_rgb(rng, size).save(root / name)
+            else:
+                (root / name).write_bytes(b"this is not an image" * 8)
+            handle.write(json.dumps({"file_name": name, "caption": caption}) + "\n")
+    return root

@@ -11,21 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import RECIPES, TINY, flags
 from conftest import tiny_training_setup
 from data_fixtures import save_tiny_blip_captioner
 from transformers import SiglipModel
 
 from hf_siglip.cli import main as cli_main
-
-RECIPES = Path(__file__).parent.parent / "recipes"
-TINY = dict(demo_train_size=32, demo_test_size=16, demo_image_size=16, image_size=16, max_steps=2,
-            per_device_train_batch_size=16, per_device_eval_batch_size=16, hidden_size=32, intermediate_size=48,
-            num_hidden_layers=1, num_attention_heads=2, patch_size=8, max_length=12, logging_steps=1,
-            use_cpu="true", bf16="false")
-
-
-def flags(values: dict) -> list[str]:
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
 @pytest.fixture(scope="module")

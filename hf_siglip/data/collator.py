@@ -27,7 +27,10 @@ Bad rows (policies; counts in ``collator.stats`` and a ``logging`` warning per a
 * a configured column missing from a row: **raises** ``KeyError`` naming the column and the row's columns;
 * a non-string caption: **raises** ``TypeError`` naming the row.
 
-If every row of a batch is dropped the tensors are empty (``B = T = 0``) rather than an exception.
+If every row of a batch is dropped the tensors are empty (``B = T = 0``) rather than an exception
+(``SiglipTrainer`` then skips the step on every process together and counts it). Each batch also
+carries ``dropped_rows``, a dict of this batch's drop counts by reason (empty when nothing was
+dropped), so counts made in DataLoader workers reach the trainer's data report.
 
 Use with ``transformers.Trainer``: set ``remove_unused_columns=False`` (the image/caption columns are
 not arguments of the model's ``forward``). ``set_epoch`` changes this object; ``DataLoader`` workers
@@ -136,7 +139,7 @@ class SiglipDataCollator:
         self.stats["empty_captions_dropped"] += dropped
         return captions
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
         use_embeds = bool(rows) and self.image_embeds_column in rows[0]
         images, embeds, image_ids, texts, text_ids = [], [], [], [], []
         dropped = Counter()
@@ -170,7 +173,9 @@ class SiglipDataCollator:
         self.stats["rows_collated"] += len(image_ids)
         self.stats["texts_collated"] += len(texts)
 
-        batch: dict[str, torch.Tensor] = {}
+        # The drop counts ride with the batch: DataLoader workers hold copies of this collator, so its
+        # `stats` miss what they saw; the trainer sums these into its data report.
+        batch: dict[str, Any] = {"dropped_rows": dict(dropped)}
         if use_embeds:
             batch["image_embeds"] = torch.from_numpy(np.stack(embeds)) if embeds else torch.zeros(0, 0)
         else:

@@ -3,7 +3,9 @@
 :func:`load_image_text_dataset` accepts:
 
 * a folder of images with ``metadata.jsonl`` / ``metadata.csv`` (the ``imagefolder`` convention:
-  ``file_name`` plus a caption column holding a string or a list of strings);
+  ``file_name`` plus a caption column holding a string or a list of strings), or a folder of split
+  folders (``train/``, ``dev/``, ``test/``...) each with its own metadata file, as ``datasets`` loads it
+  (``dev/`` and ``val/`` become the ``validation`` split);
 * a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
 * a folder (or single file) of ``.parquet`` / ``.arrow`` / ``.jsonl`` / ``.csv`` files;
 * anything else is passed to ``datasets.load_dataset`` (a hub id, a builder name, a local script).
@@ -16,6 +18,8 @@ Policies:
   path, so a truncated or garbage file cannot crash iteration inside ``datasets``; the collator decodes
   it and skips undecodable rows with a counted warning (:mod:`hf_siglip.data.images`). Pass
   ``decode_images=True`` for PIL images (an undecodable file then raises in ``datasets`` on access);
+* a line of ``metadata.jsonl`` that is not a JSON object: **raises** ``ValueError`` naming the file and
+  the line number;
 * caption cells are not rewritten here; None / empty / whitespace captions are handled where captions
   are used (collator, caption sampler; :mod:`hf_siglip.data.text`).
 """
@@ -36,8 +40,20 @@ def _is_saved_to_disk(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
+_METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+# datasets' own split names for common folder names (its data-files patterns map these the same way)
+_SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test", "eval"),
+                  "train": ("train", "training")}
+
+
+def _metadata_files(path: Path) -> list[Path]:
+    """Metadata files of an imagefolder: at the top, or one per split folder."""
+    top = [path / name for name in _METADATA_NAMES if (path / name).exists()]
+    return top or sorted(p for name in _METADATA_NAMES for p in path.glob(f"*/{name}"))
+
+
 def _folder_builder(path: Path) -> tuple[str, dict]:
-    if any((path / name).exists() for name in ("metadata.jsonl", "metadata.csv", "metadata.parquet")):
+    if _metadata_files(path):
         return "imagefolder", {"data_dir": str(path)}
     for suffix, builder in _FILE_BUILDERS.items():
         files = sorted(str(p) for p in path.rglob(f"*{suffix}"))
@@ -64,13 +80,14 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
     if path.is_dir() and _is_saved_to_disk(path):
         dataset = datasets.load_from_disk(str(path))
         if split is not None and isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
+            dataset = select_split(dataset, split, str(path))
         if streaming:
             dataset = (datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dataset.items()})
                        if isinstance(dataset, datasets.DatasetDict) else dataset.to_iterable_dataset())
     else:
-        if path.is_dir() and _has_mixed_caption_types(path / "metadata.jsonl", caption_column):
-            dataset = _load_mixed_metadata(path, image_column, caption_column, split, streaming)
+        metadata = [file for file in _metadata_files(path) if file.suffix == ".jsonl"] if path.is_dir() else []
+        if any([_has_mixed_caption_types(file, caption_column) for file in metadata]):  # reads (checks) them all
+            dataset = _load_mixed_metadata(metadata, image_column, caption_column, split, streaming)
             builder = None
         elif path.is_dir():
             builder, kwargs = _folder_builder(path)
@@ -90,46 +107,78 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
     return dataset
 
 
-def _has_mixed_caption_types(metadata: Path, caption_column: str) -> bool:
-    """True when ``metadata.jsonl`` mixes plain-string and list captions (pyarrow refuses such a column)."""
-    if not metadata.exists():
-        return False
-    kinds = set()
+def _metadata_rows(metadata: Path):
+    """(line number, row) for each non-blank line; a line that is not a JSON object raises naming file and line."""
     with open(metadata, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                value = json.loads(line).get(caption_column)
-                if value is not None:
-                    kinds.add(isinstance(value, str))
-            if len(kinds) > 1:
-                return True
-    return False
-
-
-def _load_mixed_metadata(path: Path, image_column: str, caption_column: str, split, streaming):
-    """imagefolder fallback for a caption column mixing strings and lists: every cell becomes a list
-    (a string -> one-element list; None stays None and is counted where captions are used)."""
-    rows = []
-    with open(path / "metadata.jsonl", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{metadata} line {line_number}: not valid JSON ({error.msg} at column "
+                                 f"{error.colno}): {line.strip()[:80]!r}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{metadata} line {line_number}: expected a JSON object with file_name and the "
+                                 f"caption, got {type(row).__name__}")
+            yield line_number, row
+
+
+def _has_mixed_caption_types(metadata: Path, caption_column: str) -> bool:
+    """True when ``metadata.jsonl`` mixes plain-string and list captions (pyarrow refuses such a column).
+    Reads every line, so a malformed one is reported here with its file and line number."""
+    kinds = set()
+    for _, row in _metadata_rows(metadata):
+        value = row.get(caption_column)
+        if value is not None:
+            kinds.add(isinstance(value, str))
+    return len(kinds) > 1
+
+
+def _split_name(folder: str) -> str:
+    return next((split for split, aliases in _SPLIT_ALIASES.items() if folder.lower() in aliases), folder)
+
+
+def _load_mixed_metadata(metadata_files: list[Path], image_column: str, caption_column: str, split, streaming):
+    """imagefolder fallback for a caption column mixing strings and lists: every cell becomes a list
+    (a string -> one-element list; None stays None and is counted where captions are used). A top-level
+    metadata file is the 'train' split; a split folder's file is that split."""
+    parts = {}
+    for metadata in metadata_files:
+        rows = []
+        for line_number, row in _metadata_rows(metadata):
             if "file_name" not in row:
-                raise KeyError(f"{path / 'metadata.jsonl'} line {line_number}: no 'file_name'")
-            row[image_column] = str(path / row.pop("file_name"))
+                raise KeyError(f"{metadata} line {line_number}: no 'file_name'")
+            row[image_column] = str(metadata.parent / row.pop("file_name"))
             if isinstance(row.get(caption_column), str):
                 row[caption_column] = [row[caption_column]]
             rows.append(row)
-    dataset = datasets.Dataset.from_list(rows).cast_column(image_column, datasets.Image())
-    if split not in (None, "train"):
-        raise ValueError(f"{path} holds one split ('train'), not {split!r}")
-    if split is None:
-        dataset = datasets.DatasetDict({"train": dataset})
+        top_level = len(metadata_files) == 1 and not any(metadata.parent.name.lower() in aliases
+                                                           for aliases in _SPLIT_ALIASES.values())
+        name = "train" if top_level else _split_name(metadata.parent.name)
+        parts[name] = datasets.Dataset.from_list(rows).cast_column(image_column, datasets.Image())
+    dataset = datasets.DatasetDict(parts)
+    if split is not None:
+        dataset = select_split(dataset, split, str(metadata_files[0].parent))
     if streaming:
         dataset = (datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dataset.items()})
                    if isinstance(dataset, datasets.DatasetDict) else dataset.to_iterable_dataset())
     return dataset
+
+
+def select_split(splits, name: str, source: str = "the dataset"):
+    """``splits[name]``, accepting datasets' aliases ('dev' / 'val' find 'validation' and back); a plain
+    Dataset is the 'train' split. Raises ``KeyError`` listing the splits there are."""
+    if not isinstance(splits, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        splits = {"train": splits}
+    if name in splits:
+        return splits[name]
+    for aliases in _SPLIT_ALIASES.values():
+        if name.lower() in aliases:
+            for alias in aliases:
+                if alias in splits:
+                    return splits[alias]
+    raise KeyError(f"{source} has no split {name!r}; its splits are {sorted(splits)}")
 
 
 def check_columns(dataset, columns) -> None:

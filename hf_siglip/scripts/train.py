@@ -7,9 +7,10 @@ the embedded demo dataset (`DEMO_TRAINING_DEFAULTS`). Under `accelerate launch` 
 on many processes.
 """
 
+import glob
 import logging
 import os
-from dataclasses import dataclass, field
+import shutil
 
 import torch
 
@@ -19,18 +20,21 @@ from ..data import (
     add_image_ids,
     load_image_text_dataset,
     make_demo_dataset,
+    normalize_captions,
 )
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import add_image_embeddings, embed_images
+from ..data.loading import select_split
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
+from ..launching import check_process_world
 from ..modeling_siglip_bottleneck import SiglipBottleneckModel
 from ..processing import build_processor, train_caption_tokenizer
 from ..trainer import SiglipTrainer
 from ..training_args import SiglipTrainingArguments
+from .arguments import AUTO, DEMO, SiglipModelArguments, SiglipScriptArguments, validate_arguments
 
 logger = logging.getLogger(__name__)
 
-DEMO = "demo"
 # Training defaults for the embedded demo (a YAML recipe or flags override each of them).
 DEMO_TRAINING_DEFAULTS = dict(
     output_dir="outputs/siglip-demo",
@@ -49,89 +53,45 @@ DEMO_TRAINING_DEFAULTS = dict(
 )
 
 
-@dataclass
-class SiglipScriptArguments:
-    """Where the data comes from and how it is prepared before training."""
-
-    dataset: str = field(default=DEMO, metadata={
-        "help": "'demo' (the embedded dataset), a local image folder with metadata.jsonl, a parquet/arrow/"
-                "save_to_disk folder, or any datasets.load_dataset spec."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(default="test", metadata={"help": "Split to evaluate on (None: no evaluation)."})
-    image_column: str = field(default="image", metadata={"help": "Image column."})
-    caption_column: str = field(default="caption", metadata={
-        "help": "Caption column (a string or a list of strings per row)."})
-    max_length: int = field(default=16, metadata={"help": "Text length in tokens (padded/truncated)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
-    demo_train_size: int = field(default=4000, metadata={"help": "Demo: number of training images."})
-    demo_test_size: int = field(default=500, metadata={"help": "Demo: number of held-out images."})
-    demo_image_size: int = field(default=32, metadata={"help": "Demo: image side in pixels."})
-    captions_per_image: int | None = field(default=None, metadata={
-        "help": "FFF batch text augmentation: k captions per image drawn each epoch from the caption and "
-                "pseudo-caption columns (None: every caption of the row)."})
-    pseudo_caption_model: str | None = field(default=None, metadata={
-        "help": "An image-to-text checkpoint (BLIP, BLIP-2, GIT...) that adds pseudo-captions before training."})
-    num_pseudo_captions: int = field(default=3, metadata={"help": "Pseudo-captions sampled per image."})
-    cat_filter: bool = field(default=False, metadata={"help": "Apply DiHT's CAT filter to the training data."})
-    cat_min_complexity: int | None = field(default=2, metadata={"help": "CAT: minimum caption complexity."})
-    cat_require_action: bool = field(default=True, metadata={"help": "CAT: require a verb with a subject."})
-    cat_text_spotting: bool = field(default=True, metadata={"help": "CAT: drop captions that spell text in the image."})
-    cache_image_embeddings: bool = field(default=False, metadata={
-        "help": "SigLiT: embed every training image once with the (locked) vision tower and train on the cached "
-                "embeddings; requires lock_vision_tower."})
-    label_noise: float = field(default=0.0, metadata={"help": "SigLIP 4.10: fraction of rows to corrupt."})
-    zero_shot_classes: list[str] | None = field(default=None, metadata={
-        "help": "Class names for zero-shot evaluation (demo: its 30 colour-shape classes)."})
-    zero_shot_templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with '{}'."})
-    label_column: str = field(default="label", metadata={"help": "Zero-shot label column (class index)."})
-    recipe: str | None = field(default=None, metadata={"help": "Recipe name, recorded in the model card."})
-
-
-@dataclass
-class SiglipModelArguments:
-    """Which model to train: a checkpoint, separately pretrained towers, or a new small model."""
-
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "A SigLIP checkpoint (native google/siglip-* format or ours) to fine-tune."})
-    vision_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Pretrained vision backbone (any HF vision model) for a new dual encoder."})
-    text_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Pretrained SigLIP text tower for a new dual encoder (else a new text tower)."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={
-        "help": "Tokenizer to use (else the checkpoint's, or one trained on the training captions)."})
-    vocab_size: int = field(default=1000, metadata={"help": "New tokenizer: maximum vocabulary size."})
-    hidden_size: int = field(default=128, metadata={"help": "New towers: width."})
-    intermediate_size: int = field(default=256, metadata={"help": "New towers: MLP width."})
-    num_hidden_layers: int = field(default=2, metadata={"help": "New towers: layers."})
-    num_attention_heads: int = field(default=4, metadata={"help": "New towers: attention heads."})
-    patch_size: int = field(default=8, metadata={"help": "New vision tower: patch size."})
-    image_size: int | None = field(default=None, metadata={"help": "New vision tower: input size (demo: its size)."})
-    bottleneck_dim: int | None = field(default=None, metadata={"help": "Bottleneck token embeddings K (None: off)."})
-    logit_bias_init_value: float = field(default=-10.0, metadata={"help": "Initial b for new heads."})
-
-
 def load_splits(script_args: SiglipScriptArguments):
-    """(train, eval or None) datasets; the demo is generated in-process."""
+    """(train, eval or None) datasets; the demo is generated in-process.
+
+    `eval_split="auto"` takes 'test', else 'validation' (datasets' name for a dev/ or val/ folder), else
+    none; a named split that does not exist is an error listing the splits there are.
+    """
     if script_args.dataset == DEMO:
         splits = make_demo_dataset(n_train=script_args.demo_train_size, n_test=script_args.demo_test_size,
                                    image_size=script_args.demo_image_size, seed=0)
-        train, evaluation = splits["train"], splits["test"]
     else:
-        def load(split):
-            return load_image_text_dataset(script_args.dataset, split=split, image_column=script_args.image_column,
-                                           caption_column=script_args.caption_column)
-        train = load(script_args.train_split)
-        evaluation = load(script_args.eval_split) if script_args.eval_split else None
-        if "image_id" not in train.column_names:
-            train = add_image_ids(train)
-        if evaluation is not None and "image_id" not in evaluation.column_names:
-            evaluation = add_image_ids(evaluation, offset=len(train))
+        splits = load_image_text_dataset(script_args.dataset, split=None, image_column=script_args.image_column,
+                                         caption_column=script_args.caption_column)
+    train = select_split(splits, script_args.train_split, script_args.dataset)
+    evaluation = None
+    if script_args.eval_split == AUTO:
+        evaluation = next((select_split(splits, name, script_args.dataset) for name in ("test", "validation")
+                           if _has_split(splits, name)), None)
+        if evaluation is None:
+            logger.warning("%s has no 'test' or 'validation' split: no evaluation (set --eval_split to choose one)",
+                           script_args.dataset)
+    elif script_args.eval_split is not None:
+        evaluation = select_split(splits, script_args.eval_split, script_args.dataset)
+    if "image_id" not in train.column_names:
+        train = add_image_ids(train)
+    if evaluation is not None and "image_id" not in evaluation.column_names:
+        evaluation = add_image_ids(evaluation, offset=len(train))
     if script_args.max_train_samples is not None:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
     return train, evaluation
+
+
+def _has_split(splits, name: str) -> bool:
+    try:
+        select_split(splits, name)
+        return True
+    except KeyError:
+        return False
 
 
 def prepare_training_data(train, script_args: SiglipScriptArguments, seed: int):
@@ -160,7 +120,10 @@ def prepare_training_data(train, script_args: SiglipScriptArguments, seed: int):
     return train, report
 
 
-def build_model_and_processor(model_args: SiglipModelArguments, train, script_args: SiglipScriptArguments):
+def build_model_and_processor(model_args: SiglipModelArguments, train, script_args: SiglipScriptArguments,
+                              report: dict | None = None, resume_from: str | None = None):
+    """(model, processor). When resuming, the processor (the trained tokenizer included) comes from the checkpoint;
+    the weights are restored by the trainer. Captions dropped while training a tokenizer go to `report`."""
     from transformers import AutoProcessor, AutoTokenizer
 
     if model_args.model_name_or_path:
@@ -168,21 +131,29 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
         processor = AutoProcessor.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
         return model, processor
 
-    image_size = model_args.image_size or script_args.demo_image_size
-    if model_args.tokenizer_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
-    elif model_args.text_model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.text_model_name_or_path)
+    saved_processor = resume_from and os.path.exists(os.path.join(resume_from, "processor_config.json"))
+    if saved_processor:
+        processor = AutoProcessor.from_pretrained(resume_from)
+        tokenizer = processor.tokenizer
     else:
-        tokenizer = train_caption_tokenizer(_iter_captions(train, script_args.caption_column),
-                                            vocab_size=model_args.vocab_size, model_max_length=script_args.max_length)
-    processor = build_processor(tokenizer, image_size=image_size)
+        if model_args.tokenizer_name_or_path:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+        elif model_args.text_model_name_or_path:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.text_model_name_or_path)
+        else:
+            counts = {"captions_dropped": 0}
+            tokenizer = train_caption_tokenizer(_iter_captions(train, script_args.caption_column, counts),
+                                                vocab_size=model_args.vocab_size,
+                                                model_max_length=script_args.max_length)
+            if report is not None:
+                report["tokenizer_training"] = counts
+        processor = build_processor(tokenizer, image_size=model_args.image_size)
     towers = dict(hidden_size=model_args.hidden_size, intermediate_size=model_args.intermediate_size,
                   num_hidden_layers=model_args.num_hidden_layers, num_attention_heads=model_args.num_attention_heads)
     text_config = dict(vocab_size=len(tokenizer), max_position_embeddings=script_args.max_length,
                        bottleneck_dim=model_args.bottleneck_dim, bos_token_id=None, eos_token_id=None,
                        pad_token_id=tokenizer.pad_token_id, **towers)
-    vision_config = dict(image_size=image_size, patch_size=model_args.patch_size, **towers)
+    vision_config = dict(image_size=model_args.image_size, patch_size=model_args.patch_size, **towers)
     model = SiglipBottleneckModel.from_vision_text_pretrained(
         vision_model_name_or_path=model_args.vision_model_name_or_path,
         text_model_name_or_path=model_args.text_model_name_or_path,
@@ -193,9 +164,13 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
     return model, processor
 
 
-def _iter_captions(dataset, column):
-    for cell in dataset.select_columns([column])[column]:
-        yield from ([cell] if isinstance(cell, str) else [c for c in cell if isinstance(c, str)])
+def _iter_captions(dataset, column, counts: dict):
+    """Every usable caption of `column`; None / empty ones are skipped and counted in `counts` (the collator
+    drops such rows again, and counts them, when it meets them)."""
+    for row, cell in enumerate(dataset.select_columns([column])[column]):
+        captions, dropped = normalize_captions(cell, row=row)
+        counts["captions_dropped"] += dropped
+        yield from captions
 
 
 def zero_shot_evaluation(model, processor, evaluation, script_args: SiglipScriptArguments) -> dict:
@@ -233,15 +208,64 @@ def save_training_curves(log_history: list[dict], path: str) -> str | None:
     return path
 
 
+def resolve_resume(training_args: SiglipTrainingArguments, overwrite_output_dir: bool) -> str | None:
+    """The checkpoint to resume from (`--resume_from_checkpoint PATH|true`), or None for a fresh start.
+
+    A fresh start into an output_dir that holds checkpoints is refused unless `overwrite_output_dir`, which then
+    deletes them (a stale checkpoint-N left beside the new run's would be what `true` resumes next time).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    requested = training_args.resume_from_checkpoint
+    if isinstance(requested, str) and requested.strip().lower() in ("", "false", "none", "no"):
+        requested = None
+    output_dir = training_args.output_dir
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if requested is None:
+        if last is not None and not overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {output_dir} holds checkpoints (latest: {os.path.basename(last)}) and a fresh run would "
+                f"write over them. Continue the run with --resume_from_checkpoint true (or a checkpoint path), or "
+                f"start afresh with --overwrite_output_dir true (deletes its checkpoint-* folders).")
+        if last is not None:
+            with training_args.main_process_first(desc="deleting old checkpoints"):
+                if training_args.process_index == 0:
+                    for folder in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+                        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    if str(requested).strip().lower() in ("true", "yes", "1"):
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint true: output_dir {output_dir} holds no checkpoint-* folder "
+                             "to resume from (checkpoints are written with --save_strategy steps|epoch)")
+        return last
+    if not os.path.isfile(os.path.join(requested, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {requested}: not a checkpoint folder (no trainer_state.json)")
+    return requested
+
+
+def seed_everything(training_args: SiglipTrainingArguments) -> None:
+    """Seed before anything random is built (model init, tokenizer, data steps), as the Trainer would."""
+    from transformers import enable_full_determinism, set_seed
+
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
+
+
 def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArguments,
               training_args: SiglipTrainingArguments) -> dict:
     """The whole job; returns the evaluation metrics (also written to output_dir/eval_results.json)."""
+    validate_arguments(script_args, model_args, training_args)  # before any data is read
+    check_process_world(training_args.world_size)
+    resume_from = resolve_resume(training_args, script_args.overwrite_output_dir)
+    seed_everything(training_args)
+
     train, evaluation = load_splits(script_args)
     train, data_report = prepare_training_data(train, script_args, training_args.seed)
-    model, processor = build_model_and_processor(model_args, train, script_args)
+    model, processor = build_model_and_processor(model_args, train, script_args, data_report, resume_from)
+    processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
     if script_args.cache_image_embeddings:
-        if not training_args.lock_vision_tower:
-            raise ValueError("cache_image_embeddings needs lock_vision_tower: a trained tower's embeddings change.")
         with training_args.main_process_first(desc="caching image embeddings"):
             train = add_image_embeddings(train, model, processor, image_column=script_args.image_column)
         train = train.remove_columns(script_args.image_column)
@@ -256,7 +280,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
                                        image_column=script_args.image_column, caption_column=script_args.caption_column)
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,
                             eval_dataset=evaluation, processing_class=processor)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
 
     metrics = {}
     if evaluation is not None:
@@ -269,10 +293,12 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         metrics["eval_i2t_chance_recall@1"] = chance_recall(n_images * captions_per_image, captions_per_image, 1)
         metrics["eval_t2i_chance_recall@1"] = chance_recall(n_images, 1, 1)
         trainer.log({key: value for key, value in metrics.items() if "zero_shot" in key or "chance" in key})
+    data_report.update(trainer.data_report())  # collective: every process
 
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
         trainer.save_model(training_args.output_dir)
+        trainer.save_state()  # trainer_state.json: the whole log history, resumed runs included
         curve = save_training_curves(trainer.state.log_history,
                                      os.path.join(training_args.output_dir, "training_curves.png"))
         trainer.card_info.update(
@@ -281,6 +307,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
             recipe=script_args.recipe or "hf-siglip train defaults",
             training_curve=os.path.basename(curve) if curve else None,
             base_model=model_args.model_name_or_path,
+            data_report=data_report,
         )
         trainer.create_model_card()
         to_json({"metrics": metrics, "data": data_report}, os.path.join(training_args.output_dir, "eval_results.json"))
@@ -295,4 +322,5 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "run_train"]
+__all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_splits", "resolve_resume",
+           "run_train"]

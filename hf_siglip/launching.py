@@ -1,0 +1,52 @@
+"""Launchers and the world of processes: the trainer's idea of it must be torch.distributed's.
+
+The ring loss runs over torch.distributed's default group. If a launcher started several processes but the
+Trainer believes it is alone (`torchrun` on a CPU machine without `use_cpu`, where accelerate picks no
+backend), each process would train its own model on all the data while the loss spans them all: silently
+wrong. `check_process_world` turns that into an error at start; `prepare_cpu_torchrun` makes the common
+case (torchrun on a machine without GPUs) work the way `ACCELERATE_USE_CPU=1 accelerate launch` does.
+"""
+
+import os
+
+LAUNCH_HELP = (
+    "launch with `accelerate launch --num_processes N -m hf_siglip train ...` (on CPU: "
+    "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...), with `torchrun --nproc_per_node N "
+    "-m hf_siglip train ...`, or with plain `python -m hf_siglip train` / `hf-siglip train` for one process"
+)
+
+
+def _launcher_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def prepare_cpu_torchrun() -> None:
+    """Under torchrun (or any launcher setting WORLD_SIZE > 1) on a machine without an accelerator, ask
+    accelerate for its CPU (gloo) multi-process mode, read by `TrainingArguments` from ACCELERATE_USE_CPU."""
+    import torch
+
+    if _launcher_world_size() > 1 and "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+
+def process_world_mismatch(trainer_world_size: int) -> str | None:
+    """A message when torch.distributed or the launcher's WORLD_SIZE disagree with the trainer's world size."""
+    import torch.distributed as dist
+
+    worlds = {"the launcher (WORLD_SIZE)": _launcher_world_size()}
+    if dist.is_available() and dist.is_initialized():
+        worlds["torch.distributed"] = dist.get_world_size()
+    for who, size in worlds.items():
+        if size != trainer_world_size:
+            return (f"{who} has {size} processes but the trainer sees {trainer_world_size}: each process would "
+                    f"train its own model while the loss spans them all. Stop and {LAUNCH_HELP}.")
+    return None
+
+
+def check_process_world(trainer_world_size: int) -> None:
+    problem = process_world_mismatch(trainer_world_size)
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+__all__ = ["check_process_world", "prepare_cpu_torchrun", "process_world_mismatch"]

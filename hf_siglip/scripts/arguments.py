@@ -1,0 +1,215 @@
+"""The fields of `hf-siglip train` / `eval` beyond `SiglipTrainingArguments`, and their validation.
+
+`validate_arguments` checks the whole configuration before any data is loaded or any tokenizer is trained,
+with messages that name the field and the allowed values: a mistake costs seconds, not a data pass.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+DEMO = "demo"
+AUTO = "auto"
+# SigLIP's base resolution: a new vision tower on user data without --image_size gets it (logged).
+DEFAULT_IMAGE_SIZE = 224
+# Text length of a new model when neither the flag nor a checkpoint says otherwise (the demo's captions fit).
+DEFAULT_MAX_LENGTH = 16
+TOWERS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+
+
+def _none_if_spelled_none(value):
+    """`--eval_split None` arrives as the string "None": the help promises it disables evaluation."""
+    return None if isinstance(value, str) and value.strip().lower() in ("none", "") else value
+
+
+@dataclass
+class SiglipScriptArguments:
+    """Where the data comes from and how it is prepared before training."""
+
+    dataset: str = field(default=DEMO, metadata={
+        "help": "'demo' (the embedded dataset), a local image folder with metadata.jsonl (or train/ dev/ test/ "
+                "folders each with their own), a parquet/arrow/save_to_disk folder, or any datasets.load_dataset spec."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default=AUTO, metadata={
+        "help": "Split to evaluate on. 'auto': 'test', else 'validation' (a dev/ folder), else no evaluation. "
+                "None: no evaluation."})
+    image_column: str = field(default="image", metadata={"help": "Image column."})
+    caption_column: str = field(default="caption", metadata={
+        "help": "Caption column (a string or a list of strings per row)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": f"Text length in tokens (padded/truncated). Default: the checkpoint's training length, else "
+                f"{DEFAULT_MAX_LENGTH}."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    demo_train_size: int = field(default=4000, metadata={"help": "Demo: number of training images."})
+    demo_test_size: int = field(default=500, metadata={"help": "Demo: number of held-out images."})
+    demo_image_size: int = field(default=32, metadata={"help": "Demo: image side in pixels."})
+    captions_per_image: int | None = field(default=None, metadata={
+        "help": "FFF batch text augmentation: k captions per image drawn each epoch from the caption and "
+                "pseudo-caption columns (None: every caption of the row)."})
+    pseudo_caption_model: str | None = field(default=None, metadata={
+        "help": "An image-to-text checkpoint (BLIP, BLIP-2, GIT...) that adds pseudo-captions before training."})
+    num_pseudo_captions: int = field(default=3, metadata={"help": "Pseudo-captions sampled per image."})
+    cat_filter: bool = field(default=False, metadata={"help": "Apply DiHT's CAT filter to the training data."})
+    cat_min_complexity: int | None = field(default=2, metadata={"help": "CAT: minimum caption complexity."})
+    cat_require_action: bool = field(default=True, metadata={"help": "CAT: require a verb with a subject."})
+    cat_text_spotting: bool = field(default=True, metadata={"help": "CAT: drop captions that spell text in the image."})
+    cache_image_embeddings: bool = field(default=False, metadata={
+        "help": "SigLiT: embed every training image once with the (locked) vision tower and train on the cached "
+                "embeddings; requires lock_vision_tower."})
+    label_noise: float = field(default=0.0, metadata={"help": "SigLIP 4.10: fraction of rows to corrupt."})
+    zero_shot_classes: list[str] | None = field(default=None, metadata={
+        "help": "Class names for zero-shot evaluation (demo: its 30 colour-shape classes)."})
+    zero_shot_templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with '{}'."})
+    label_column: str = field(default="label", metadata={"help": "Zero-shot label column (class index)."})
+    recipe: str | None = field(default=None, metadata={"help": "Recipe name, recorded in the model card."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in an output_dir that holds checkpoints, deleting its checkpoint-* folders. Without "
+                "it (or --resume_from_checkpoint) such a run refuses to start."})
+
+    def __post_init__(self):
+        self.eval_split = _none_if_spelled_none(self.eval_split)
+
+
+@dataclass
+class SiglipModelArguments:
+    """Which model to train: a checkpoint, separately pretrained towers, or a new small model."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A SigLIP checkpoint (native google/siglip-* format or ours) to fine-tune."})
+    vision_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained vision backbone (any HF vision model) for a new dual encoder."})
+    text_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained SigLIP text tower for a new dual encoder (else a new text tower)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer to use (else the checkpoint's, or one trained on the training captions)."})
+    vocab_size: int = field(default=1000, metadata={"help": "New tokenizer: maximum vocabulary size."})
+    hidden_size: int = field(default=128, metadata={"help": "New towers: width."})
+    intermediate_size: int = field(default=256, metadata={"help": "New towers: MLP width."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "New towers: layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "New towers: attention heads."})
+    patch_size: int = field(default=8, metadata={"help": "New vision tower: patch size."})
+    image_size: int | None = field(default=None, metadata={
+        "help": f"New vision tower: input size (demo: its image size; other data: {DEFAULT_IMAGE_SIZE}). "
+                "With a checkpoint: its own size (a different value is an error)."})
+    bottleneck_dim: int | None = field(default=None, metadata={"help": "Bottleneck token embeddings K (None: off)."})
+    logit_bias_init_value: float = field(default=-10.0, metadata={"help": "Initial b for new heads."})
+
+
+def _positive(name: str, value, allow_none: bool = False) -> list[str]:
+    if value is None and allow_none:
+        return []
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return [f"{name} must be a positive integer, got {value!r}"]
+    return []
+
+
+def _checkpoint_config(path: str, what: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{what}={path!r} is not a model checkpoint folder or Hub id: {error}") from None
+
+
+def checkpoint_text_length(checkpoint: str) -> int | None:
+    """The text length a checkpoint was trained with: its tokenizer's `model_max_length` (what `hf-siglip train`
+    records, and what released SigLIP tokenizers hold), else its text tower's position count."""
+    from transformers import AutoTokenizer
+
+    try:
+        length = AutoTokenizer.from_pretrained(checkpoint).model_max_length
+    except (OSError, ValueError, TypeError):
+        length = None
+    if length is not None and 0 < length < 100_000:  # transformers' "unset" is a huge sentinel
+        return int(length)
+    config = _checkpoint_config(checkpoint, "checkpoint")
+    text_config = getattr(config, "text_config", config)
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipModelArguments,
+                       training_args) -> None:
+    """Raise one `ValueError` listing every problem found in the configuration, before any data is loaded.
+
+    Fills what the configuration leaves to be derived: `max_length` (from the checkpoint or the default) and
+    `image_size` (from the checkpoint, the demo, or SigLIP's 224).
+    """
+    problems = []
+    for name in ("demo_train_size", "demo_test_size", "demo_image_size", "num_pseudo_captions"):
+        problems += _positive(name, getattr(script_args, name))
+    for name in ("max_train_samples", "max_eval_samples", "captions_per_image", "max_length"):
+        problems += _positive(name, getattr(script_args, name), allow_none=True)
+    for name in ("vocab_size",) + TOWERS:
+        problems += _positive(name, getattr(model_args, name))
+    problems += _positive("image_size", model_args.image_size, allow_none=True)
+    if not 0.0 <= script_args.label_noise <= 1.0:
+        problems.append(f"label_noise is a fraction of rows in [0, 1], got {script_args.label_noise!r}")
+    if script_args.cache_image_embeddings and not training_args.lock_vision_tower:
+        problems.append("cache_image_embeddings needs lock_vision_tower: a trained tower's embeddings change")
+    for name in ("image_column", "caption_column", "train_split"):
+        if not getattr(script_args, name):
+            problems.append(f"{name} must be a non-empty string")
+    if model_args.model_name_or_path and (model_args.vision_model_name_or_path or model_args.text_model_name_or_path):
+        problems.append("model_name_or_path loads a whole dual encoder: drop vision_model_name_or_path / "
+                        "text_model_name_or_path, or drop model_name_or_path to assemble one from towers")
+    if model_args.num_attention_heads and model_args.hidden_size % model_args.num_attention_heads:
+        problems.append(f"hidden_size ({model_args.hidden_size}) must be divisible by num_attention_heads "
+                        f"({model_args.num_attention_heads})")
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    if model_args.model_name_or_path:
+        _validate_checkpoint(script_args, model_args, problems)
+    else:
+        _validate_new_towers(script_args, model_args, problems)
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _validate_checkpoint(script_args, model_args, problems: list[str]) -> None:
+    config = _checkpoint_config(model_args.model_name_or_path, "model_name_or_path")
+    text_config = getattr(config, "text_config", None)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if script_args.max_length is None:
+        script_args.max_length = checkpoint_text_length(model_args.model_name_or_path) or DEFAULT_MAX_LENGTH
+    if positions is not None and script_args.max_length > positions:
+        problems.append(f"max_length {script_args.max_length} exceeds the checkpoint's text positions ({positions})")
+    vision_size = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if model_args.image_size is not None and vision_size is not None and model_args.image_size != vision_size:
+        problems.append(f"image_size {model_args.image_size} differs from the checkpoint's {vision_size}: "
+                        "leave it unset to train at the checkpoint's resolution")
+    if model_args.bottleneck_dim is not None:
+        problems.append("bottleneck_dim applies to a new text tower; for a checkpoint use `hf-siglip convert`")
+
+
+def _validate_new_towers(script_args, model_args, problems: list[str]) -> None:
+    if script_args.max_length is None:
+        script_args.max_length = DEFAULT_MAX_LENGTH
+    if model_args.image_size is None and not model_args.vision_model_name_or_path:
+        if script_args.dataset == DEMO:
+            model_args.image_size = script_args.demo_image_size
+        else:
+            model_args.image_size = DEFAULT_IMAGE_SIZE
+            logger.info("image_size not set: the new vision tower takes %d x %d images", DEFAULT_IMAGE_SIZE,
+                        DEFAULT_IMAGE_SIZE)
+    if not model_args.vision_model_name_or_path and model_args.patch_size > model_args.image_size:
+        problems.append(f"patch_size {model_args.patch_size} is larger than image_size {model_args.image_size}: "
+                        "the image would hold no patch")
+    hidden_size = model_args.hidden_size
+    if model_args.text_model_name_or_path:
+        text_config = _checkpoint_config(model_args.text_model_name_or_path, "text_model_name_or_path")
+        hidden_size = getattr(getattr(text_config, "text_config", text_config), "hidden_size", hidden_size)
+    if model_args.bottleneck_dim is not None and not 0 < model_args.bottleneck_dim < hidden_size:
+        problems.append(f"bottleneck_dim must satisfy 0 < bottleneck_dim < hidden_size (= {hidden_size}), got "
+                        f"{model_args.bottleneck_dim}; unset it for a plain token table")
+    for name in ("vision_model_name_or_path", "text_model_name_or_path", "tokenizer_name_or_path"):
+        path = getattr(model_args, name)
+        if path and os.path.sep in path and not os.path.isdir(path):
+            problems.append(f"{name}={path!r}: no such folder")
+
+
+__all__ = ["DEMO", "SiglipModelArguments", "SiglipScriptArguments", "checkpoint_text_length", "validate_arguments"]

@@ -125,6 +125,8 @@ class SiglipTrainer(Trainer):
         check_process_world(args.world_size)  # the ring loss must span exactly the trainer's processes
         if data_collator is None and processing_class is not None:
             data_collator = SiglipDataCollator(processor=processing_class)
+        if hasattr(data_collator, "return_drop_counts"):
+            data_collator.return_drop_counts = True  # counts from DataLoader workers reach `data_counts`
         for tower in _locked_towers(args):
             getattr(model, f"{tower}_model").requires_grad_(False)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,

@@ -1,5 +1,6 @@
 """`SiglipTrainingArguments`: `transformers.TrainingArguments` plus the SigLIP papers' training options."""
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,7 @@ class SiglipTrainingArguments(TrainingArguments):
             "checkpoints have t ~ 112 and a silent clamp at 100 would change them."
         },
     )
-    loss_options: dict[str, Any] | None = field(
+    loss_options: dict[str, Any] | str | None = field(
         default=None,
         metadata={
             "help": "Keyword arguments passed to hf_siglip.sigmoid_loss (e.g. multi-positive normalisation, "
@@ -77,6 +78,11 @@ class SiglipTrainingArguments(TrainingArguments):
             raise ValueError("lock_text_tower and lock_vision_tower are both set: nothing would be trained.")
         if self.loss_options is None:
             self.loss_options = {}
+        if isinstance(self.loss_options, str):  # JSON from the command line
+            try:
+                self.loss_options = json.loads(self.loss_options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"loss_options: not valid JSON ({error}): {self.loss_options!r}") from None
         if not isinstance(self.loss_options, dict):
             raise ValueError(f"loss_options must be a mapping of sigmoid_loss options, got {self.loss_options!r}")
         from .loss import _parse_options

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
+from data_fixtures import write_image_folder
 from safetensors.torch import load_file
 
 # 4 epochs of 3 steps, checkpoints every 4 steps (mid-epoch), k=2 of the demo's 4 captions sampled per epoch:
@@ -132,3 +133,21 @@ def test_eval_report_is_printed_once_and_counts_reach_the_report(tmp_path):
     report = json.loads((tmp_path / "out" / "eval_results.json").read_text())["data"]
     assert report["tokenizer_training"] == {"captions_dropped": 0}
     assert "Data steps" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_two_processes_skip_empty_batches_together(tmp_path):
+    """Most images broken, 2 processes: steps where either process has nothing left are skipped by both (no hang)."""
+    rows = [("good", ["a red square", "red"]), ("good", ["a blue circle", "blue"])] + [("garbage", ["broken"])] * 14
+    write_image_folder(tmp_path / "data" / "train", rows)
+    write_image_folder(tmp_path / "data" / "test", rows[:2] * 2, seed=1)
+    accelerate = [launcher_binary("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--main_process_port", "29644"]
+    settings = {key: value for key, value in TWO_PROCESSES.items() if not key.startswith("demo_")}
+    run = run_train({**settings, "dataset": tmp_path / "data", "per_device_train_batch_size": 2, "max_steps": 8,
+                     "eval_split": "test", "output_dir": tmp_path / "out"}, accelerate,
+                    env=cli_env(ACCELERATE_USE_CPU="1"), timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "eval_results.json").read_text())["data"]
+    assert report["train/rows_with_undecodable_image"] == 28  # both processes' counts, 2 epochs
+    assert report["train/empty_batches_skipped"] >= 6
+    assert report["train/rows_skipped_with_another_process_empty_batch"] >= 1  # a good batch beside an empty one

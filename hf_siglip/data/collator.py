@@ -28,9 +28,10 @@ Bad rows (policies; counts in ``collator.stats`` and a ``logging`` warning per a
 * a non-string caption: **raises** ``TypeError`` naming the row.
 
 If every row of a batch is dropped the tensors are empty (``B = T = 0``) rather than an exception
-(``SiglipTrainer`` then skips the step on every process together and counts it). Each batch also
-carries ``dropped_rows``, a dict of this batch's drop counts by reason (empty when nothing was
-dropped), so counts made in DataLoader workers reach the trainer's data report.
+(``SiglipTrainer`` then skips the step on every process together and counts it). With
+``return_drop_counts=True`` (``SiglipTrainer`` switches it on) each batch also carries ``dropped_rows``,
+a dict of this batch's drop counts by reason, so counts made in DataLoader workers reach the trainer's
+data report.
 
 Use with ``transformers.Trainer``: set ``remove_unused_columns=False`` (the image/caption columns are
 not arguments of the model's ``forward``). ``set_epoch`` changes this object; ``DataLoader`` workers
@@ -85,6 +86,7 @@ class SiglipDataCollator:
         caption_sampler: optional :class:`CaptionSampler`; if set, each row's texts are its k sampled
             captions for the current epoch (``set_epoch``) instead of the whole caption column.
         return_attention_mask: also emit ``attention_mask``.
+        return_drop_counts: also emit ``dropped_rows`` (this batch's drop counts by reason).
     """
 
     processor: Any = None
@@ -97,6 +99,7 @@ class SiglipDataCollator:
     image_embeds_column: str = "image_embeds"
     caption_sampler: Optional[CaptionSampler] = None
     return_attention_mask: bool = False
+    return_drop_counts: bool = False
     epoch: int = 0
     stats: Counter = field(default_factory=Counter, init=False)
     _fallback_counter: int = field(default=0, init=False, repr=False)
@@ -123,21 +126,20 @@ class SiglipDataCollator:
         self._fallback_counter += 1
         return (_process_index() << _PROCESS_SHIFT) | (_worker_index() << _WORKER_SHIFT) | self._fallback_counter
 
-    def _row_captions(self, row: dict, row_id: int) -> list[str]:
+    def _row_captions(self, row: dict, row_id: int) -> tuple[list[str], int]:
+        """The row's texts and how many of its captions were unusable (None / empty)."""
         if self.caption_sampler is not None:
             columns = self.caption_sampler.weights
             for column in columns:
                 if column not in row:
                     raise KeyError(f"caption column {column!r} not in row columns {sorted(row)} (row id {row_id})")
             sampled = self.caption_sampler.sample({c: [row[c]] for c in columns}, [row_id], self.epoch)[0]
-            for column in columns:  # count what was unusable, as in the plain path
-                self.stats["empty_captions_dropped"] += normalize_captions(row[column], row_id)[1]
-            return sampled
+            # count what was unusable, as in the plain path
+            return sampled, sum(normalize_captions(row[column], row_id)[1] for column in columns)
         if self.caption_column not in row:
             raise KeyError(f"caption column {self.caption_column!r} not in row columns {sorted(row)} (row id {row_id})")
         captions, dropped = normalize_captions(row[self.caption_column], row=row_id)
-        self.stats["empty_captions_dropped"] += dropped
-        return captions
+        return captions, dropped
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         use_embeds = bool(rows) and self.image_embeds_column in rows[0]
@@ -145,7 +147,9 @@ class SiglipDataCollator:
         dropped = Counter()
         for row in rows:
             row_id = self._row_id(row)
-            captions = self._row_captions(row, row_id)
+            captions, unusable = self._row_captions(row, row_id)
+            if unusable:
+                dropped["empty_captions_dropped"] += unusable
             if not captions:
                 dropped["rows_without_caption"] += 1
                 continue
@@ -175,7 +179,7 @@ class SiglipDataCollator:
 
         # The drop counts ride with the batch: DataLoader workers hold copies of this collator, so its
         # `stats` miss what they saw; the trainer sums these into its data report.
-        batch: dict[str, Any] = {"dropped_rows": dict(dropped)}
+        batch: dict[str, Any] = {"dropped_rows": dict(dropped)} if self.return_drop_counts else {}
         if use_embeds:
             batch["image_embeds"] = torch.from_numpy(np.stack(embeds)) if embeds else torch.zeros(0, 0)
         else:

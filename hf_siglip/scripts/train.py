@@ -24,6 +24,7 @@ from ..data import (
 )
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import add_image_embeddings, embed_images
+from ..data.images import decode_decodable
 from ..data.loading import select_split
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
 from ..launching import check_process_world
@@ -180,8 +181,12 @@ def zero_shot_evaluation(model, processor, evaluation, script_args: SiglipScript
     templates = script_args.zero_shot_templates or DEMO_TEMPLATES
     model.eval()
     classifier = zero_shot_classifier(model, processor, classes, templates, max_length=script_args.max_length)
-    image_embeds = embed_images(model, processor, evaluation[script_args.image_column])
-    metrics = zero_shot_metrics(image_embeds, torch.tensor(evaluation[script_args.label_column]), classifier)
+    images, rows = decode_decodable(evaluation[script_args.image_column])  # the retrieval pass counted the rest
+    if not images:
+        return {}
+    image_embeds = embed_images(model, processor, images)
+    labels = torch.tensor(evaluation[script_args.label_column])[rows]
+    metrics = zero_shot_metrics(image_embeds, labels, classifier)
     metrics["zero_shot_chance_top1"] = 1.0 / len(classes)
     return metrics
 
@@ -277,7 +282,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
                                   image_column=script_args.image_column, caption_column=script_args.caption_column,
                                   caption_sampler=sampler)
     eval_collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
-                                       image_column=script_args.image_column, caption_column=script_args.caption_column)
+                                       image_column=script_args.image_column, caption_column=script_args.caption_column,
+                                       return_drop_counts=True)
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,
                             eval_dataset=evaluation, processing_class=processor)
     trainer.train(resume_from_checkpoint=resume_from)

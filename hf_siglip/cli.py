@@ -42,7 +42,8 @@ def _train(argv: list[str]) -> int:
     from .launching import prepare_cpu_torchrun
 
     prepare_cpu_torchrun()  # before the arguments set up devices: torchrun on CPU gets gloo processes
-    from .scripts.train import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, format_metrics, run_train
+    from .evaluation import format_metrics
+    from .scripts.train import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, run_train
     from .training_args import SiglipTrainingArguments
 
     script_args, model_args, training_args = parse_with_config(
@@ -57,12 +58,15 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .evaluation import to_json
+    from .evaluation import format_metrics, to_json
     from .scripts.evaluate import SiglipEvalArguments, run_eval
 
     (args,) = parse_with_config((SiglipEvalArguments,), argv, prog="hf-siglip eval")
     metrics = run_eval(args)
-    print(to_json(metrics, args.output_file))
+    print(f"Evaluation of {args.checkpoint} ({args.dataset}):\n{format_metrics(metrics)}")
+    if args.output_file:
+        to_json(metrics, args.output_file)  # full precision
+        print(f"Metrics written to {args.output_file}")
     return 0
 
 

@@ -13,6 +13,7 @@ Everything returns plain dicts of floats; `to_json` writes them for papers' tabl
 
 import json
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -126,6 +127,30 @@ def linear_probe(
     return _topk_accuracy(scores, test_labels, (1, 5), prefix="linear_probe")
 
 
+METRICS_LEGEND = (
+    "recall@k: share of queries whose match is among their k most similar candidates (i2t: an image finds one of "
+    "its captions among all captions; t2i: a caption finds its image); *_unmatched: queries without any match in "
+    "the set, left out of recall; zero_shot_top1/5: classification accuracy from class-name prompts; "
+    "*chance*: the same metric for random embeddings."
+)
+
+
+def _natural_key(name: str):
+    """'recall@5' before 'recall@10': digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def format_metrics(metrics: dict, legend: bool = True) -> str:
+    """A readable table: names in natural order, values to 4 decimals (counts as integers), then a legend line."""
+    rows = []
+    for name in sorted(metrics, key=_natural_key):
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        rows.append(f"{name:<36} {value:>10}" if isinstance(value, int) else f"{name:<36} {value:>10.4f}")
+    return "\n".join(rows + ([f"({METRICS_LEGEND})"] if legend and rows else []))
+
+
 def to_json(metrics: dict, path=None) -> str:
     """Metrics as pretty JSON; also written to `path` when given."""
     text = json.dumps(metrics, indent=2, sort_keys=True)
@@ -136,7 +161,9 @@ def to_json(metrics: dict, path=None) -> str:
 
 
 __all__ = [
+    "METRICS_LEGEND",
     "chance_recall",
+    "format_metrics",
     "few_shot_indices",
     "linear_probe",
     "retrieval_metrics",

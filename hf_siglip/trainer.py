@@ -302,6 +302,10 @@ class SiglipTrainer(Trainer):
                 self.accelerator.backward(surrogate)
         return loss.detach()
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        _match_umask(output_dir or self.args.output_dir, "*.safetensors")
+
     # --- model card ----------------------------------------------------------------------------------
 
     def create_model_card(self, license: str | None = None, model_name: str | None = None,
@@ -370,6 +374,17 @@ class SiglipTrainer(Trainer):
             return tensor
         flat = self._gather_ragged(tensor.reshape(len(tensor), -1).flatten())
         return flat.view(-1, *tensor.shape[1:])
+
+
+def _match_umask(folder: str, pattern: str) -> None:
+    """safetensors writes weights with mode 0600 while every other saved file follows the umask (0644 usually):
+    give the weights the same mode, so a checkpoint shared on a team disk is readable as a whole."""
+    from pathlib import Path
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).glob(pattern):
+        path.chmod(0o666 & ~umask)
 
 
 def _batch_rows(batch) -> int:

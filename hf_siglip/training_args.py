@@ -21,6 +21,16 @@ class SiglipTrainingArguments(TrainingArguments):
         default=0.95,
         metadata={"help": "Adam beta2. SigLIP (section 4.6) uses 0.95 instead of 0.999 to avoid loss spikes."},
     )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin DataLoader memory. Default: only where an accelerator (CUDA) is available; pinning "
+                  "on CPU does nothing but warn."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP's find_unused_parameters. False: every trainable weight takes part in the loss (locked "
+                  "towers are frozen, so DDP does not wait for them), and the extra graph walk is saved."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the SigLIP collator reads raw image/caption columns the model does not take."},
@@ -67,6 +77,10 @@ class SiglipTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.dataloader_pin_memory is None:
+            import torch
+
+            self.dataloader_pin_memory = torch.cuda.is_available() and not self.use_cpu
         super().__post_init__()
         if self.pretrained_towers is not None:
             unknown = set(self.pretrained_towers) - set(TOWERS)

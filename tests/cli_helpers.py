@@ -41,3 +41,9 @@ def logged_losses(output_dir: Path) -> list[float]:
 
 def launcher_binary(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+def warning_lines(stderr: str) -> list[str]:
+    """Lines of stderr that warn (progress bars, which redraw with carriage returns, are not warnings)."""
+    lines = [part for line in stderr.splitlines() for part in line.split("\r")]
+    return [line for line in lines if "warn" in line.lower() or line.startswith("[transformers]")]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
+from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command, warning_lines
 from data_fixtures import write_image_folder
 from safetensors.torch import load_file
 
@@ -127,12 +127,17 @@ def test_a_world_the_trainer_does_not_know_stops_at_start(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_eval_report_is_printed_once_and_counts_reach_the_report(tmp_path):
-    run = run_train({**TINY, "output_dir": tmp_path / "out", "max_steps": 1})
+def test_a_quiet_run_whose_files_read_like_the_rest(tmp_path):
+    run = run_train({**TINY, "output_dir": tmp_path / "out", "max_steps": 2, "save_strategy": "steps",
+                     "save_steps": 1})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert warning_lines(run.stderr) == []
     report = json.loads((tmp_path / "out" / "eval_results.json").read_text())["data"]
     assert report["tokenizer_training"] == {"captions_dropped": 0}
     assert "Data steps" in (tmp_path / "out" / "README.md").read_text()
+    for folder in (tmp_path / "out", tmp_path / "out" / "checkpoint-1"):  # weights as readable as the config
+        assert (folder / "model.safetensors").stat().st_mode == (folder / "config.json").stat().st_mode
+    assert (tmp_path / "out" / "checkpoint-1" / "processor_config.json").exists()
 
 
 def test_two_processes_skip_empty_batches_together(tmp_path):

@@ -81,3 +81,14 @@ def test_linear_probe_on_real_digits_and_zero_shot_init():
     trained = linear_probe(features[train], labels[train], features[test], labels[test], n_classes=10,
                            init_classifier=class_means)
     assert trained["linear_probe_top1"] >= 0.8
+
+
+def test_metrics_table_reads_in_order_rounded_with_a_legend():
+    from hf_siglip.evaluation import format_metrics
+
+    table = format_metrics({"i2t_recall@10": 0.9, "i2t_recall@5": 0.18799999356269836, "i2t_recall@1": 0.1,
+                            "i2t_unmatched": 0, "note": "text"}).splitlines()
+    assert [line.split()[0] for line in table[:4]] == ["i2t_recall@1", "i2t_recall@5", "i2t_recall@10",
+                                                       "i2t_unmatched"]
+    assert table[1].split()[1] == "0.1880" and table[3].split()[1] == "0"
+    assert table[4].startswith("(recall@k:") and "unmatched" in table[4]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import RECIPES, TINY, flags
+from cli_helpers import RECIPES, TINY, flags, warning_lines
 from conftest import tiny_training_setup
 from data_fixtures import save_tiny_blip_captioner
 from transformers import SiglipModel
@@ -118,5 +118,6 @@ def test_documented_two_process_launch_line(tmp_path):
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("Evaluation (demo, held-out split)") == 1  # reported once, by the main process
+    assert warning_lines(run.stderr) == []  # no pin_memory, find_unused_parameters or special-token notices
     history = json.loads((tmp_path / "ddp" / "eval_results.json").read_text())["metrics"]
     assert history["eval_i2t_recall@1"] >= 0.0 and (tmp_path / "ddp" / "model.safetensors").exists()

@@ -152,7 +152,9 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
     towers = dict(hidden_size=model_args.hidden_size, intermediate_size=model_args.intermediate_size,
                   num_hidden_layers=model_args.num_hidden_layers, num_attention_heads=model_args.num_attention_heads)
     text_config = dict(vocab_size=len(tokenizer), max_position_embeddings=script_args.max_length,
-                       bottleneck_dim=model_args.bottleneck_dim, bos_token_id=None, eos_token_id=None,
+                       bottleneck_dim=model_args.bottleneck_dim,
+                       # the tokenizer's own special tokens (else the Trainer re-aligns the config, with a warning)
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, **towers)
     vision_config = dict(image_size=model_args.image_size, patch_size=model_args.patch_size, **towers)
     model = SiglipBottleneckModel.from_vision_text_pretrained(
@@ -202,11 +204,22 @@ def save_training_curves(log_history: list[dict], path: str) -> str | None:
         logger.warning("matplotlib is not installed: no training-curve image (pip install matplotlib)")
         return None
     entries = [entry for entry in log_history if "loss" in entry]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for axis, key, title in zip(axes, ("loss", "t", "b"), ("loss (global)", "temperature t", "bias b")):
-        axis.plot([e["step"] for e in entries if key in e], [e[key] for e in entries if key in e])
+    evaluations = [entry for entry in log_history if "eval_loss" in entry]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("loss", "loss (global batch)", "loss"), ("t", "temperature t = exp(logit_scale)", "t"),
+              ("b", "bias b", "b"))
+    for axis, (key, title, label) in zip(axes, panels):
+        axis.plot([e["step"] for e in entries if key in e], [e[key] for e in entries if key in e], label="training")
+        if key == "loss" and evaluations:
+            axis.plot([e["step"] for e in evaluations], [e["eval_loss"] for e in evaluations], "o",
+                      label="evaluation")
+            axis.legend()
         axis.set_title(title)
-        axis.set_xlabel("step")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(label)
+        # plain tick labels: with an offset, b = -10 would read as "0.004" under a "-1e1" corner label
+        axis.ticklabel_format(axis="y", useOffset=False, style="plain")
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -321,11 +334,6 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def format_metrics(metrics: dict) -> str:
-    rows = [f"{name:<32} {value:.4f}" for name, value in sorted(metrics.items()) if isinstance(value, float)]
-    return "\n".join(rows)
 
 
 __all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_splits", "resolve_resume",

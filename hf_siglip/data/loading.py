@@ -87,7 +87,7 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
     else:
         metadata = [file for file in _metadata_files(path) if file.suffix == ".jsonl"] if path.is_dir() else []
         if any([_has_mixed_caption_types(file, caption_column) for file in metadata]):  # reads (checks) them all
-            dataset = _load_mixed_metadata(metadata, image_column, caption_column, split, streaming)
+            dataset = _load_mixed_metadata(path, metadata, image_column, caption_column, split, streaming)
             builder = None
         elif path.is_dir():
             builder, kwargs = _folder_builder(path)
@@ -139,7 +139,7 @@ def _split_name(folder: str) -> str:
     return next((split for split, aliases in _SPLIT_ALIASES.items() if folder.lower() in aliases), folder)
 
 
-def _load_mixed_metadata(metadata_files: list[Path], image_column: str, caption_column: str, split, streaming):
+def _load_mixed_metadata(path: Path, metadata_files: list[Path], image_column: str, caption_column: str, split, streaming):
     """imagefolder fallback for a caption column mixing strings and lists: every cell becomes a list
     (a string -> one-element list; None stays None and is counted where captions are used). A top-level
     metadata file is the 'train' split; a split folder's file is that split."""
@@ -153,13 +153,11 @@ def _load_mixed_metadata(metadata_files: list[Path], image_column: str, caption_
             if isinstance(row.get(caption_column), str):
                 row[caption_column] = [row[caption_column]]
             rows.append(row)
-        top_level = len(metadata_files) == 1 and not any(metadata.parent.name.lower() in aliases
-                                                           for aliases in _SPLIT_ALIASES.values())
-        name = "train" if top_level else _split_name(metadata.parent.name)
+        name = "train" if metadata.parent == path else _split_name(metadata.parent.name)
         parts[name] = datasets.Dataset.from_list(rows).cast_column(image_column, datasets.Image())
     dataset = datasets.DatasetDict(parts)
     if split is not None:
-        dataset = select_split(dataset, split, str(metadata_files[0].parent))
+        dataset = select_split(dataset, split, str(path))
     if streaming:
         dataset = (datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dataset.items()})
                    if isinstance(dataset, datasets.DatasetDict) else dataset.to_iterable_dataset())
@@ -173,11 +171,10 @@ def select_split(splits, name: str, source: str = "the dataset"):
         splits = {"train": splits}
     if name in splits:
         return splits[name]
-    for aliases in _SPLIT_ALIASES.values():
-        if name.lower() in aliases:
-            for alias in aliases:
-                if alias in splits:
-                    return splits[alias]
+    canonical = _split_name(name)
+    for key in splits:
+        if _split_name(key) == canonical:
+            return splits[key]
     raise KeyError(f"{source} has no split {name!r}; its splits are {sorted(splits)}")
 
 

@@ -16,7 +16,7 @@ AUTO = "auto"
 DEFAULT_IMAGE_SIZE = 224
 # Text length of a new model when neither the flag nor a checkpoint says otherwise (the demo's captions fit).
 DEFAULT_MAX_LENGTH = 16
-TOWERS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+NEW_TOWER_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
 
 
 def _none_if_spelled_none(value):
@@ -143,7 +143,7 @@ def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipMod
         problems += _positive(name, getattr(script_args, name))
     for name in ("max_train_samples", "max_eval_samples", "captions_per_image", "max_length"):
         problems += _positive(name, getattr(script_args, name), allow_none=True)
-    for name in ("vocab_size",) + TOWERS:
+    for name in ("vocab_size",) + NEW_TOWER_SIZES:
         problems += _positive(name, getattr(model_args, name))
     problems += _positive("image_size", model_args.image_size, allow_none=True)
     if not 0.0 <= script_args.label_noise <= 1.0:

@@ -69,9 +69,13 @@ def load_splits(script_args: SiglipScriptArguments):
     train = select_split(splits, script_args.train_split, script_args.dataset)
     evaluation = None
     if script_args.eval_split == AUTO:
-        evaluation = next((select_split(splits, name, script_args.dataset) for name in ("test", "validation")
-                           if _has_split(splits, name)), None)
-        if evaluation is None:
+        for name in ("test", "validation"):
+            try:
+                evaluation = select_split(splits, name, script_args.dataset)
+                break
+            except KeyError:
+                continue
+        else:
             logger.warning("%s has no 'test' or 'validation' split: no evaluation (set --eval_split to choose one)",
                            script_args.dataset)
     elif script_args.eval_split is not None:
@@ -85,14 +89,6 @@ def load_splits(script_args: SiglipScriptArguments):
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
     return train, evaluation
-
-
-def _has_split(splits, name: str) -> bool:
-    try:
-        select_split(splits, name)
-        return True
-    except KeyError:
-        return False
 
 
 def prepare_training_data(train, script_args: SiglipScriptArguments, seed: int):

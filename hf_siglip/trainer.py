@@ -136,6 +136,8 @@ class SiglipTrainer(Trainer):
         self._metrics = defaultdict(list)
         self._accumulation_window = []
         self.data_counts = Counter()  # "train/<reason>", "evaluation/<reason>": rows dropped or skipped
+        self.data_steps_report = {}  # data step -> counts (hf_siglip.data.steps), logged with the first log
+        self._data_steps_logged = False
         if args.logit_scale_max is not None:
             self.add_callback(_ClampLogitScale(args.logit_scale_max))
         if hasattr(self.data_collator, "set_epoch"):  # fresh per-epoch caption sampling (FFF)
@@ -208,7 +210,23 @@ class SiglipTrainer(Trainer):
         if "loss" in logs and self._metrics:
             logs.update({name: sum(values) / len(values) for name, values in self._metrics.items() if values})
             self._metrics.clear()
+        if "loss" in logs and not self._data_steps_logged:
+            # the data steps' counts, once, beside the first training loss (they are fixed before training starts)
+            logs.update({f"data/{step}/{reason}": value for step, counts in self.data_steps_report.items()
+                         for reason, value in counts.items() if isinstance(value, (int, float))})
+            self._data_steps_logged = True
         super().log(logs, start_time)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation batches hold every caption of a row and unaugmented images, whatever the training collator
+        samples or augments (also for evaluations during training)."""
+        training_collator = self.data_collator
+        if hasattr(training_collator, "for_evaluation"):
+            self.data_collator = training_collator.for_evaluation()
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training_collator
 
     # --- gradient accumulation by embedding cache ------------------------------------------------------
 

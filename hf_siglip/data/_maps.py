@@ -32,3 +32,16 @@ def map_new_columns(dataset, function: Callable, input_columns: Sequence[str], o
         map_kwargs["features"] = merged
     return dataset.map(function, input_columns=input_columns, batched=True, batch_size=batch_size,
                        with_indices=with_indices, **map_kwargs)
+
+
+def with_encoded_images(dataset, image_column: str, transform: Callable):
+    """``transform(dataset)`` with ``image_column`` read as encoded bytes (``Image(decode=False)``), the column's
+    own feature restored afterwards: a step that passes images through (or decodes them itself, counting the
+    broken ones) neither decodes every image in ``datasets`` nor crashes there on a broken file."""
+    feature = (dataset.features or {}).get(image_column)
+    if not isinstance(feature, datasets.Image) or not feature.decode:
+        return transform(dataset)
+    result = transform(dataset.cast_column(image_column, datasets.Image(decode=False)))
+    if result.features is not None and image_column in result.features:
+        result = result.cast_column(image_column, feature)
+    return result

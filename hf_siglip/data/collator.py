@@ -41,6 +41,7 @@ non-persistent workers are re-created every epoch). ``stats`` counts only what t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class SiglipDataCollator:
             instead of decoding the image.
         caption_sampler: optional :class:`CaptionSampler`; if set, each row's texts are its k sampled
             captions for the current epoch (``set_epoch``) instead of the whole caption column.
+        image_transform: optional training augmentation, called as ``image_transform(image, (height, width),
+            row_id, epoch)`` (e.g. :class:`~hf_siglip.data.augmentation.ImageAugmentation`).
         return_attention_mask: also emit ``attention_mask``.
         return_drop_counts: also emit ``dropped_rows`` (this batch's drop counts by reason).
     """
@@ -98,6 +101,7 @@ class SiglipDataCollator:
     id_column: Optional[str] = "auto"
     image_embeds_column: str = "image_embeds"
     caption_sampler: Optional[CaptionSampler] = None
+    image_transform: Optional[Any] = None
     return_attention_mask: bool = False
     return_drop_counts: bool = False
     epoch: int = 0
@@ -110,6 +114,10 @@ class SiglipDataCollator:
             self.image_processor = self.image_processor or self.processor.image_processor
         if self.tokenizer is None:
             raise ValueError("SiglipDataCollator needs a tokenizer (or a processor with .tokenizer)")
+
+    def for_evaluation(self) -> "SiglipDataCollator":
+        """A copy for evaluation: every caption of a row, no augmentation (deterministic batches)."""
+        return dataclasses.replace(self, caption_sampler=None, image_transform=None)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch used by ``caption_sampler`` (fresh, reproducible captions each epoch)."""
@@ -162,11 +170,14 @@ class SiglipDataCollator:
                 if self.image_column not in row:
                     raise KeyError(f"image column {self.image_column!r} not in row columns {sorted(row)} (row id {row_id})")
                 try:
-                    images.append(decode_image(row[self.image_column]))
+                    image = decode_image(row[self.image_column])
                 except ImageDecodeError as error:
                     dropped["rows_with_undecodable_image"] += 1
                     logger.warning("dropping row id %d: image does not decode (%s)", row_id, error)
                     continue
+                if self.image_transform is not None:
+                    image = self.image_transform(image, self._image_size(), row_id, self.epoch)
+                images.append(image)
             image_ids.append(row_id)
             texts.extend(captions)
             text_ids.extend([row_id] * len(captions))
@@ -189,13 +200,15 @@ class SiglipDataCollator:
         batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
         return batch
 
+    def _image_size(self) -> tuple[int, int]:
+        """(height, width) the image processor produces."""
+        size = getattr(self.image_processor, "size", None) or {}
+        return size.get("height", size.get("shortest_edge", 0)), size.get("width", size.get("shortest_edge", 0))
+
     def _pixel_values(self, images: list) -> torch.Tensor:
         if images:
             return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
-        size = getattr(self.image_processor, "size", None) or {}
-        height = size.get("height", size.get("shortest_edge", 0))
-        width = size.get("width", size.get("shortest_edge", 0))
-        return torch.zeros(0, 3, height, width)
+        return torch.zeros(0, 3, *self._image_size())
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if not texts:

@@ -62,7 +62,7 @@ def add_image_embeddings(dataset, model, processor, column: str = "image_embeds"
     """
     import datasets
 
-    from ._maps import map_new_columns
+    from ._maps import map_new_columns, with_encoded_images
     from .images import decode_decodable
 
     def embed_batch(images):
@@ -74,12 +74,6 @@ def add_image_embeddings(dataset, model, processor, column: str = "image_embeds"
                 vectors[row] = vector.tolist()
         return {column: vectors}
 
-    reader = dataset
-    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
-        reader = dataset.cast_column(image_column, datasets.Image(decode=False))
-    result = map_new_columns(reader, embed_batch, [image_column], [column], batch_size=batch_size,
-                             desc="image embeddings",
-                             features=datasets.Features({column: datasets.List(datasets.Value("float32"))}))
-    if reader is not dataset and result.features is not None:
-        result = result.cast_column(image_column, dataset.features[image_column])
-    return result
+    return with_encoded_images(dataset, image_column, lambda reader: map_new_columns(
+        reader, embed_batch, [image_column], [column], batch_size=batch_size, desc="image embeddings",
+        features=datasets.Features({column: datasets.List(datasets.Value("float32"))})))

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import datasets
 import numpy as np
 
-from ._maps import map_new_columns
+from ._maps import map_new_columns, with_encoded_images
 from .embedding import embed_images, embed_texts
 from .images import ImageDecodeError, decode_decodable, decode_image
 from .text import normalize_captions
@@ -150,19 +150,14 @@ def cat_filter(dataset, min_complexity: Optional[int] = 2, require_action: bool 
     names = dataset.column_names or []
     if names and any(c not in names for c in input_columns):
         raise KeyError(f"CAT needs columns {input_columns}; the dataset has {names}")
-    reader = dataset
-    if text_spotting and isinstance((dataset.features or {}).get(image_column), datasets.Image):
-        reader = dataset.cast_column(image_column, datasets.Image(decode=False))
     features = datasets.Features({
         "cat_complexity": datasets.List(datasets.Value("int32")), "cat_action": datasets.List(datasets.Value("bool")),
         "cat_text_spotted": datasets.List(datasets.Value("bool")), "cat_keep": datasets.List(datasets.Value("bool")),
         "cat_undecodable_image": datasets.Value("bool"), "cat_empty_captions": datasets.Value("int32"),
         caption_column: datasets.List(datasets.Value("string"))})
-    scored = map_new_columns(reader, score_batch, input_columns,
-                             [caption_column, *[c for c in features if c != caption_column]], num_proc=num_proc,
-                             batch_size=batch_size, desc="CAT filter", features=features)
-    if reader is not dataset and scored.features is not None:
-        scored = scored.cast_column(image_column, dataset.features[image_column])
+    scored = with_encoded_images(dataset, image_column, lambda reader: map_new_columns(
+        reader, score_batch, input_columns, [caption_column, *[c for c in features if c != caption_column]],
+        num_proc=num_proc, batch_size=batch_size, desc="CAT filter", features=features))
     score_columns = [c for c in features if c != caption_column]
     return _finish(scored, caption_column, score_columns, keep_scores,
                    _cat_report(min_complexity, require_action, text_spotting))
@@ -254,18 +249,14 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
             out["capfilt_scores"][i] = scores.astype(float).tolist()
         return out
 
-    reader = dataset
-    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
-        reader = dataset.cast_column(image_column, datasets.Image(decode=False))
     features = datasets.Features({output_column: datasets.List(datasets.Value("string")),
                                   "capfilt_scores": datasets.List(datasets.Value("float32")),
                                   "capfilt_undecodable_image": datasets.Value("bool"),
                                   "capfilt_candidates": datasets.Value("int32"),
                                   "capfilt_empty_captions": datasets.Value("int32")})
-    scored = map_new_columns(reader, filter_batch, [image_column, *caption_columns], list(features),
-                             batch_size=batch_size, desc="CapFilt", features=features)
-    if reader is not dataset and scored.features is not None:
-        scored = scored.cast_column(image_column, dataset.features[image_column])
+    scored = with_encoded_images(dataset, image_column, lambda reader: map_new_columns(
+        reader, filter_batch, [image_column, *caption_columns], list(features), batch_size=batch_size,
+        desc="CapFilt", features=features))
 
     def report_batch(batch, counter):
         for n, kept, undecodable, empty in zip(batch["capfilt_candidates"], batch[output_column],

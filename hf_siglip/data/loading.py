@@ -197,6 +197,23 @@ def _undecoded(dataset, image_column: str):
     return dataset
 
 
+CANONICAL_IMAGE, CANONICAL_CAPTION = "image", "caption"
+
+
+def canonical_columns(dataset, image_column: str = CANONICAL_IMAGE, caption_column: str = CANONICAL_CAPTION):
+    """Rename the configured image and caption columns to ``image`` and ``caption``, once, at load: every data
+    step, the collator and the evaluation then use those names. A clash (another column already called so) raises
+    naming both."""
+    renames = {source: target for source, target in ((image_column, CANONICAL_IMAGE),
+                                                      (caption_column, CANONICAL_CAPTION)) if source != target}
+    names = dataset.column_names or []
+    for source, target in renames.items():
+        if target in names:
+            raise ValueError(f"cannot rename column {source!r} to {target!r}: the dataset already has a {target!r} "
+                             f"column (columns: {names}); drop or rename it first")
+    return dataset.rename_columns(renames) if renames else dataset
+
+
 def add_image_ids(dataset, column: str = "image_id", offset: int = 0, key_column: Optional[str] = None):
     """Add an ``image_id`` column holding ``offset + row index`` (a stable id per image).
 

@@ -1,23 +1,30 @@
-"""Label-noise corruption for robustness studies (SigLIP, Zhai et al. 2023, section 4.10).
+"""Label noise for robustness studies, with the semantics of SigLIP (Zhai et al. 2023) section 4.10.
 
-:func:`corrupt_labels` corrupts each row independently with probability ``p`` in one of the paper's
-ways: ``"image"`` (replace the image by uniform RGB noise), ``"text"`` (replace every caption by a
-random sequence of tokens/words), ``"image_text"`` (both), ``"pairing"`` (the corrupted rows'
-captions are shuffled among themselves within each map batch, so pairs are wrong but both sides
-stay natural), or ``"all"`` (each corrupted row gets one of the above at random). Draws are
-counter-based on ``(seed, row index)``, so which rows are corrupted, and how, does not depend on
-``num_proc`` or batching -- except ``"pairing"``, whose shuffle permutes within one map batch and so
-depends on ``batch_size`` and ``num_proc`` (a batch with a single pairing row leaves it clean and
-labelled ``""``).
+:func:`corrupt_labels` takes one rate per kind of noise, each drawn independently per row:
 
-Nothing is silent: a ``noise`` column records what was done to each row (``""`` for clean rows).
-Images of uncorrupted rows are passed through as stored bytes (never decoded); the image column is
-read with ``Image(decode=False)`` and cast back afterwards.
+* ``image``: the image is replaced by uniform RGB noise with probability ``image``;
+* ``text``: every caption of the row is replaced by a random sequence of words (from ``vocabulary``, a
+  tokenizer's vocabulary, or by default the words of the dataset's own captions) with probability ``text``;
+* ``pairing``: a fraction ``pairing`` of rows is chosen and their captions are permuted among themselves
+  with no row keeping its own (a derangement), across the whole ``Dataset``; on a stream, across each window of
+  ``window_size`` consecutive rows. Both sides stay natural; only the pairs are wrong.
+
+The paper's settings are these rates: "image" ``{image: p}``, "text" ``{text: p}``, "batch alignment"
+``{pairing: p}``, "image & text" ``{image: p, text: p}`` (independent draws, so both sides of one row are
+corrupted with probability p^2) and "image, text & batch alignment" (all three).
+
+Draws are counter-based on ``(seed, kind, row key)`` (the row's ``image_id`` when present, else its index), so
+which rows are corrupted does not depend on batching, ``num_proc`` or streaming; the pairing permutation
+depends on the seed (and, on a stream, the window). Nothing is silent: a ``noise`` column records what was done
+to each row (``""``, or kinds joined by ``+``, e.g. ``"image+text"``) and the report counts rows per kind.
+The image column is only read (as encoded bytes, never decoded) when ``image > 0``.
 """
 
 from __future__ import annotations
 
 import io
+import re
+from collections import Counter
 from typing import Optional, Sequence
 
 import datasets
@@ -25,11 +32,12 @@ import numpy as np
 from PIL import Image
 
 from ._hashing import hashed_uniform
+from ._maps import map_new_columns, with_encoded_images
+from .text import normalize_captions
 
-KINDS = ("image", "text", "image_text", "pairing")
-
-# independent random streams per purpose
-_STREAM_CORRUPT, _STREAM_KIND, _STREAM_IMAGE, _STREAM_TEXT, _STREAM_SHUFFLE = range(5)
+KINDS = ("image", "text", "pairing")
+_STREAM = {"image": 1, "text": 2, "pairing": 3, "shuffle": 4, "noise": 5}
+_WORD = re.compile(r"\w+")
 
 
 def _noise_png(rng: np.random.Generator, size: int) -> dict:
@@ -38,73 +46,128 @@ def _noise_png(rng: np.random.Generator, size: int) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def corrupt_labels(dataset, p: float, kind: str = "all", seed: int = 0, image_column: str = "image",
-                   caption_column: str = "caption", vocabulary: Optional[Sequence[str]] = None, tokenizer=None,
-                   max_random_tokens: int = 16, noise_image_size: int = 64, num_proc: Optional[int] = None,
-                   batch_size: int = 1000):
-    """Return ``dataset`` with a fraction ``p`` of rows corrupted (see module docstring).
+def _derangement_sources(selected: np.ndarray, rng: np.random.Generator) -> dict[int, int]:
+    """row -> the row whose caption it takes; every selected row gets another one's (a cyclic shift of a
+    random order). A single selected row cannot be mis-paired: it is left out."""
+    if len(selected) < 2:
+        return {}
+    order = rng.permutation(selected)
+    return {int(target): int(source) for target, source in zip(np.roll(order, 1), order)}
 
-    Random text is drawn from ``vocabulary`` (a list of words) or, if given, from ``tokenizer``'s
-    vocabulary (random ids decoded). The caption cell keeps its shape: a string stays a string, a
-    list keeps its length.
+
+def caption_words(captions: Sequence) -> list[str]:
+    """The distinct words of caption cells (strings or lists), in first-seen order."""
+    seen = {}
+    for row, cell in enumerate(captions):
+        for caption in normalize_captions(cell, row=row)[0]:
+            for word in _WORD.findall(caption.lower()):
+                seen.setdefault(word, None)
+    return list(seen)
+
+
+def corrupt_labels(dataset, image: float = 0.0, text: float = 0.0, pairing: float = 0.0, seed: int = 0,
+                   vocabulary: Optional[Sequence[str]] = None, tokenizer=None, max_random_words: int = 16,
+                   noise_image_size: int = 64, window_size: int = 1000, image_column: str = "image",
+                   caption_column: str = "caption", id_column: str = "image_id", num_proc: Optional[int] = None):
+    """Return ``(dataset, report)`` with label noise at the given rates (see module docstring).
+
+    A caption cell keeps its shape: a string stays a string, a list keeps its length.
     """
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p}")
-    if kind not in KINDS + ("all",):
-        raise ValueError(f"kind must be one of {KINDS + ('all',)}, got {kind!r}")
-    needs_text = kind in ("text", "image_text", "all")
-    if needs_text and vocabulary is None and tokenizer is None:
-        raise ValueError("text corruption needs vocabulary= or tokenizer=")
+    rates = {"image": image, "text": text, "pairing": pairing}
+    for kind, rate in rates.items():
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"label noise rate {kind} must be in [0, 1], got {rate}")
+    names = dataset.column_names or []
+    use_ids = id_column in names
+    is_table = isinstance(dataset, datasets.Dataset)
     words = list(vocabulary) if vocabulary is not None else None
+    if text > 0 and words is None and tokenizer is None:
+        sample = dataset if is_table else dataset.take(window_size)
+        words = caption_words(sample.select_columns([caption_column])[caption_column] if is_table
+                              else [row[caption_column] for row in sample])
+        if not words:
+            raise ValueError("text noise needs words: the captions hold none; pass vocabulary= or tokenizer=")
 
     def random_text(rng: np.random.Generator) -> str:
-        length = int(rng.integers(1, max_random_tokens + 1))
+        length = int(rng.integers(1, max_random_words + 1))
         if words is not None:
             return " ".join(words[i] for i in rng.integers(0, len(words), length))
         return tokenizer.decode(rng.integers(0, len(tokenizer), length).tolist(), skip_special_tokens=True)
 
-    def random_caption(cell, rng):
-        if isinstance(cell, str):
-            return random_text(rng)
-        return [random_text(rng) for _ in range(max(1, len(cell or [])))]
+    def chosen(kind: str, keys) -> np.ndarray:
+        return hashed_uniform(seed, _STREAM[kind], np.asarray(keys)) < rates[kind]
 
-    def corrupt_batch(images, captions, indices):
-        indices = np.asarray(indices)
-        corrupted = hashed_uniform(seed, _STREAM_CORRUPT, indices) < p
-        kinds = np.asarray(KINDS)[(hashed_uniform(seed, _STREAM_KIND, indices) * len(KINDS)).astype(int)] \
-            if kind == "all" else np.full(len(indices), kind)
-        labels = np.where(corrupted, kinds, "")
-        images, captions = list(images), list(captions)
-        for row, label in enumerate(labels):
-            rng = np.random.default_rng([seed, int(indices[row])])
-            if label in ("image", "image_text"):
-                images[row] = _noise_png(rng, noise_image_size)
-            if label in ("text", "image_text"):
-                captions[row] = random_caption(captions[row], rng)
-        shuffled = np.flatnonzero(labels == "pairing")
-        if len(shuffled) > 1:
-            # a derangement (cyclic shift of a random order) so no shuffled row keeps its own caption
-            order = np.random.default_rng([seed, _STREAM_SHUFFLE, int(indices[0])]).permutation(shuffled)
-            originals = [captions[i] for i in order]
-            for position, target in enumerate(np.roll(order, 1)):
-                captions[target] = originals[position]
-        elif len(shuffled) == 1:
-            labels[shuffled[0]] = ""  # a lone row cannot be mis-paired within its batch
-        return {image_column: images, caption_column: captions, "noise": labels.tolist()}
+    report = Counter()
+    sources: dict[int, int] = {}  # Dataset: row index -> index of the row whose caption it takes
+    all_captions = None
+    if is_table:
+        keys = np.asarray(dataset[id_column]) if use_ids else np.arange(len(dataset))
+        if pairing > 0:
+            sources = _derangement_sources(np.flatnonzero(chosen("pairing", keys)),
+                                           np.random.default_rng([seed, _STREAM["shuffle"]]))
+            all_captions = dataset.select_columns([caption_column])[caption_column]
+        report.update(rows=len(dataset), rows_image_noise=int(chosen("image", keys).sum()) if image > 0 else 0,
+                      rows_text_noise=int(chosen("text", keys).sum()) if text > 0 else 0,
+                      rows_pairing_shuffled=len(sources))
 
-    image_feature = (dataset.features or {}).get(image_column)
-    decoded = isinstance(image_feature, datasets.Image) and image_feature.decode
-    if isinstance(image_feature, datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    kwargs = dict(input_columns=[image_column, caption_column], batched=True, batch_size=batch_size,
-                  with_indices=True)
-    if num_proc is not None and isinstance(dataset, datasets.Dataset):
-        kwargs["num_proc"] = num_proc
+    def corrupt_batch(*columns):
+        *columns, indices = columns
+        values = dict(zip(input_columns, columns))
+        keys = np.asarray(values[id_column] if use_ids else indices)
+        captions = list(values[caption_column])
+        labels = [[] for _ in keys]
+        if pairing > 0:
+            if is_table:
+                batch_sources = {row: sources[int(index)] for row, index in enumerate(indices) if int(index) in sources}
+                originals = {row: all_captions[source] for row, source in batch_sources.items()}
+            else:  # a stream: within this window
+                local = _derangement_sources(np.flatnonzero(chosen("pairing", keys)),
+                                             np.random.default_rng([seed, _STREAM["shuffle"], int(keys[0])]))
+                originals = {target: captions[source] for target, source in local.items()}
+            for row, caption in originals.items():
+                captions[row] = caption
+                labels[row].append("pairing")
+        out = {"noise": None}
+        if text > 0:
+            for row in np.flatnonzero(chosen("text", keys)):
+                rng = np.random.default_rng([seed, _STREAM["text"], int(keys[row])])
+                cell = captions[row]
+                captions[row] = random_text(rng) if isinstance(cell, str) or cell is None else \
+                    [random_text(rng) for _ in range(max(1, len(cell)))]
+                labels[row].append("text")
+        if text > 0 or pairing > 0:
+            out[caption_column] = captions
+        if image > 0:
+            images = list(values[image_column])
+            for row in np.flatnonzero(chosen("image", keys)):
+                images[row] = _noise_png(np.random.default_rng([seed, _STREAM["image"], int(keys[row])]),
+                                         noise_image_size)
+                labels[row].insert(0, "image")
+            out[image_column] = images
+        out["noise"] = ["+".join(kinds) for kinds in labels]
+        if not is_table:
+            report["rows"] += len(keys)
+            for kinds in labels:
+                for kind in kinds:
+                    report[{"image": "rows_image_noise", "text": "rows_text_noise",
+                            "pairing": "rows_pairing_shuffled"}[kind]] += 1
+        return out
+
+    input_columns = [caption_column] + ([image_column] if image > 0 else []) + ([id_column] if use_ids else [])
+    output_columns = ["noise"] + ([caption_column] if text > 0 or pairing > 0 else []) + \
+        ([image_column] if image > 0 else [])
+    features = None
     if dataset.features is not None:
-        features = dataset.features.copy()
-        features["noise"] = datasets.Value("string")
-        kwargs["features"] = features
-    dataset = dataset.map(corrupt_batch, **kwargs)
-    if decoded and dataset.features is not None:
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=True))
-    return dataset
+        features = datasets.Features({"noise": datasets.Value("string")})
+        for column in output_columns[1:]:
+            features[column] = dataset.features[column]
+        if image > 0:
+            features[image_column] = datasets.Image(decode=False)
+    batch_size = window_size if not is_table else 1000
+
+    def run(reader):
+        return map_new_columns(reader, corrupt_batch, input_columns, output_columns, num_proc=num_proc,
+                               batch_size=batch_size, with_indices=True, desc="label noise", features=features)
+
+    result = with_encoded_images(dataset, image_column, run) if image > 0 else run(dataset)
+    return result, report

@@ -26,7 +26,7 @@ from typing import Optional
 import datasets
 import torch
 
-from ._maps import map_new_columns
+from ._maps import map_new_columns, with_encoded_images
 from .images import ImageDecodeError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -94,20 +94,15 @@ def add_pseudo_captions(dataset, model, processor, num_captions: int = 3, output
         return {output_column: captions}
 
     features = datasets.Features({output_column: datasets.List(datasets.Value("string"))})
-    reader = dataset
-    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
-        reader = dataset.cast_column(image_column, datasets.Image(decode=False))
 
-    def run(part):
-        return map_new_columns(part, caption_batch, [image_column], [output_column], batch_size=batch_size,
-                               with_indices=True, desc="pseudo-captions", features=features,
-                               load_from_cache_file=False) if isinstance(part, datasets.Dataset) else \
-            map_new_columns(part, caption_batch, [image_column], [output_column], batch_size=batch_size,
-                            with_indices=True, features=features)
-
-    if output_dir is None or not isinstance(reader, datasets.Dataset):
-        result = run(reader)
-    else:
+    def caption_all(reader):
+        if not isinstance(reader, datasets.Dataset):
+            return map_new_columns(reader, caption_batch, [image_column], [output_column], batch_size=batch_size,
+                                   with_indices=True, features=features)
+        if output_dir is None:
+            return map_new_columns(reader, caption_batch, [image_column], [output_column], batch_size=batch_size,
+                                   with_indices=True, desc="pseudo-captions", features=features,
+                                   load_from_cache_file=False)
         from tqdm.auto import tqdm
 
         out = Path(output_dir)
@@ -130,7 +125,6 @@ def add_pseudo_captions(dataset, model, processor, num_captions: int = 3, output
             tmp.rename(target)  # a shard counts as done only once fully written
             parts.append(datasets.load_from_disk(str(target)))
         base = reader.remove_columns([output_column]) if output_column in reader.column_names else reader
-        result = datasets.concatenate_datasets([base, datasets.concatenate_datasets(parts)], axis=1)
-    if reader is not dataset and result.features is not None:
-        result = result.cast_column(image_column, dataset.features[image_column])
-    return result, report
+        return datasets.concatenate_datasets([base, datasets.concatenate_datasets(parts)], axis=1)
+
+    return with_encoded_images(dataset, image_column, caption_all), report

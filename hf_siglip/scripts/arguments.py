@@ -4,9 +4,11 @@
 with messages that name the field and the allowed values: a mistake costs seconds, not a data pass.
 """
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +48,11 @@ class SiglipScriptArguments:
     demo_train_size: int = field(default=4000, metadata={"help": "Demo: number of training images."})
     demo_test_size: int = field(default=500, metadata={"help": "Demo: number of held-out images."})
     demo_image_size: int = field(default=32, metadata={"help": "Demo: image side in pixels."})
-    captions_per_image: int | None = field(default=None, metadata={
-        "help": "FFF batch text augmentation: k captions per image drawn each epoch from the caption and "
-                "pseudo-caption columns (None: every caption of the row)."})
-    pseudo_caption_model: str | None = field(default=None, metadata={
-        "help": "An image-to-text checkpoint (BLIP, BLIP-2, GIT...) that adds pseudo-captions before training."})
-    num_pseudo_captions: int = field(default=3, metadata={"help": "Pseudo-captions sampled per image."})
-    cat_filter: bool = field(default=False, metadata={"help": "Apply DiHT's CAT filter to the training data."})
-    cat_min_complexity: int | None = field(default=2, metadata={"help": "CAT: minimum caption complexity."})
-    cat_require_action: bool = field(default=True, metadata={"help": "CAT: require a verb with a subject."})
-    cat_text_spotting: bool = field(default=True, metadata={"help": "CAT: drop captions that spell text in the image."})
-    cache_image_embeddings: bool = field(default=False, metadata={
-        "help": "SigLiT: embed every training image once with the (locked) vision tower and train on the cached "
-                "embeddings; requires lock_vision_tower."})
-    label_noise: float = field(default=0.0, metadata={"help": "SigLIP 4.10: fraction of rows to corrupt."})
+    data_steps: list[dict[str, Any]] | str | None = field(default=None, metadata={
+        "help": "The data steps, in order: a list of {step: settings} (JSON on the command line), e.g. "
+                "'[{\"cat_filter\": {\"min_complexity\": 2}}, {\"caption_sampling\": {\"k\": 5}}]'. Steps: "
+                "pseudo_captions, cat_filter, capfilt, positive_groups, label_noise, image_embedding_cache, "
+                "caption_sampling, image_augmentation (README: Data steps)."})
     zero_shot_classes: list[str] | None = field(default=None, metadata={
         "help": "Class names for zero-shot evaluation (demo: its 30 colour-shape classes)."})
     zero_shot_templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with '{}'."})
@@ -70,7 +63,21 @@ class SiglipScriptArguments:
                 "it (or --resume_from_checkpoint) such a run refuses to start."})
 
     def __post_init__(self):
+        from ..data.steps import parse_data_steps
+
         self.eval_split = _none_if_spelled_none(self.eval_split)
+        if isinstance(self.data_steps, str):  # JSON from the command line
+            try:
+                self.data_steps = json.loads(self.data_steps) if self.data_steps.strip() not in ("", "None") else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"data_steps: not valid JSON ({error}): {self.data_steps!r}") from None
+        parse_data_steps(self.data_steps)  # an unknown step, setting or value fails here, before any data
+
+    def steps(self):
+        """The data steps as ``[(name, typed config)]``."""
+        from ..data.steps import parse_data_steps
+
+        return parse_data_steps(self.data_steps)
 
 
 @dataclass
@@ -139,17 +146,22 @@ def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipMod
     `image_size` (from the checkpoint, the demo, or SigLIP's 224).
     """
     problems = []
-    for name in ("demo_train_size", "demo_test_size", "demo_image_size", "num_pseudo_captions"):
+    for name in ("demo_train_size", "demo_test_size", "demo_image_size"):
         problems += _positive(name, getattr(script_args, name))
-    for name in ("max_train_samples", "max_eval_samples", "captions_per_image", "max_length"):
+    for name in ("max_train_samples", "max_eval_samples", "max_length"):
         problems += _positive(name, getattr(script_args, name), allow_none=True)
     for name in ("vocab_size",) + NEW_TOWER_SIZES:
         problems += _positive(name, getattr(model_args, name))
     problems += _positive("image_size", model_args.image_size, allow_none=True)
-    if not 0.0 <= script_args.label_noise <= 1.0:
-        problems.append(f"label_noise is a fraction of rows in [0, 1], got {script_args.label_noise!r}")
-    if script_args.cache_image_embeddings and not training_args.lock_vision_tower:
-        problems.append("cache_image_embeddings needs lock_vision_tower: a trained tower's embeddings change")
+    step_names = [name for name, _ in script_args.steps()]
+    if "image_embedding_cache" in step_names and not training_args.lock_vision_tower:
+        problems.append("the image_embedding_cache data step needs lock_vision_tower: a trained tower's embeddings "
+                        "change")
+    if "image_embedding_cache" in step_names and step_names[-1] != "image_embedding_cache" and any(
+            name in ("pseudo_captions", "capfilt", "positive_groups", "cat_filter") for name in
+            step_names[step_names.index("image_embedding_cache"):]):
+        problems.append("image_embedding_cache drops the images: steps that read them (pseudo_captions, capfilt, "
+                        "positive_groups, cat_filter) must come before it")
     for name in ("image_column", "caption_column", "train_split"):
         if not getattr(script_args, name):
             problems.append(f"{name} must be a non-empty string")

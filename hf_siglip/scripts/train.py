@@ -14,18 +14,12 @@ import shutil
 
 import torch
 
-from ..data import (
-    CaptionSampler,
-    SiglipDataCollator,
-    add_image_ids,
-    load_image_text_dataset,
-    make_demo_dataset,
-    normalize_captions,
-)
+from ..data import SiglipDataCollator, add_image_ids, load_image_text_dataset, make_demo_dataset, normalize_captions
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
-from ..data.embedding import add_image_embeddings, embed_images
+from ..data.embedding import embed_images
 from ..data.images import decode_decodable
-from ..data.loading import select_split
+from ..data.loading import canonical_columns, select_split
+from ..data.steps import DataContext, run_data_steps
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
 from ..launching import check_process_world
 from ..modeling_siglip_bottleneck import SiglipBottleneckModel
@@ -55,7 +49,8 @@ DEMO_TRAINING_DEFAULTS = dict(
 
 
 def load_splits(script_args: SiglipScriptArguments):
-    """(train, eval or None) datasets; the demo is generated in-process.
+    """(train, eval or None) datasets with canonical column names (`image`, `caption`, `image_id`); the demo is
+    generated in-process.
 
     `eval_split="auto"` takes 'test', else 'validation' (datasets' name for a dev/ or val/ folder), else
     none; a named split that does not exist is an error listing the splits there are.
@@ -80,6 +75,9 @@ def load_splits(script_args: SiglipScriptArguments):
                            script_args.dataset)
     elif script_args.eval_split is not None:
         evaluation = select_split(splits, script_args.eval_split, script_args.dataset)
+    train = canonical_columns(train, script_args.image_column, script_args.caption_column)
+    if evaluation is not None:
+        evaluation = canonical_columns(evaluation, script_args.image_column, script_args.caption_column)
     if "image_id" not in train.column_names:
         train = add_image_ids(train)
     if evaluation is not None and "image_id" not in evaluation.column_names:
@@ -89,32 +87,6 @@ def load_splits(script_args: SiglipScriptArguments):
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
     return train, evaluation
-
-
-def prepare_training_data(train, script_args: SiglipScriptArguments, seed: int):
-    """The papers' data steps, in order: pseudo-captions -> CAT filter -> label noise. Returns (data, report)."""
-    report = {}
-    if script_args.pseudo_caption_model:
-        from ..data.pseudo_captions import add_pseudo_captions, load_captioner
-
-        captioner, captioner_processor = load_captioner(script_args.pseudo_caption_model)
-        train, report["pseudo_captions"] = add_pseudo_captions(
-            train, captioner, captioner_processor, num_captions=script_args.num_pseudo_captions,
-            image_column=script_args.image_column, seed=seed)
-    if script_args.cat_filter:
-        from ..data.filters import cat_filter
-
-        train, report["cat_filter"] = cat_filter(
-            train, min_complexity=script_args.cat_min_complexity, require_action=script_args.cat_require_action,
-            text_spotting=script_args.cat_text_spotting, image_column=script_args.image_column,
-            caption_column=script_args.caption_column)
-    if script_args.label_noise > 0:
-        from ..data.noise import corrupt_labels
-
-        train = corrupt_labels(train, p=script_args.label_noise, seed=seed, image_column=script_args.image_column,
-                               caption_column=script_args.caption_column)
-        report["label_noise"] = script_args.label_noise
-    return train, report
 
 
 def build_model_and_processor(model_args: SiglipModelArguments, train, script_args: SiglipScriptArguments,
@@ -139,7 +111,7 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
             tokenizer = AutoTokenizer.from_pretrained(model_args.text_model_name_or_path)
         else:
             counts = {"captions_dropped": 0}
-            tokenizer = train_caption_tokenizer(_iter_captions(train, script_args.caption_column, counts),
+            tokenizer = train_caption_tokenizer(_iter_captions(train, "caption", counts),
                                                 vocab_size=model_args.vocab_size,
                                                 model_max_length=script_args.max_length)
             if report is not None:
@@ -179,7 +151,7 @@ def zero_shot_evaluation(model, processor, evaluation, script_args: SiglipScript
     templates = script_args.zero_shot_templates or DEMO_TEMPLATES
     model.eval()
     classifier = zero_shot_classifier(model, processor, classes, templates, max_length=script_args.max_length)
-    images, rows = decode_decodable(evaluation[script_args.image_column])  # the retrieval pass counted the rest
+    images, rows = decode_decodable(evaluation["image"])  # the retrieval pass counted the rest
     if not images:
         return {}
     image_embeds = embed_images(model, processor, images)
@@ -276,39 +248,36 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     seed_everything(training_args)
 
     train, evaluation = load_splits(script_args)
-    train, data_report = prepare_training_data(train, script_args, training_args.seed)
-    model, processor = build_model_and_processor(model_args, train, script_args, data_report, resume_from)
+    models = {}
+
+    def training_model(data):
+        """The model being trained, built once (a new tokenizer learns the captions of `data` as they are)."""
+        if not models:
+            models["pair"] = build_model_and_processor(model_args, data, script_args, context.report, resume_from)
+        return models["pair"]
+
+    context = DataContext(seed=training_args.seed, max_length=script_args.max_length, training_model=training_model,
+                          main_process_first=training_args.main_process_first)
+    train = run_data_steps(train, script_args.steps(), context)
+    model, processor = training_model(train)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
-    if script_args.cache_image_embeddings:
-        with training_args.main_process_first(desc="caching image embeddings"):
-            train = add_image_embeddings(train, model, processor, image_column=script_args.image_column)
-        train = train.remove_columns(script_args.image_column)
-    sampler = None
-    if script_args.captions_per_image:
-        columns = [script_args.caption_column] + (["pseudo_captions"] if script_args.pseudo_caption_model else [])
-        sampler = CaptionSampler(columns=columns, k=script_args.captions_per_image, seed=training_args.seed)
     collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
-                                  image_column=script_args.image_column, caption_column=script_args.caption_column,
-                                  caption_sampler=sampler)
-    eval_collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
-                                       image_column=script_args.image_column, caption_column=script_args.caption_column,
-                                       return_drop_counts=True)
+                                  caption_sampler=context.caption_sampler, image_transform=context.image_transform)
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,
                             eval_dataset=evaluation, processing_class=processor)
+    trainer.data_steps_report = context.report  # logged with the first training log, and in the model card
     trainer.train(resume_from_checkpoint=resume_from)
 
     metrics = {}
     if evaluation is not None:
-        trainer.data_collator = eval_collator  # all captions, no sampling, for the retrieval protocol
-        metrics.update(trainer.evaluate())
+        metrics.update(trainer.evaluate())  # every caption, no augmentation (SiglipTrainer's evaluation collator)
         metrics.update({f"eval_{k}": v for k, v in zero_shot_evaluation(model, processor, evaluation, script_args).items()})
-        captions_per_image = len(evaluation[0][script_args.caption_column]) if not isinstance(
-            evaluation[0][script_args.caption_column], str) else 1
+        captions_per_image = len(evaluation[0]["caption"]) if not isinstance(evaluation[0]["caption"], str) else 1
         n_images = len(evaluation)
         metrics["eval_i2t_chance_recall@1"] = chance_recall(n_images * captions_per_image, captions_per_image, 1)
         metrics["eval_t2i_chance_recall@1"] = chance_recall(n_images, 1, 1)
         trainer.log({key: value for key, value in metrics.items() if "zero_shot" in key or "chance" in key})
-    data_report.update(trainer.data_report())  # collective: every process
+    data_report = {**context.report, **trainer.data_report()}  # collective: every process
 
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)

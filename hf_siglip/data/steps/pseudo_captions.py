@@ -1,0 +1,35 @@
+"""Step ``pseudo_captions``: FFF's batch text augmentation source (section 3.2); captions sampled from any
+transformers image-to-text model into a ``pseudo_captions`` column (see :mod:`hf_siglip.data.pseudo_captions`)."""
+
+from dataclasses import dataclass
+
+from ..pseudo_captions import add_pseudo_captions, load_captioner
+from . import register_data_step
+
+
+@dataclass
+class PseudoCaptionsConfig:
+    model: str = ""  # an image-to-text checkpoint (BLIP, BLIP-2, GIT, ...)
+    num_captions: int = 3
+    batch_size: int = 16
+    prompt: str | None = None
+    generate_kwargs: dict | None = None
+    output_dir: str | None = None  # resumable, sharded captioning of large datasets
+    num_shards: int = 16
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model is required: an image-to-text checkpoint path or Hub id")
+        if self.num_captions < 1:
+            raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
+
+
+@register_data_step("pseudo_captions", PseudoCaptionsConfig)
+def apply(dataset, config: PseudoCaptionsConfig, context):
+    captioner, processor = load_captioner(config.model)
+    dataset, counts = add_pseudo_captions(dataset, captioner, processor, num_captions=config.num_captions,
+                                          batch_size=config.batch_size, seed=context.seed, prompt=config.prompt,
+                                          generate_kwargs=config.generate_kwargs, output_dir=config.output_dir,
+                                          num_shards=config.num_shards)
+    context.record("pseudo_captions", counts)
+    return dataset

@@ -7,7 +7,8 @@ Rows: a 32x32 PNG (1,000 distinct images, repeated), 5 original captions and 5 p
   ``num_proc`` 1 and 2, cache disabled so every run computes;
 * collator: a ``DataLoader`` (batch 256) over the same dataset with ``Image(decode=False)`` rows
   (the collator decodes the PNGs, resizes to 32x32, tokenizes 5 captions per image to 64 tokens),
-  ``num_workers`` 0 (in-process, "1") and 2; and over pre-decoded PIL images in memory.
+  ``num_workers`` 0 (in-process, "1") and 2; in-process with training augmentation (none, crop + flip,
+  crop + flip + colour jitter + blur); and over pre-decoded PIL images in memory.
 Prints a Markdown table of rows/s.
 
     PYTHONPATH=. python benchmarks/data.py --learnability 150
@@ -37,6 +38,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from data_fixtures import make_processor  # noqa: E402
 
+from hf_siglip.data.augmentation import ImageAugmentation  # noqa: E402
 from hf_siglip.data import (DEMO_CLASSES, DEMO_TEMPLATES, CaptionSampler, SiglipDataCollator,  # noqa: E402
                             add_sampled_captions, make_demo_dataset)
 
@@ -162,6 +164,18 @@ def main():
             elapsed = time.perf_counter() - start
             assert seen == collator_rows
             results.append(("collator, PNG bytes (DataLoader workers)", max(workers, 1), collator_rows, elapsed))
+
+        # training augmentation (the image_augmentation data step) against none, same rows, in-process
+        augmentations = {"none": None, "crop + flip": ImageAugmentation(),
+                         "crop + flip + jitter + blur": ImageAugmentation(color_jitter=(0.4, 0.4, 0.4, 0.1),
+                                                                          blur_sigma=(0.1, 2.0))}
+        augmented_rows = subset.select(range(min(collator_rows, 20_000)))
+        for name, augmentation in augmentations.items():
+            collator = SiglipDataCollator(processor=processor, max_length=64, image_transform=augmentation)
+            loader = torch.utils.data.DataLoader(augmented_rows, batch_size=256, collate_fn=collator)
+            start = time.perf_counter()
+            seen = sum(batch["image_ids"].numel() for batch in loader)
+            results.append((f"collator, PNG bytes, augmentation: {name}", 1, seen, time.perf_counter() - start))
 
         decoded = [{"image": Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB"), "caption": r["caption"],
                     "image_id": r["image_id"]} for r in subset.select(range(min(collator_rows, 20_000)))]

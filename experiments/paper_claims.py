@@ -72,7 +72,7 @@ def main():
         run_multi_positive(results, args.output_dir, demo, batch)
     if "3" in args.parts:
         results["bias init -10"] = results["4 captions per image"]  # same run: all captions, default init
-        results["bias init 0"] = run("bias_0", args.output_dir, {**demo, "captions_per_image": 4},
+        results["bias init 0"] = run("bias_0", args.output_dir, {**demo, "data_steps": [{"caption_sampling": {"k": 4}}]},
                                      {"logit_bias_init_value": 0.0}, training=batch)
     if "4" in args.parts:
         run_weight_decay_on_pretrained(results, args.output_dir, demo)
@@ -94,12 +94,12 @@ def run_sigmoid_vs_softmax(results, output_dir, demo, small_batch):
 
 
 def run_multi_positive(results, output_dir, demo, batch):
-    results["1 caption per image"] = run("one_positive", output_dir, {**demo, "captions_per_image": 1},
+    results["1 caption per image"] = run("one_positive", output_dir, {**demo, "data_steps": [{"caption_sampling": {"k": 1}}]},
                                          training=batch)
-    results["4 captions per image"] = run("k4_positives", output_dir, {**demo, "captions_per_image": 4},
+    results["4 captions per image"] = run("k4_positives", output_dir, {**demo, "data_steps": [{"caption_sampling": {"k": 4}}]},
                                           training=batch)
     results["4 captions + mining"] = run(
-        "k4_mining", output_dir, {**demo, "captions_per_image": 4},
+        "k4_mining", output_dir, {**demo, "data_steps": [{"caption_sampling": {"k": 4}}]},
         training={**batch, "loss_options": {"mine_image_image": 0.98, "mine_text_text": 0.98}})
 
 

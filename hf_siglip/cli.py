@@ -12,6 +12,27 @@ import sys
 import yaml
 
 
+# Fields of earlier releases that became data steps: a recipe or flag using one gets told where it went.
+_MOVED_TO_DATA_STEPS = {
+    "captions_per_image": '{"caption_sampling": {"k": K}}',
+    "pseudo_caption_model": '{"pseudo_captions": {"model": PATH}}',
+    "num_pseudo_captions": '{"pseudo_captions": {"num_captions": N}}',
+    "cat_filter": '{"cat_filter": {}}', "cat_min_complexity": '{"cat_filter": {"min_complexity": N}}',
+    "cat_require_action": '{"cat_filter": {"require_action": BOOL}}',
+    "cat_text_spotting": '{"cat_filter": {"text_spotting": BOOL}}',
+    "cache_image_embeddings": '{"image_embedding_cache": {}}',
+    "label_noise": '{"label_noise": {"image": P, "text": P, "pairing": P}}',
+}
+
+
+def _check_moved_fields(names) -> None:
+    moved = [name for name in names if name in _MOVED_TO_DATA_STEPS]
+    if moved:
+        hints = "; ".join(f"{name} -> data_steps entry {_MOVED_TO_DATA_STEPS[name]}" for name in moved)
+        raise ValueError(f"{moved} are data steps now: list them under data_steps (a recipe) or --data_steps "
+                         f"'[...]' (JSON). {hints}")
+
+
 def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = None, prog: str = "hf-siglip"):
     """TRL-style parsing: built-in `defaults` < YAML file given by `--config` < command-line flags."""
     from transformers import HfArgumentParser
@@ -22,12 +43,14 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     config_reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_reader.add_argument("--config", default=None)
     config_path = config_reader.parse_known_args(argv)[0].config
+    _check_moved_fields(arg[2:].split("=")[0] for arg in argv if arg.startswith("--"))
     values = dict(defaults or {})
     if config_path:
         with open(config_path) as file:
             loaded = yaml.safe_load(file) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path}: a recipe is a mapping of field: value, got {type(loaded).__name__}")
+        _check_moved_fields(loaded)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(loaded) - known)
         if unknown:

@@ -99,13 +99,16 @@ CONFIGURATION_MISTAKES = [
     ({"max_length": 0}, ValueError, "max_length must be a positive integer, got 0"),
     ({"patch_size": 32}, ValueError, "patch_size 32 is larger than image_size 16"),
     ({"num_attention_heads": 3}, ValueError, r"hidden_size \(32\) must be divisible by num_attention_heads \(3\)"),
-    ({"label_noise": 1.5}, ValueError, r"label_noise is a fraction of rows in \[0, 1\]"),
-    ({"cache_image_embeddings": "true"}, ValueError, "cache_image_embeddings needs lock_vision_tower"),
+    ({"data_steps": '[{"label_noise": {"text": 1.5}}]'}, ValueError,
+     r"entry 1 \(label_noise\): text is a fraction of rows in \[0, 1\]"),
+    ({"data_steps": '[{"image_embedding_cache": {}}]'}, ValueError,
+     "the image_embedding_cache data step needs lock_vision_tower"),
+    ({"label_noise": 0.2}, ValueError, r"\['label_noise'\] are data steps now.*label_noise -> data_steps entry"),
 ]
 
 
 @pytest.mark.parametrize("mistake, error, message", CONFIGURATION_MISTAKES,
-                         ids=[next(iter(m)) for m, _, _ in CONFIGURATION_MISTAKES])
+                         ids=[next(iter(m)) + str(i) for i, (m, _, _) in enumerate(CONFIGURATION_MISTAKES)])
 def test_configuration_mistakes_stop_before_any_data_is_read(tmp_path, mistake, error, message):
     # the dataset does not exist: the configuration error has to come first
     values = {**FOLDER, "dataset": tmp_path / "no-such-folder", "output_dir": tmp_path / "out", **mistake}

@@ -30,6 +30,27 @@ def native_tiny_checkpoint(tmp_path_factory):
     return path / "native"
 
 
+def recipe_steps(name: str, **models) -> str:
+    """The recipe's own data steps as a --data_steps flag, each step's `model` pointed at a local tiny one
+    (`models[step name]`), as a user without network access would run it."""
+    steps = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())["data_steps"]
+    for entry in steps:
+        ((step, settings),) = entry.items()
+        if step in models:
+            settings["model"] = str(models[step])
+    return json.dumps(steps)
+
+
+def data_report(output_dir: Path) -> dict:
+    return json.loads((output_dir / "eval_results.json").read_text())["data"]
+
+
+def logged_data_counts(output_dir: Path) -> dict:
+    """The data-step counts the trainer logged (with its first training loss)."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {key: value for entry in history for key, value in entry.items() if key.startswith("data/")}
+
+
 def run_recipe(name, tmp_path, **overrides) -> Path:
     output_dir = tmp_path / name
     assert cli_main(["train", "--config", str(RECIPES / f"{name}.yaml"),
@@ -47,7 +68,7 @@ def run_recipe(name, tmp_path, **overrides) -> Path:
 
 def test_every_recipe_is_tested_and_documents_its_paper():
     tested = {"siglip_from_scratch", "siglit_locked_image_tower", "finetune_pretrained", "msiglip_bottleneck",
-              "fff_multi_positive", "diht_cat_hard_negatives"}
+              "fff_multi_positive", "diht_cat_hard_negatives", "blip_capfilt", "siglip_label_noise"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
     for path in RECIPES.glob("*.yaml"):
         text = path.read_text()
@@ -70,6 +91,8 @@ def test_siglip_from_scratch_then_eval(tmp_path):
 
 def test_siglit_locks_and_caches_the_pretrained_image_tower(tmp_path, native_tiny_checkpoint):
     output_dir = run_recipe("siglit_locked_image_tower", tmp_path, vision_model_name_or_path=native_tiny_checkpoint)
+    assert data_report(output_dir)["image_embedding_cache"] == {"undecodable_images": 0, "rows_in": 32,
+                                                                "rows_out": 32}
     trained, source = (SiglipModel.from_pretrained(path) for path in (output_dir, native_tiny_checkpoint))
     for (name, before), after in zip(source.vision_model.named_parameters(), trained.vision_model.parameters()):
         assert torch.equal(before, after), name
@@ -89,11 +112,45 @@ def test_msiglip_bottleneck(tmp_path, native_tiny_checkpoint):
     assert config["text_config"]["bottleneck_dim"] == 8
 
 
-def test_fff_multi_positive_with_pseudo_captions(tmp_path):
+def test_fff_pseudo_captions_k_captions_and_augmentation(tmp_path):
     captioner = save_tiny_blip_captioner(tmp_path / "blip")
-    output_dir = run_recipe("fff_multi_positive", tmp_path, pseudo_caption_model=captioner)
-    report = json.loads((output_dir / "eval_results.json").read_text())["data"]
-    assert "pseudo_captions" in report
+    output_dir = run_recipe("fff_multi_positive", tmp_path,
+                            data_steps=recipe_steps("fff_multi_positive", pseudo_captions=captioner))
+    report = data_report(output_dir)
+    assert report["pseudo_captions"]["rows"] == 32 and report["pseudo_captions"]["rows_out"] == 32
+    assert report["caption_sampling"] == {"k": 5} and "image_augmentation" in report
+    logged = logged_data_counts(output_dir)
+    assert logged["data/pseudo_captions/rows_in"] == 32 and logged["data/caption_sampling/k"] == 5
+    assert "| pseudo_captions/rows_out | 32 |" in (output_dir / "README.md").read_text()
+
+
+def test_blip_capfilt_keeps_the_best_caption_per_image(tmp_path, native_tiny_checkpoint):
+    captioner = save_tiny_blip_captioner(tmp_path / "blip")
+    steps = recipe_steps("blip_capfilt", pseudo_captions=captioner, capfilt=native_tiny_checkpoint)
+    output_dir = run_recipe("blip_capfilt", tmp_path, data_steps=steps)
+    report = data_report(output_dir)["capfilt"]
+    # the demo's 4 captions per image plus one pseudo-caption: 5 candidates, the best one kept
+    assert report["captions"] == 32 * 5 and report["captions_kept"] == 32 and report["rows_out"] == 32
+    assert logged_data_counts(output_dir)["data/capfilt/captions_kept"] == 32
+
+
+def test_label_noise_study(tmp_path):
+    output_dir = run_recipe("siglip_label_noise", tmp_path, demo_train_size=200)
+    report = data_report(output_dir)["label_noise"]
+    for kind in ("image", "text", "pairing"):  # p = 0.2 of 200 rows each, drawn independently
+        assert 20 <= report[f"rows_{kind}_noise" if kind != "pairing" else "rows_pairing_shuffled"] <= 60, report
+    assert logged_data_counts(output_dir)["data/label_noise/rows_in"] == 200
+
+
+def test_positive_groups_from_a_flag(tmp_path, native_tiny_checkpoint):
+    """A step no recipe lists, reached from --data_steps: groups found with a checkpoint, used as positive ids."""
+    steps = [{"positive_groups": {"model": str(native_tiny_checkpoint), "image_threshold": 0.99,
+                                  "text_threshold": 0.999}}]
+    output_dir = run_recipe("siglip_from_scratch", tmp_path, data_steps=json.dumps(steps))
+    report = data_report(output_dir)["positive_groups"]
+    assert report["rows"] == 32 and 1 <= report["groups"] <= 32
+    # the demo's captions repeat (30 classes' templates): identical captions embed identically and are grouped
+    assert report["text_text_links"] > 0 and report["groups"] < 32
 
 
 @pytest.mark.skipif(
@@ -102,9 +159,12 @@ def test_fff_multi_positive_with_pseudo_captions(tmp_path):
     reason="CAT filtering needs the [data] extra (spaCy, pytesseract) and Debian's tesseract-ocr",
 )
 def test_diht_cat_filter_with_hard_negatives(tmp_path):
-    output_dir = run_recipe("diht_cat_hard_negatives", tmp_path, cat_min_complexity=1)
-    report = json.loads((output_dir / "eval_results.json").read_text())["data"]
-    assert "cat_filter" in report
+    steps = yaml.safe_load((RECIPES / "diht_cat_hard_negatives.yaml").read_text())["data_steps"]
+    steps[0]["cat_filter"]["min_complexity"] = 1
+    output_dir = run_recipe("diht_cat_hard_negatives", tmp_path, data_steps=json.dumps(steps))
+    report = data_report(output_dir)["cat_filter"]
+    assert report["rows_in"] == 32 and report["rows_out"] == report["rows_in"] - report["rows_removed"]
+    assert logged_data_counts(output_dir)["data/cat_filter/rows_in"] == 32
 
 
 def test_documented_two_process_launch_line(tmp_path):

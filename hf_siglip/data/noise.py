@@ -4,7 +4,8 @@
 
 * ``image``: the image is replaced by uniform RGB noise with probability ``image``;
 * ``text``: every caption of the row is replaced by a random sequence of words (from ``vocabulary``, a
-  tokenizer's vocabulary, or by default the words of the dataset's own captions) with probability ``text``;
+  tokenizer's vocabulary, or by default the words of the captions of the first ``window_size`` rows: the same
+  rows for a Dataset and a stream, and a stream is not read twice for them) with probability ``text``;
 * ``pairing``: a fraction ``pairing`` of rows is chosen and their captions are permuted among themselves
   with no row keeping its own (a derangement), across the whole ``Dataset``; on a stream, across each window of
   ``window_size`` consecutive rows. Both sides stay natural; only the pairs are wrong.
@@ -65,6 +66,14 @@ def caption_words(captions: Sequence) -> list[str]:
     return list(seen)
 
 
+def _window_words(captions) -> list[str]:
+    words = caption_words(captions)
+    if not words:
+        raise ValueError("text noise needs words: the first window of captions holds none; pass vocabulary= or "
+                         "tokenizer=")
+    return words
+
+
 def corrupt_labels(dataset, image: float = 0.0, text: float = 0.0, pairing: float = 0.0, seed: int = 0,
                    vocabulary: Optional[Sequence[str]] = None, tokenizer=None, max_random_words: int = 16,
                    noise_image_size: int = 64, window_size: int = 1000, image_column: str = "image",
@@ -81,12 +90,8 @@ def corrupt_labels(dataset, image: float = 0.0, text: float = 0.0, pairing: floa
     use_ids = id_column in names
     is_table = isinstance(dataset, datasets.Dataset)
     words = list(vocabulary) if vocabulary is not None else None
-    if text > 0 and words is None and tokenizer is None:
-        sample = dataset if is_table else dataset.take(window_size)
-        words = caption_words(sample.select_columns([caption_column])[caption_column] if is_table
-                              else [row[caption_column] for row in sample])
-        if not words:
-            raise ValueError("text noise needs words: the captions hold none; pass vocabulary= or tokenizer=")
+    if text > 0 and words is None and tokenizer is None and is_table:
+        words = _window_words(dataset.select(range(min(window_size, len(dataset))))[caption_column])
 
     def random_text(rng: np.random.Generator) -> str:
         length = int(rng.integers(1, max_random_words + 1))
@@ -115,6 +120,9 @@ def corrupt_labels(dataset, image: float = 0.0, text: float = 0.0, pairing: floa
         values = dict(zip(input_columns, columns))
         keys = np.asarray(values[id_column] if use_ids else indices)
         captions = list(values[caption_column])
+        nonlocal words
+        if text > 0 and words is None and tokenizer is None:  # a stream: its first window's words (not re-read)
+            words = _window_words(captions)
         labels = [[] for _ in keys]
         if pairing > 0:
             if is_table:
@@ -142,9 +150,9 @@ def corrupt_labels(dataset, image: float = 0.0, text: float = 0.0, pairing: floa
             for row in np.flatnonzero(chosen("image", keys)):
                 images[row] = _noise_png(np.random.default_rng([seed, _STREAM["image"], int(keys[row])]),
                                          noise_image_size)
-                labels[row].insert(0, "image")
+                labels[row].append("image")
             out[image_column] = images
-        out["noise"] = ["+".join(kinds) for kinds in labels]
+        out["noise"] = ["+".join(kind for kind in KINDS if kind in kinds) for kinds in labels]
         if not is_table:
             report["rows"] += len(keys)
             for kinds in labels:

@@ -159,7 +159,8 @@ def run_data_steps(dataset, steps: list[tuple[str, Any]], context: DataContext):
         rows_in = len(dataset) if isinstance(dataset, datasets.Dataset) else None
         before = set(context.report)
         dataset = DATA_STEPS[name].apply(dataset, config, context)
-        recorded = [key for key in context.report if key not in before]
+        recorded = [key for key in context.report if key not in before
+                    and (key == name or key.removeprefix(f"{name}_").isdigit())]
         counts = context.report[recorded[0]] if recorded else context.record(name, Counter())
         if rows_in is not None and DATA_STEPS[name].kind == "rows":
             counts["rows_in"] = rows_in

@@ -1,9 +1,10 @@
 """Data side of hf_siglip: loading, caption augmentation, filters, positive groups, label noise,
 the collator and the embedded demo dataset. Each module's docstring states its bad-input policies.
 
-Flow: ``load_image_text_dataset`` -> ``add_image_ids`` -> ``add_pseudo_captions`` ->
-``add_sampled_captions`` / ``CaptionSampler`` -> ``cat_filter`` / ``capfilt`` ->
-``assign_positive_groups`` -> ``SiglipDataCollator`` -> model and loss.
+Flow: ``load_image_text_dataset`` -> ``canonical_columns`` / ``add_image_ids`` -> the data steps of a recipe
+(:mod:`hf_siglip.data.steps`: pseudo-captions, CAT, CapFilt, positive groups, label noise, the SigLiT embedding
+cache; caption sampling and image augmentation configure the collator) -> ``SiglipDataCollator`` -> model and loss.
+Each step's functional core is here too (``add_pseudo_captions``, ``cat_filter``, ``corrupt_labels``...).
 """
 
 from .captions import CaptionSampler, add_sampled_captions
@@ -14,7 +15,8 @@ from .embedding import add_image_embeddings, embed_images, embed_texts
 from .filters import capfilt, caption_complexity_and_action, cat_filter, load_spacy, ocr_words
 from .groups import UnionFind, assign_positive_groups, group_size_stats, nearest_neighbours
 from .images import ImageDecodeError, decode_image, to_rgb
-from .loading import add_image_ids, check_columns, load_image_text_dataset
+from .augmentation import ImageAugmentation
+from .loading import add_image_ids, canonical_columns, check_columns, load_image_text_dataset
 from .noise import corrupt_labels
 from .pseudo_captions import add_pseudo_captions, load_captioner
 from .text import normalize_captions
@@ -25,6 +27,7 @@ __all__ = [
     "DEMO_TEMPLATES",
     "DIGITS_CLASSES",
     "DIGITS_TEMPLATES",
+    "ImageAugmentation",
     "ImageDecodeError",
     "SiglipDataCollator",
     "UnionFind",
@@ -34,6 +37,7 @@ __all__ = [
     "add_sampled_captions",
     "assign_positive_groups",
     "capfilt",
+    "canonical_columns",
     "caption_complexity_and_action",
     "cat_filter",
     "check_columns",

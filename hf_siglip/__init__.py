@@ -1,22 +1,33 @@
 """hf_siglip: train SigLIP-style image-text dual encoders with transformers, datasets and accelerate."""
 
+import importlib
+
 from transformers import AutoConfig, AutoModel
 
 from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
-from .data import SiglipDataCollator, make_demo_dataset
-from .hub import build_model_card, push_to_hub
-from .loss import SigmoidLoss, dense_sigmoid_loss, sigmoid_loss
 from .modeling_siglip_bottleneck import (
     BottleneckTokenEmbedding,
     SiglipBottleneckModel,
     SiglipBottleneckTextModel,
     SiglipBottleneckVisionModel,
 )
-from .processing import build_processor, train_caption_tokenizer
-from .trainer import SiglipTrainer
-from .training_args import SiglipTrainingArguments
 
 __version__ = "0.1.0"
+
+# The rest is imported on first use (PEP 562), so `import hf_siglip` (which registers the model type) and
+# `hf-siglip train --help` stay quick; `from hf_siglip import SiglipTrainer` works as before.
+_LAZY = {
+    "SiglipDataCollator": ".data", "make_demo_dataset": ".data", "build_model_card": ".hub", "push_to_hub": ".hub",
+    "SigmoidLoss": ".loss", "dense_sigmoid_loss": ".loss", "sigmoid_loss": ".loss",
+    "build_processor": ".processing", "train_caption_tokenizer": ".processing", "SiglipTrainer": ".trainer",
+    "SiglipTrainingArguments": ".training_args",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # In-process Auto classes ...
 AutoConfig.register(SiglipBottleneckConfig.model_type, SiglipBottleneckConfig, exist_ok=True)

@@ -7,6 +7,7 @@
 """
 
 import argparse
+import dataclasses
 import sys
 
 import yaml
@@ -38,8 +39,13 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     from transformers import HfArgumentParser
 
     # allow_abbrev=False: argparse would otherwise take `--learning_rat 0.1` for `--learning_rate`
-    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="YAML file whose keys are any of the fields below")
+    parser = HfArgumentParser([], prog=prog, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML recipe whose keys are any of the fields below; flags "
+                        "given as well override it")
+    parser.dataclass_types = list(dataclass_types)
+    for dtype in dataclass_types:  # each in its own help group (the class's `_argument_group_name`)
+        parser._add_dataclass_arguments(dtype)
+    _move_generic_trainer_fields_last(parser, dataclass_types)
     config_reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_reader.add_argument("--config", default=None)
     config_path = config_reader.parse_known_args(argv)[0].config
@@ -61,21 +67,41 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     return parsed[: len(dataclass_types)]  # drop the namespace holding --config
 
 
+def _move_generic_trainer_fields_last(parser, dataclass_types) -> None:
+    """`--help` shows the SigLIP fields first and the ~100 generic `transformers.TrainingArguments` fields in a
+    last group of their own."""
+    from transformers import TrainingArguments
+
+    ours = {name for dtype in dataclass_types if issubclass(dtype, TrainingArguments)
+            for name in dtype.__dict__.get("__annotations__", {})}
+    generic = {field.name for field in dataclasses.fields(TrainingArguments)} - ours
+    if not ours:
+        return
+    trainer_group = parser.add_argument_group("Trainer fields (transformers.TrainingArguments)")
+    for group in parser._action_groups[:-1]:
+        moved = [action for action in group._group_actions if action.dest in generic]
+        for action in moved:
+            group._group_actions.remove(action)
+            trainer_group._group_actions.append(action)
+
+
 def _train(argv: list[str]) -> int:
     from .launching import prepare_cpu_torchrun
 
     prepare_cpu_torchrun()  # before the arguments set up devices: torchrun on CPU gets gloo processes
-    from .evaluation import format_metrics
-    from .scripts.train import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, run_train
+    from .scripts.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
     from .training_args import SiglipTrainingArguments
 
     script_args, model_args, training_args = parse_with_config(
         (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments), argv,
         defaults=DEMO_TRAINING_DEFAULTS, prog="hf-siglip train")
+    from .evaluation import format_metrics  # the heavy imports only once the arguments parse (--help stays quick)
+    from .scripts.train import run_train
+
     metrics = run_train(script_args, model_args, training_args)
     if training_args.process_index == 0:  # one report, also under accelerate launch
         if metrics:
-            print(f"\nEvaluation ({script_args.dataset}, held-out split):\n{format_metrics(metrics)}")
+            print(f"Evaluation ({script_args.dataset}, held-out split):\n{format_metrics(metrics)}")
         print(f"Saved model, processor, model card and training curves to {training_args.output_dir}")
     return 0
 
@@ -108,6 +134,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from .hub import check_hub_access
+
+    check_hub_access()  # before the model is loaded: one line if the Hub cannot be reached
     from transformers import AutoModel, AutoProcessor
 
     from .hub import push_to_hub
@@ -161,10 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("train", "eval"):
-        return (_train if argv[0] == "train" else _eval)(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        if argv and argv[0] in ("train", "eval"):
+            return (_train if argv[0] == "train" else _eval)(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except Exception as error:
+        if type(error).__name__ != "HubAccessError":  # (not imported here: it would slow down --help)
+            raise
+        print(f"hf-siglip: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -134,6 +134,34 @@ def save_for_hub(model, folder: str | os.PathLike, processor=None, card: ModelCa
     (card or build_model_card(model, **card_kwargs)).save(os.path.join(folder, "README.md"))
 
 
+class HubAccessError(RuntimeError):
+    """Pushing cannot work (offline, not logged in, no connection): said in one line, before any work."""
+
+
+def check_hub_access(token: str | None = None) -> None:
+    """Raise `HubAccessError` with one line saying what to do when a push cannot succeed: offline mode, no token,
+    no connection to the Hub, or a rejected token. One `whoami` request; nothing is uploaded."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.is_offline_mode():
+        raise HubAccessError("cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1). Unset it on a connected "
+                             "machine, or push the saved folder later with `hf-siglip push FOLDER REPO_ID`.")
+    token = token or get_token()
+    if not token:
+        raise HubAccessError("cannot push to the Hub: not logged in. Run `hf auth login` or set HF_TOKEN, then retry.")
+    try:
+        HfApi(token=token).whoami()
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        raise HubAccessError(f"cannot push to the Hub: the token was refused (HTTP {status}). Log in again with "
+                             "`hf auth login` or set a valid HF_TOKEN.") from None
+    except Exception as error:  # httpx / socket errors: no route to the Hub endpoint
+        raise HubAccessError(f"cannot push to the Hub: no connection to {constants.ENDPOINT} "
+                             f"({type(error).__name__}). Check the network, or push the saved folder later with "
+                             "`hf-siglip push FOLDER REPO_ID`.") from None
+
+
 def push_to_hub(
     model,
     repo_id: str,
@@ -147,8 +175,10 @@ def push_to_hub(
 ):
     """Upload model, processor and model card to `repo_id` in one commit; returns the commit info.
 
-    `card_kwargs` go to `build_model_card` when no `card` is given (e.g. `base_model`, `metrics`).
+    `card_kwargs` go to `build_model_card` when no `card` is given (e.g. `base_model`, `metrics`). Raises
+    `HubAccessError` (one line) before anything is written when the Hub cannot be reached or no token is set.
     """
+    check_hub_access(token)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -161,4 +191,4 @@ def push_to_hub(
         return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
 
 
-__all__ = ["build_model_card", "push_to_hub", "save_for_hub"]
+__all__ = ["HubAccessError", "build_model_card", "check_hub_access", "push_to_hub", "save_for_hub"]

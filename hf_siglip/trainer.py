@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from .data.collator import SiglipDataCollator, collator_epoch_callback
 from .evaluation import retrieval_metrics
-from .hub import build_model_card
+from .hub import build_model_card, check_hub_access
 from .launching import check_process_world
 from .loss import sigmoid_loss
 from .training_args import SiglipTrainingArguments
@@ -323,6 +323,12 @@ class SiglipTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         _match_umask(output_dir or self.args.output_dir, "*.safetensors")
+
+    def push_to_hub(self, *args, **kwargs):
+        """`Trainer.push_to_hub`, after a one-line check that the Hub can be reached with a token (`HubAccessError`
+        instead of a long connection traceback)."""
+        check_hub_access(self.args.hub_token)
+        return super().push_to_hub(*args, **kwargs)
 
     # --- model card ----------------------------------------------------------------------------------
 

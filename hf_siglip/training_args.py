@@ -17,6 +17,8 @@ class SiglipTrainingArguments(TrainingArguments):
     `remove_unused_columns=False` (the collator needs the image and caption columns).
     """
 
+    _argument_group_name = "SigLIP training (hf_siglip)"  # its --help group
+
     adam_beta2: float = field(
         default=0.95,
         metadata={"help": "Adam beta2. SigLIP (section 4.6) uses 0.95 instead of 0.999 to avoid loss spikes."},

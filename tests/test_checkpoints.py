@@ -1,6 +1,7 @@
 """Conversion to bottleneck embeddings, trust_remote_code loading, processors, and offline Hub pushes."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -126,7 +127,7 @@ def test_push_to_hub_uploads_weights_processor_and_card_offline(processor):
             with open(op.path_or_fileobj, "rb") as file:
                 uploaded[op.path_in_repo] = file.read()
 
-    with mock.patch.object(HfApi, "create_repo") as create_repo, \
+    with mock.patch.object(HfApi, "create_repo") as create_repo, mock.patch("hf_siglip.hub.check_hub_access"), \
             mock.patch.object(HfApi, "create_commit", side_effect=fake_commit) as commit:
         push_to_hub(model, "someone/tiny-siglip", processor, base_model="google/siglip-base-patch16-224",
                     datasets=["someone/captions"], metrics={"zero_shot_top1": 0.42}, eval_dataset="someone/captions")
@@ -153,9 +154,37 @@ def test_push_command_uploads_a_checkpoint_folder(processor, tmp_path, capsys):
         text_config=tiny_text_config(), vision_config=tiny_vision_config()))
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    with mock.patch.object(HfApi, "create_repo"), mock.patch.object(HfApi, "create_commit") as commit:
+    with mock.patch.object(HfApi, "create_repo"), mock.patch.object(HfApi, "create_commit") as commit, \
+            mock.patch("hf_siglip.hub.check_hub_access"):
         assert cli_main(["push", str(tmp_path), "someone/pushed", "--base-model", "google/siglip-base-patch16-224",
                          "--dataset", "someone/data"]) == 0
     files = {op.path_in_repo for op in commit.call_args.kwargs["operations"]}
     assert {"model.safetensors", "README.md", "tokenizer.json", "processor_config.json"} <= files
     assert "Pushed" in capsys.readouterr().out
+
+
+def _push_command(folder, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_siglip", "push", str(folder), "someone/repo"], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("situation, env, message", [
+    ("offline", {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}, "offline mode is on (HF_HUB_OFFLINE=1)"),
+    ("no token", {"HF_HUB_OFFLINE": "0"}, "not logged in. Run `hf auth login` or set HF_TOKEN"),
+    # a closed port on this machine stands for a network without the Hub
+    ("no connection", {"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake", "HF_ENDPOINT": "http://127.0.0.1:9"},
+     "no connection to http://127.0.0.1:9"),
+])
+def test_push_that_cannot_work_says_so_in_one_line(tmp_path, situation, env, message):
+    base = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    run = _push_command(tmp_path / "does-not-matter", {**base, "HF_HOME": str(tmp_path / "home"), **env})
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-siglip: cannot push to the Hub: ") and message in lines[0]
+
+
+def test_training_with_push_to_hub_offline_stops_before_any_work(tmp_path, capsys):
+    assert cli_main(["train", "--push_to_hub", "true", "--output_dir", str(tmp_path / "out"), "--hub_model_id",
+                     "someone/repo"]) == 1
+    assert "offline mode is on" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

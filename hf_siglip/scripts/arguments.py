@@ -18,6 +18,23 @@ AUTO = "auto"
 DEFAULT_IMAGE_SIZE = 224
 # Text length of a new model when neither the flag nor a checkpoint says otherwise (the demo's captions fit).
 DEFAULT_MAX_LENGTH = 16
+# Training defaults for the embedded demo (a YAML recipe or flags override each of them).
+DEMO_TRAINING_DEFAULTS = dict(
+    output_dir="outputs/siglip-demo",
+    per_device_train_batch_size=128,
+    per_device_eval_batch_size=256,
+    num_train_epochs=14,
+    learning_rate=2e-3,
+    warmup_steps=0.1,
+    weight_decay=1e-4,
+    lr_scheduler_type="cosine",
+    logging_steps=10,
+    eval_strategy="no",
+    save_strategy="no",
+    report_to="none",
+    seed=0,
+)
+
 NEW_TOWER_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
 
 
@@ -29,6 +46,8 @@ def _none_if_spelled_none(value):
 @dataclass
 class SiglipScriptArguments:
     """Where the data comes from and how it is prepared before training."""
+
+    _argument_group_name = "Data and data steps (hf_siglip)"  # its --help group
 
     dataset: str = field(default=DEMO, metadata={
         "help": "'demo' (the embedded dataset), a local image folder with metadata.jsonl (or train/ dev/ test/ "
@@ -83,6 +102,8 @@ class SiglipScriptArguments:
 @dataclass
 class SiglipModelArguments:
     """Which model to train: a checkpoint, separately pretrained towers, or a new small model."""
+
+    _argument_group_name = "Model (hf_siglip)"  # its --help group
 
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A SigLIP checkpoint (native google/siglip-* format or ours) to fine-tune."})
@@ -224,4 +245,4 @@ def _validate_new_towers(script_args, model_args, problems: list[str]) -> None:
             problems.append(f"{name}={path!r}: no such folder")
 
 
-__all__ = ["DEMO", "SiglipModelArguments", "SiglipScriptArguments", "checkpoint_text_length", "validate_arguments"]
+__all__ = ["DEMO", "DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "checkpoint_text_length", "validate_arguments"]

@@ -26,27 +26,10 @@ from ..modeling_siglip_bottleneck import SiglipBottleneckModel
 from ..processing import build_processor, train_caption_tokenizer
 from ..trainer import SiglipTrainer
 from ..training_args import SiglipTrainingArguments
-from .arguments import AUTO, DEMO, SiglipModelArguments, SiglipScriptArguments, validate_arguments
+from .arguments import (AUTO, DEMO, DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+                        validate_arguments)
 
 logger = logging.getLogger(__name__)
-
-# Training defaults for the embedded demo (a YAML recipe or flags override each of them).
-DEMO_TRAINING_DEFAULTS = dict(
-    output_dir="outputs/siglip-demo",
-    per_device_train_batch_size=128,
-    per_device_eval_batch_size=256,
-    num_train_epochs=14,
-    learning_rate=2e-3,
-    warmup_steps=0.1,
-    weight_decay=1e-4,
-    lr_scheduler_type="cosine",
-    logging_steps=10,
-    eval_strategy="no",
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-)
-
 
 def load_splits(script_args: SiglipScriptArguments):
     """(train, eval or None) datasets with canonical column names (`image`, `caption`, `image_id`); the demo is
@@ -244,6 +227,10 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     """The whole job; returns the evaluation metrics (also written to output_dir/eval_results.json)."""
     validate_arguments(script_args, model_args, training_args)  # before any data is read
     check_process_world(training_args.world_size)
+    if training_args.push_to_hub:
+        from ..hub import check_hub_access
+
+        check_hub_access(training_args.hub_token)  # before hours of training, not after
     resume_from = resolve_resume(training_args, script_args.overwrite_output_dir)
     seed_everything(training_args)
 

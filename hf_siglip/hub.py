@@ -1,10 +1,11 @@
 """Model cards and Hub uploads.
 
 `model.push_to_hub` writes a generic README over any card, so `push_to_hub` here saves the model,
-processor and a card filled from `model_cards/model_card_template.md` into one folder and uploads it
+processor and a card filled from `model_cards/model_card_template.md` (top level) into one folder and uploads it
 as a single commit.
 """
 
+import importlib.resources
 import math
 import os
 import tempfile
@@ -12,7 +13,21 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
-TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "model_card_template.md"
+TEMPLATE_NAME = "model_card_template.md"
+
+
+def _template_path():
+    """model_cards/ sits at the repository's top level; a wheel installs it as the hf_siglip.model_cards package."""
+    try:
+        packaged = importlib.resources.files("hf_siglip.model_cards") / TEMPLATE_NAME
+        if packaged.is_file():
+            return packaged
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME  # a source checkout
+
+
+TEMPLATE_PATH = _template_path()
 CARD_TAGS = ["siglip", "hf_siglip", "image-text", "zero-shot-image-classification"]
 
 
@@ -36,8 +51,14 @@ def _tower_description(model) -> tuple[str, str]:
 def _eval_table(metrics: dict[str, float] | None) -> str:
     if not metrics:
         return "No evaluation was recorded."
-    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items()))
-    return "| metric | value |\n|---|---|\n" + rows
+    from .evaluation import format_metrics
+
+    return "```\n" + format_metrics(metrics) + "\n```"
+
+
+def _key_value_table(values: dict | None, header: str) -> str:
+    rows = "\n".join(f"| {key} | {value} |" for key, value in (values or {}).items() if value is not None)
+    return f"| {header} | value |\n|---|---|\n{rows}" if rows else "Not recorded."
 
 
 def _data_table(report: dict | None) -> str:
@@ -57,6 +78,35 @@ def _data_table(report: dict | None) -> str:
     return "| step / reason | count |\n|---|---|\n" + "\n".join(rows)
 
 
+# model-index: the metrics the Hub shows as results (recall@k both ways, zero-shot accuracy), with readable names
+_INDEXED = {"i2t_recall@": ("image-text-retrieval", "recall", "image-to-text recall@{}"),
+            "t2i_recall@": ("image-text-retrieval", "recall", "text-to-image recall@{}"),
+            "zero_shot_top": ("zero-shot-image-classification", "accuracy", "zero-shot top-{} accuracy")}
+
+
+def _eval_results(metrics: dict[str, float], eval_dataset: str) -> list[EvalResult]:
+    results = []
+    for name, value in metrics.items():
+        for prefix, (task, metric, label) in _INDEXED.items():
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                results.append(EvalResult(task_type=task, dataset_type=eval_dataset, dataset_name=eval_dataset,
+                                          metric_type=metric, metric_name=label.format(name[len(prefix):]),
+                                          metric_value=round(float(value), 4)))
+    return results
+
+
+def framework_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("hf_siglip", "transformers", "torch", "datasets", "accelerate", "tokenizers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
 def build_model_card(
     model,
     repo_id: str = "path/to/checkpoint",
@@ -66,32 +116,27 @@ def build_model_card(
     license: str = "apache-2.0",
     metrics: dict[str, float] | None = None,
     eval_dataset: str | None = None,
+    evaluation_protocol: str | None = None,
     recipe: str | None = None,
     training_data: str | None = None,
     training_curve: str | None = None,
+    hyperparameters: dict | None = None,
+    hardware: str | None = None,
+    intended_use: str | None = None,
     limitations: str = "",
     data_report: dict | None = None,
 ) -> ModelCard:
     """Fill the package's model card template for `model` (a `SiglipBottleneckModel`).
 
-    `metrics` (name -> value) become the evaluation table, the card's `metrics` metadata and, with
-    `eval_dataset` named, `model-index` results. `training_curve` is a path relative to the repo root.
-    `data_report` holds the data steps' counts (rows dropped or skipped, per reason).
+    `metrics` (name -> value) become the evaluation table and, with `eval_dataset` named, the `model-index`
+    results the Hub displays (recall@k both ways, zero-shot accuracy). `evaluation_protocol` says how they were
+    measured; `hyperparameters` and `hardware` describe the run; `intended_use` replaces the default statement (the
+    demo's toy notice); `training_curve` is a path relative to the repo root; `data_report` holds the data steps'
+    counts (rows dropped or skipped, per reason). Framework versions are read from the installed packages.
     """
     datasets = [datasets] if isinstance(datasets, str) else datasets
     model_name = repo_id.split("/")[-1]
-    eval_results = None
-    if metrics and eval_dataset:
-        eval_results = [
-            EvalResult(
-                task_type="zero-shot-image-classification" if "zero_shot" in name else "image-text-retrieval",
-                dataset_type=eval_dataset,
-                dataset_name=eval_dataset,
-                metric_type=name,
-                metric_value=float(value),
-            )
-            for name, value in sorted(metrics.items())
-        ]
+    eval_results = _eval_results(metrics, eval_dataset) if metrics and eval_dataset else None
     card_data = ModelCardData(
         base_model=base_model,
         datasets=datasets,
@@ -99,11 +144,12 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
         tags=list(CARD_TAGS),
-        metrics=sorted(metrics) if metrics else None,
+        metrics=sorted({result.metric_type for result in eval_results}) if eval_results else None,
         model_name=model_name,
-        eval_results=eval_results,
+        eval_results=eval_results or None,
     )
     text_tower, vision_tower = _tower_description(model)
+    image_size = getattr(model.config.vision_config, "image_size", 224)
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -119,11 +165,24 @@ def build_model_card(
         training_data=training_data or (", ".join(datasets) if datasets else "not recorded"),
         recipe=recipe or "not recorded",
         training_curve=training_curve,
+        hyperparameter_table=_key_value_table(hyperparameters, "hyperparameter"),
+        hardware=hardware or "not recorded",
+        versions_table=_key_value_table(framework_versions(), "package"),
         eval_table=_eval_table(metrics),
+        evaluation_protocol=evaluation_protocol or "",
         data_table=_data_table(data_report),
+        intended_use=intended_use or ("Image-text retrieval and zero-shot image classification, and a starting point "
+                                      "for fine-tuning on similar data."),
         limitations=limitations,
+        image_size=image_size,
         native_compatible=model.config.text_config.bottleneck_dim is None and model.config.uses_siglip_vision_tower,
     )
+
+
+def usage_code(card_text: str) -> str:
+    """The card's first Python code block (what a reader copies)."""
+    start = card_text.index("```python\n") + len("```python\n")
+    return card_text[start:card_text.index("```", start)]
 
 
 def save_for_hub(model, folder: str | os.PathLike, processor=None, card: ModelCard | None = None, **card_kwargs):
@@ -191,4 +250,5 @@ def push_to_hub(
         return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
 
 
-__all__ = ["HubAccessError", "build_model_card", "check_hub_access", "push_to_hub", "save_for_hub"]
+__all__ = ["HubAccessError", "build_model_card", "check_hub_access", "framework_versions", "push_to_hub",
+           "save_for_hub", "usage_code"]

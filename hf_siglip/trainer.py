@@ -16,6 +16,7 @@ one extra forward pass. The loss is not divided by G: it is already the loss of 
 """
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -346,7 +347,9 @@ class SiglipTrainer(Trainer):
             metrics.update({key[len("eval_"):]: value for key, value in entry.items()
                             if key.startswith("eval_") and isinstance(value, float) and "runtime" not in key
                             and "per_second" not in key})
-        info = {"metrics": metrics or None, **self.card_info}
+        info = {"metrics": metrics or None, "hyperparameters": self._card_hyperparameters(),
+                "hardware": self._card_hardware(),
+                **{key: value for key, value in self.card_info.items() if key != "extra_hyperparameters"}}
         if finetuned_from is not None:
             info["base_model"] = finetuned_from
         if dataset is not None:
@@ -356,6 +359,24 @@ class SiglipTrainer(Trainer):
         repo_id = model_name or self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
         build_model_card(self.accelerator.unwrap_model(self.model), repo_id, **info).save(
             os.path.join(self.args.output_dir, "README.md"))
+
+    def _card_hyperparameters(self) -> dict:
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        return {"optimizer steps": self.state.global_step, "epochs": round(self.state.epoch or 0, 3),
+                "batch per process": args.per_device_train_batch_size, "processes": args.world_size,
+                "gradient accumulation": args.gradient_accumulation_steps, "global batch": global_batch,
+                "learning rate": args.learning_rate, "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up {args.warmup_steps}",
+                "weight decay": args.weight_decay, "Adam betas": f"({args.adam_beta1}, {args.adam_beta2})",
+                "precision": precision, "seed": args.seed,
+                "loss options": json.dumps(args.loss_options) if args.loss_options else "defaults",
+                **self.card_info.get("extra_hyperparameters", {})}
+
+    def _card_hardware(self) -> str:
+        if torch.cuda.is_available() and not self.args.use_cpu:
+            return f"{self.args.world_size} process(es) on {torch.cuda.get_device_name()}"
+        return f"{self.args.world_size} CPU process(es), {os.cpu_count()} cores"
 
     # --- evaluation ----------------------------------------------------------------------------------
 

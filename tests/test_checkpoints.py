@@ -144,7 +144,7 @@ def test_push_to_hub_uploads_weights_processor_and_card_offline(processor):
     assert card.data.datasets == ["someone/captions"]
     assert {"siglip", "hf_siglip"} <= set(card.data.tags)
     assert card.data.license == "apache-2.0"
-    assert card.data.metrics == ["zero_shot_top1"]
+    assert card.data.metrics == ["accuracy"]
     assert card.data.eval_results[0].metric_value == pytest.approx(0.42)
     assert "trust_remote_code=True" in card.text and "SiglipModel.from_pretrained" in card.text
 

@@ -7,11 +7,13 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command, warning_lines
+from cli_helpers import (TINY, cli_env, flags, launcher_binary, logged_losses, run_train, train_command,
+                         warning_lines)
 from data_fixtures import write_image_folder
 from safetensors.torch import load_file
 
@@ -76,6 +78,14 @@ def test_resume_from_an_explicit_checkpoint_path_and_overwrite(tmp_path):
                          "resume_from_checkpoint": tmp_path / "a" / "checkpoint-2"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+    # a checkpoint is usable as it is: it carries the processor and the text length `hf-siglip eval` needs
+    data = {key: TINY[key] for key in ("demo_train_size", "demo_test_size", "demo_image_size")}
+    evaluated = subprocess.run([sys.executable, "-m", "hf_siglip", "eval", "--checkpoint",
+                                str(tmp_path / "a" / "checkpoint-2"), *flags(data)], capture_output=True, text=True,
+                               timeout=300, env=cli_env())
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "i2t_recall@1" in evaluated.stdout
 
     again = run_train({**RESUMABLE, "max_steps": 2, "save_strategy": "no", "output_dir": tmp_path / "a",
                        "overwrite_output_dir": "true"})

@@ -1,5 +1,6 @@
 """Every recipe in recipes/ runs through `hf-siglip train` at a tiny scale (same YAML, sizes overridden)."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -14,9 +15,11 @@ import yaml
 from cli_helpers import RECIPES, TINY, flags, warning_lines
 from conftest import tiny_training_setup
 from data_fixtures import save_tiny_blip_captioner
+from huggingface_hub import ModelCard
 from transformers import SiglipModel
 
 from hf_siglip.cli import main as cli_main
+from hf_siglip.hub import usage_code
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def run_recipe(name, tmp_path, **overrides) -> Path:
         assert (output_dir / artifact).exists(), artifact
     card = (output_dir / "README.md").read_text()
     assert f"Recipe: {name}" in card
-    assert "| i2t_recall@1 |" in card and "| zero_shot_top1 |" in card  # retrieval and zero-shot both reach the card
+    assert "\ni2t_recall@1 " in card and "\nzero_shot_top1 " in card  # retrieval and zero-shot both reach the card
     metrics = json.loads((output_dir / "eval_results.json").read_text())["metrics"]
     assert 0.0 <= metrics["eval_i2t_recall@1"] <= 1.0
     return output_dir
@@ -81,6 +84,25 @@ def test_siglip_from_scratch_then_eval(tmp_path):
     output_dir = run_recipe("siglip_from_scratch", tmp_path)
     config = json.loads((output_dir / "config.json").read_text())
     assert config["model_type"] == "siglip_bottleneck"
+
+    # the card: model-index results the Hub shows, the run's settings, and a usage snippet that runs as written
+    card = ModelCard.load(output_dir / "README.md")
+    metrics = json.loads((output_dir / "eval_results.json").read_text())["metrics"]
+    results = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    assert results["image-to-text recall@1"] == round(metrics["eval_i2t_recall@1"], 4)
+    assert results["zero-shot top-1 accuracy"] == round(metrics["eval_zero_shot_top1"], 4)
+    assert card.data.eval_results[0].dataset_name == "hf_siglip demo" and set(card.data.metrics) == {"recall",
+                                                                                                    "accuracy"}
+    for expected in ("| global batch | 16 |", "| optimizer steps | 2 |", "| torch |", "CPU process(es)",
+                     "A toy model", "16 images and their captions (4 per image)"):
+        assert expected in card.text, expected
+    snippet = subprocess.run([sys.executable, "-c", usage_code(card.text)], cwd=output_dir.parent, text=True,
+                             capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert snippet.returncode == 0, snippet.stderr[-2000:]
+    probabilities = ast.literal_eval(snippet.stdout.strip().splitlines()[-1])  # it prints {text: probability}
+    assert set(probabilities) == {"a red square", "a blue circle"}
+    assert all(0.0 < p < 1.0 for p in probabilities.values())
 
     data = {key: TINY[key] for key in ("demo_train_size", "demo_test_size", "demo_image_size", "max_length")}
     assert cli_main(["eval", "--checkpoint", str(output_dir), "--few_shot", "1", "--output_file",

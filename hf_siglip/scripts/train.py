@@ -8,6 +8,7 @@ on many processes.
 """
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,12 @@ from .arguments import (AUTO, DEMO, DEMO_TRAINING_DEFAULTS, SiglipModelArguments
                         validate_arguments)
 
 logger = logging.getLogger(__name__)
+
+DEMO_NOTICE = ("A toy model: trained for a couple of minutes on the embedded demo dataset of 32 x 32 coloured "
+               "shapes, to show the pipeline end to end. It knows nothing about real images; do not use it or "
+               "fine-tune from it. Start from a released SigLIP checkpoint (e.g. google/siglip-base-patch16-224) or "
+               "train on your own data instead.")
+
 
 def load_splits(script_args: SiglipScriptArguments):
     """(train, eval or None) datasets with canonical column names (`image`, `caption`, `image_id`); the demo is
@@ -255,7 +262,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     trainer.data_steps_report = context.report  # logged with the first training log, and in the model card
     trainer.train(resume_from_checkpoint=resume_from)
 
-    metrics = {}
+    metrics, protocol = {}, None
+    evaluation_name = "hf_siglip demo" if script_args.dataset == DEMO else script_args.dataset
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # every caption, no augmentation (SiglipTrainer's evaluation collator)
         metrics.update({f"eval_{k}": v for k, v in zero_shot_evaluation(model, processor, evaluation, script_args).items()})
@@ -263,6 +271,11 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         n_images = len(evaluation)
         metrics["eval_i2t_chance_recall@1"] = chance_recall(n_images * captions_per_image, captions_per_image, 1)
         metrics["eval_t2i_chance_recall@1"] = chance_recall(n_images, 1, 1)
+        protocol = (f"On the held-out split of {evaluation_name}: {n_images:,} images and their captions "
+                    f"({captions_per_image} per image). Retrieval ranks every image against every caption and back "
+                    f"(recall@k: the match is among the k best)."
+                    + (" Zero-shot: the class names in prompt templates, averaged per class."
+                       if any("zero_shot" in key for key in metrics) else ""))
         trainer.log({key: value for key, value in metrics.items() if "zero_shot" in key or "chance" in key})
     data_report = {**context.report, **trainer.data_report()}  # collective: every process
 
@@ -273,6 +286,13 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         curve = save_training_curves(trainer.state.log_history,
                                      os.path.join(training_args.output_dir, "training_curves.png"))
         trainer.card_info.update(
+            eval_dataset=evaluation_name if evaluation is not None else None,
+            evaluation_protocol=protocol,
+            intended_use=DEMO_NOTICE if script_args.dataset == DEMO else None,
+            extra_hyperparameters={"image size": getattr(model.config.vision_config, "image_size", None),
+                                   "text length (tokens)": script_args.max_length,
+                                   "data steps": json.dumps(script_args.data_steps) if script_args.data_steps
+                                   else "none"},
             training_data="the embedded hf_siglip demo dataset" if script_args.dataset == DEMO else script_args.dataset,
             datasets=None if script_args.dataset == DEMO else [script_args.dataset],
             recipe=script_args.recipe or "hf-siglip train defaults",

@@ -72,6 +72,30 @@ def build(rows: int, folder: str) -> datasets.Dataset:
     return datasets.load_from_disk(folder)
 
 
+def jpeg_decoding(n: int) -> list[tuple]:
+    """Decode + resize + normalise to 224 x 224 (SiglipImageProcessorPil), photo-like JPEGs at two sizes, with
+    and without draft decoding (DCT scaling straight to >= 224 per side)."""
+    from transformers import SiglipImageProcessorPil
+
+    from hf_siglip.data import decode_image
+
+    processor = SiglipImageProcessorPil(size={"height": 224, "width": 224})
+    rows = []
+    for width, height in ((500, 375), (1024, 768)):
+        y, x = np.mgrid[0:height, 0:width] / 40.0
+        noise = np.random.default_rng(0).integers(0, 24, (height, width, 3))
+        photo = (np.stack([np.sin(x) * 90 + 120, np.cos(y) * 90 + 120, (x + y) * 7 % 200], -1) + noise)
+        buffer = io.BytesIO()
+        Image.fromarray(photo.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+        for label, size in (("full decode", None), ("draft decode", (224, 224))):
+            start = time.perf_counter()
+            for _ in range(n):
+                processor(images=[decode_image(data, min_size=size)], return_tensors="pt")
+            rows.append((f"JPEG {width}x{height} -> 224, {label}", 1, n, time.perf_counter() - start))
+    return rows
+
+
 def rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:,.0f}"
 
@@ -184,6 +208,7 @@ def main():
         seen = sum(collator(decoded[i:i + 256])["image_ids"].numel() for i in range(0, len(decoded), 256))
         results.append(("collator, pre-decoded PIL (in-process)", 1, seen, time.perf_counter() - start))
 
+    results.extend(jpeg_decoding(n=300))
     print("| stage | num_proc / workers | rows | seconds | rows/s |")
     print("|---|---|---|---|---|")
     for name, procs, rows, seconds in results:

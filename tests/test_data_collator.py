@@ -213,3 +213,33 @@ def test_tokenizer_and_image_processor_instead_of_processor(processor):
     assert batch["image_ids"].tolist() == [42] and batch["text_ids"].tolist() == [42]
     with pytest.raises(ValueError, match="tokenizer"):
         SiglipDataCollator(image_processor=processor.image_processor)
+
+
+def test_large_jpegs_decode_straight_to_about_the_target_size():
+    """PIL's draft mode: a 1024 x 768 JPEG for a 224 model decodes at half size (each side still >= 224), and the
+    model input differs from the full decode's only by the small change a different resampling path makes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_fixtures import make_processor
+    from hf_siglip.data import SiglipDataCollator, decode_image
+
+    y, x = np.mgrid[0:768, 0:1024] / 100.0
+    photo = np.stack([np.sin(x) * 100 + 128, np.cos(y) * 100 + 128, (x + y) * 10 % 255], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=92)
+    jpeg = {"bytes": buffer.getvalue(), "path": None}
+    assert decode_image(jpeg).size == (1024, 768)
+    assert decode_image(jpeg, min_size=(224, 224)).size == (512, 384)
+    assert decode_image(jpeg, min_size=(100, 100)).size == (256, 192)  # 1/8 would leave 96 < 100
+    png = io.BytesIO()
+    Image.fromarray(photo).save(png, format="PNG")
+    assert decode_image({"bytes": png.getvalue(), "path": None}, min_size=(224, 224)).size == (1024, 768)
+
+    processor = make_processor(image_size=224)
+    drafted = SiglipDataCollator(processor=processor, max_length=8)([{"image": jpeg, "caption": "a", "image_id": 0}])
+    full = processor.image_processor(images=[decode_image(jpeg)], return_tensors="pt")["pixel_values"]
+    assert drafted["pixel_values"].shape == full.shape
+    assert (drafted["pixel_values"] - full).abs().mean() < 0.02  # inputs in [-1, 1]

@@ -170,7 +170,7 @@ class SiglipDataCollator:
                 if self.image_column not in row:
                     raise KeyError(f"image column {self.image_column!r} not in row columns {sorted(row)} (row id {row_id})")
                 try:
-                    image = decode_image(row[self.image_column])
+                    image = decode_image(row[self.image_column], min_size=self._decode_size())
                 except ImageDecodeError as error:
                     dropped["rows_with_undecodable_image"] += 1
                     logger.warning("dropping row id %d: image does not decode (%s)", row_id, error)
@@ -199,6 +199,15 @@ class SiglipDataCollator:
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)
         batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
         return batch
+
+    def _decode_size(self) -> tuple[int, int] | None:
+        """Smallest decoded size that loses nothing: the processor's output size, or none when a crop augmentation
+        may zoom in (it then needs the pixels of the crop at full size)."""
+        if self.image_transform is not None:
+            scale = getattr(self.image_transform, "crop_scale", (1.0, 1.0))[0]
+            height, width = self._image_size()
+            return int(height / scale ** 0.5) + 1, int(width / scale ** 0.5) + 1  # the smallest crop still covers it
+        return self._image_size()
 
     def _image_size(self) -> tuple[int, int]:
         """(height, width) the image processor produces."""

@@ -93,13 +93,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(value: Any) -> Image.Image:
+def decode_image(value: Any, min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image column value into a fully loaded RGB image.
 
-    Raises :class:`ImageDecodeError` (with the underlying reason) when it cannot be decoded.
+    ``min_size`` (height, width): the size the caller will resize to. A JPEG is then decoded straight to the
+    smallest of 1/1, 1/2, 1/4, 1/8 of its size that still covers ``min_size`` on both sides (libjpeg's DCT
+    scaling, PIL's ``draft``), which skips most of the decoding work for web images much larger than the model's
+    input; other formats decode in full. Raises :class:`ImageDecodeError` (with the underlying reason) when it
+    cannot be decoded.
     """
     try:
         image = _open(value)
+        if min_size is not None and image.format == "JPEG" and not image.getexif().get(ExifTags.Base.Orientation):
+            # draft keeps each side >= the requested one; a rotated (EXIF) photo swaps sides, so it decodes in full
+            image.draft("RGB", (int(min_size[1]), int(min_size[0])))
         image.load()  # force decoding now: a truncated file fails here, not later in the processor
         if image.getexif().get(ExifTags.Base.Orientation) is not None:
             image = ImageOps.exif_transpose(image)  # as datasets' Image feature does when it decodes

@@ -137,11 +137,12 @@ def _push(args: argparse.Namespace) -> int:
     from .hub import check_hub_access
 
     check_hub_access()  # before the model is loaded: one line if the Hub cannot be reached
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoProcessor
 
     from .hub import push_to_hub
+    from .modeling_siglip_bottleneck import SiglipBottleneckModel
 
-    model = AutoModel.from_pretrained(args.checkpoint)
+    model = SiglipBottleneckModel.from_pretrained(args.checkpoint)  # native SiglipModel folders and ours
     try:
         processor = AutoProcessor.from_pretrained(args.checkpoint)
     except (OSError, ValueError, TypeError):

@@ -101,6 +101,24 @@ class SiglipBottleneckConfig(SiglipConfig):
             )
 
     @property
+    def native_compatible(self) -> bool:
+        """True when `transformers.SiglipModel` can hold this model: no bottleneck, SigLIP's own vision tower."""
+        return self.text_config.bottleneck_dim is None and self.uses_siglip_vision_tower
+
+    def to_siglip_config(self) -> SiglipConfig:
+        """The same model as a plain `transformers.SiglipConfig` (requires `native_compatible`)."""
+        if not self.native_compatible:
+            raise ValueError("only a model without bottleneck embeddings and with a SigLIP vision tower is a SiglipModel")
+        text = {key: value for key, value in self.text_config.to_dict().items()
+                if key not in ("bottleneck_dim", "model_type", "transformers_version")}
+        vision = {key: value for key, value in self.vision_config.to_dict().items()
+                  if key not in ("model_type", "transformers_version")}
+        outer = {key: value for key, value in self.to_dict().items()
+                 if key not in ("text_config", "vision_config", "model_type", "architectures", "auto_map",
+                                "transformers_version", "logit_scale_init_value", "logit_bias_init_value")}
+        return SiglipConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision), **outer)
+
+    @property
     def uses_siglip_vision_tower(self) -> bool:
         """True when the vision tower is SigLIP's own (no extra projection, native weight layout)."""
         return self.vision_config.model_type == SIGLIP_VISION_MODEL_TYPE

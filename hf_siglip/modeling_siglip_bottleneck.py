@@ -8,6 +8,7 @@ This file imports only `transformers`, torch and its sibling files: `register_fo
 beside a saved checkpoint for `trust_remote_code=True` loading.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -362,12 +363,41 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
             model.to(next(model.text_model.parameters()).dtype)
         return model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save; a model `transformers.SiglipModel` can hold (no bottleneck, SigLIP vision tower) is written in SigLIP's
+        own format (model type `siglip`, `SiglipModel` weights layout), so plain transformers loads it without remote
+        code or warnings. Other models are saved as `siglip_bottleneck` with their code (`trust_remote_code`)."""
+        if not self.config.native_compatible:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        from transformers import SiglipModel
+
+        with torch.device("meta"):
+            native = SiglipModel(self.config.to_siglip_config())
+        # the same tensors, no copy: weight names are SiglipModel's already
+        native.load_state_dict(self.state_dict(), strict=True, assign=True)
+        native.to(next(self.parameters()).dtype)
+        config_logger = logging.getLogger("transformers.configuration_utils")
+        config_logger.addFilter(_default_siglip_token_id_notice)
+        try:
+            return native.save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            config_logger.removeFilter(_default_siglip_token_id_notice)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.pretrained_towers = frozenset({"vision", "text"})
         return loaded
+
+
+def _default_siglip_token_id_notice(record: logging.LogRecord) -> bool:
+    """False for transformers' notice about its *own* default `SiglipTextConfig()` (vocabulary 32,000, bos/eos ids
+    49406/49407 out of it), which `SiglipModel.save_pretrained` builds to diff the config against: it says nothing
+    about the model being saved, so it is dropped while we save (every other message passes)."""
+    message = record.getMessage()
+    return not (message.startswith("Model config: ") and "_token_id must be" in message
+                and "between 0 and 31999" in message)
 
 
 def _load_vision_backbone(name_or_path, **load_kwargs) -> nn.Module:

@@ -135,8 +135,9 @@ def test_push_to_hub_uploads_weights_processor_and_card_offline(processor):
     assert create_repo.call_args.args[0] == "someone/tiny-siglip"
     commit.assert_called_once()
     files = set(uploaded)
-    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", "processor_config.json",
-            "modeling_siglip_bottleneck.py", "configuration_siglip_bottleneck.py", "loss.py"} <= files
+    # no bottleneck: uploaded as a plain SiglipModel, which needs no code of ours
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", "processor_config.json"} <= files
+    assert json.loads(uploaded["config.json"])["model_type"] == "siglip" and not any(n.endswith(".py") for n in files)
     assert not any(name.endswith((".bin", ".pt")) for name in files)
 
     card = ModelCard(uploaded["README.md"].decode())
@@ -146,7 +147,7 @@ def test_push_to_hub_uploads_weights_processor_and_card_offline(processor):
     assert card.data.license == "apache-2.0"
     assert card.data.metrics == ["accuracy"]
     assert card.data.eval_results[0].metric_value == pytest.approx(0.42)
-    assert "trust_remote_code=True" in card.text and "SiglipModel.from_pretrained" in card.text
+    assert "SiglipModel.from_pretrained" in card.text and "trust_remote_code" not in card.text
 
 
 def test_push_command_uploads_a_checkpoint_folder(processor, tmp_path, capsys):

@@ -83,7 +83,13 @@ def test_every_recipe_is_tested_and_documents_its_paper():
 def test_siglip_from_scratch_then_eval(tmp_path):
     output_dir = run_recipe("siglip_from_scratch", tmp_path)
     config = json.loads((output_dir / "config.json").read_text())
-    assert config["model_type"] == "siglip_bottleneck"
+    assert config["model_type"] == "siglip"  # no bottleneck: saved as a plain SiglipModel
+
+    # plain transformers loads it without remote code, and without a single warning
+    script = f"from transformers import SiglipModel; SiglipModel.from_pretrained({str(output_dir)!r})"
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert plain.returncode == 0 and warning_lines(plain.stderr) == [], plain.stderr[-2000:]
 
     # the card: model-index results the Hub shows, the run's settings, and a usage snippet that runs as written
     card = ModelCard.load(output_dir / "README.md")

@@ -103,6 +103,12 @@ def _train(argv: list[str]) -> int:
         if metrics:
             print(f"Evaluation ({script_args.dataset}, held-out split):\n{format_metrics(metrics)}")
         print(f"Saved model, processor, model card and training curves to {training_args.output_dir}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # a clean exit: a gloo process that leaves with its group alive can abort in its threads at shutdown
+        # ("terminate called without an active exception"), failing the launch after the work is done
+        dist.destroy_process_group()
     return 0
 
 

@@ -85,11 +85,14 @@ def test_siglip_from_scratch_then_eval(tmp_path):
     config = json.loads((output_dir / "config.json").read_text())
     assert config["model_type"] == "siglip"  # no bottleneck: saved as a plain SiglipModel
 
-    # plain transformers loads it without remote code, and without a single warning
+    # plain transformers loads it without remote code and without a warning about this model. transformers 5.24
+    # itself notes that its *default* SiglipTextConfig() (vocabulary 32,000, bos/eos 49406/49407) is invalid: its
+    # from_pretrained builds one to log the config, for every SiglipModel checkpoint (Google's too)
     script = f"from transformers import SiglipModel; SiglipModel.from_pretrained({str(output_dir)!r})"
     plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert plain.returncode == 0 and warning_lines(plain.stderr) == [], plain.stderr[-2000:]
+    about_this_model = [line for line in warning_lines(plain.stderr) if "(between 0 and 31999)" not in line]
+    assert plain.returncode == 0 and about_this_model == [], plain.stderr[-2000:]
 
     # the card: model-index results the Hub shows, the run's settings, and a usage snippet that runs as written
     card = ModelCard.load(output_dir / "README.md")

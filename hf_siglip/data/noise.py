@@ -37,7 +37,7 @@ from ._maps import map_new_columns, with_encoded_images
 from .text import normalize_captions
 
 KINDS = ("image", "text", "pairing")
-_STREAM = {"image": 1, "text": 2, "pairing": 3, "shuffle": 4, "noise": 5}
+_STREAM = {"image": 1, "text": 2, "pairing": 3, "shuffle": 4}  # independent random streams per purpose
 _WORD = re.compile(r"\w+")
 
 

@@ -168,10 +168,4 @@ def run_data_steps(dataset, steps: list[tuple[str, Any]], context: DataContext):
     return dataset
 
 
-def config_dict(config) -> dict:
-    """A step config as plain data (for logs and the model card)."""
-    return dataclasses.asdict(config)
-
-
-__all__ = ["DATA_STEPS", "DataContext", "DataStep", "config_dict", "parse_data_steps", "register_data_step",
-           "run_data_steps"]
+__all__ = ["DATA_STEPS", "DataContext", "DataStep", "parse_data_steps", "register_data_step", "run_data_steps"]

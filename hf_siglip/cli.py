@@ -4,6 +4,7 @@
     hf-siglip eval  [--config recipe.yaml] --checkpoint DIR      retrieval, zero-shot, few-shot probe
     hf-siglip convert SRC DST --bottleneck-dim K                  native SigLIP -> bottleneck embeddings
     hf-siglip push CHECKPOINT REPO_ID                             upload with processor and model card
+    hf-siglip shards SRC DST [--rows-per-shard N]                 write a dataset as webdataset tar shards
 """
 
 import argparse
@@ -166,6 +167,23 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    import os
+
+    from .data import load_image_text_dataset
+    from .data.shards import write_webdataset_shards
+
+    splits = load_image_text_dataset(args.src, split=None, image_column=args.image_column,
+                                     caption_column=args.caption_column)
+    splits = splits if hasattr(splits, "items") else {"train": splits}  # a save_to_disk Dataset: one split
+    for name, part in splits.items():  # one split: DST holds its shards; several: DST/<split>/
+        folder = args.dst if len(splits) == 1 else os.path.join(args.dst, name)
+        paths = write_webdataset_shards(part, folder, rows_per_shard=args.rows_per_shard,
+                                        image_column=args.image_column, caption_column=args.caption_column)
+        print(f"{name}: {len(part):,} rows -> {len(paths)} shard(s) in {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-siglip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dataset", action="append", default=None, help="model card metadata (repeatable)")
     push.add_argument("--license", default="apache-2.0", help="model card license (default apache-2.0)")
     push.set_defaults(func=_push)
+
+    shards = commands.add_parser(
+        "shards", help="Write a dataset (an imagefolder, parquet, save_to_disk folder...) as webdataset .tar shards in "
+                       "img2dataset's layout, each split in its own folder; `train --dataset DST` streams them.")
+    shards.add_argument("src", help="anything `hf-siglip train --dataset` reads (not shards)")
+    shards.add_argument("dst", help="output folder")
+    shards.add_argument("--rows-per-shard", type=int, default=1000, help="rows per .tar (default 1000)")
+    shards.add_argument("--image-column", default="image")
+    shards.add_argument("--caption-column", default="caption")
+    shards.set_defaults(func=_shards)
     return parser
 
 

@@ -31,6 +31,7 @@ from .evaluation import retrieval_metrics
 from .hub import build_model_card, check_hub_access
 from .launching import check_process_world
 from .loss import sigmoid_loss
+from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class SiglipTrainer(Trainer):
             data_collator.return_drop_counts = True  # counts from DataLoader workers reach `data_counts`
         for tower in _locked_towers(args):
             getattr(model, f"{tower}_model").requires_grad_(False)
+        if _is_stream(train_dataset):
+            train_dataset = _prepare_stream(train_dataset, args)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # We compute and scale the loss ourselves (see the module docstring on accumulation).
@@ -143,6 +146,8 @@ class SiglipTrainer(Trainer):
             self.add_callback(_ClampLogitScale(args.logit_scale_max))
         if hasattr(self.data_collator, "set_epoch"):  # fresh per-epoch caption sampling (FFF)
             self.add_callback(collator_epoch_callback(self.data_collator))
+        if _is_stream(self.train_dataset):
+            self.add_callback(StreamPosition())  # saved in checkpoints: where a resumed stream picks up
         self.card_info = {}  # extra model card fields (datasets, recipe, training_curve, ...) for create_model_card
 
     def pretrained_towers(self) -> set[str]:
@@ -231,8 +236,37 @@ class SiglipTrainer(Trainer):
 
     # --- gradient accumulation by embedding cache ------------------------------------------------------
 
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        if _is_stream(self.train_dataset):
+            return StreamEpochs(dataloader, self._stream_position, self.data_collator)
+        return dataloader
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint and _is_stream(self.train_dataset):
+            if resume_from_checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # none: Trainer says so
+            if resume_from_checkpoint is not True:
+                self._stream_position().restore(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _stream_position(self) -> StreamPosition:
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, StreamPosition))
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if _is_stream(self.train_dataset):  # an epoch ends on every process together (hf_siglip.stream_training)
+            batch_samples, left = fetch_agreed_batches(epoch_iterator, num_batches, self.accelerator,
+                                                       self._stream_position())
+            for batch in left:
+                self._count_dropped_rows(batch, "train")
+                self.data_counts["train/batches_dropped_at_uneven_epoch_end"] += 1
+            if not batch_samples:
+                self.control.should_epoch_stop = True
+            num_items_in_batch = None
+        else:
+            batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._accumulation_window = batch_samples
         return batch_samples, num_items_in_batch
 
@@ -450,6 +484,25 @@ def _as_siglip_arguments(args) -> SiglipTrainingArguments:
     values["hub_token"] = args.hub_token  # to_dict masks tokens
     fields = {name for name, spec in SiglipTrainingArguments.__dataclass_fields__.items() if spec.init}
     return SiglipTrainingArguments(**{name: value for name, value in values.items() if name in fields})
+
+
+def _is_stream(dataset) -> bool:
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def _prepare_stream(dataset, args: SiglipTrainingArguments):
+    """A training stream: shuffled (shard order, then a buffer of `stream_shuffle_buffer_size` rows; the same seed on
+    every process, so each takes different shards), read by each process itself (accelerate would otherwise read
+    and decode every batch on process 0 and send slices), skipped on resume by `StreamEpochs`, not the Trainer."""
+    if args.accelerator_config.dispatch_batches is None:
+        args.accelerator_config.dispatch_batches = False
+    args.ignore_data_skip = True
+    if args.stream_shuffle_buffer_size > 0:
+        dataset = dataset.shuffle(seed=args.data_seed if args.data_seed is not None else args.seed,
+                                  buffer_size=args.stream_shuffle_buffer_size)
+    return dataset
 
 
 def _locked_towers(args: SiglipTrainingArguments) -> list[str]:

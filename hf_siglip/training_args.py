@@ -63,6 +63,11 @@ class SiglipTrainingArguments(TrainingArguments):
             "`image_embeds` (see hf_siglip.data.add_image_embeddings) the tower is not run at all."
         },
     )
+    stream_shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": "Streams (e.g. tar shards): rows held in the shuffle buffer, after the shard order is "
+                  "shuffled per epoch (rows hold encoded images, ~50 KB each). 0: read in order."},
+    )
     logit_scale_max: float | None = field(
         default=None,
         metadata={

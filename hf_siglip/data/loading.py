@@ -7,6 +7,8 @@
   folders (``train/``, ``dev/``, ``test/``...) each with its own metadata file, as ``datasets`` loads it
   (``dev/`` and ``val/`` become the ``validation`` split);
 * a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+* a folder, glob or file of webdataset ``.tar`` shards in img2dataset's layout (:mod:`hf_siglip.data.shards`),
+  streamed unless ``streaming=False``;
 * a folder (or single file) of ``.parquet`` / ``.arrow`` / ``.jsonl`` / ``.csv`` files;
 * anything else is passed to ``datasets.load_dataset`` (a hub id, a builder name, a local script).
 
@@ -63,7 +65,8 @@ def _folder_builder(path: Path) -> tuple[str, dict]:
 
 
 def load_image_text_dataset(source: str, split: Optional[str] = "train", image_column: str = "image",
-                            caption_column: str = "caption", streaming: bool = False, decode_images: bool = False,
+                            caption_column: str = "caption", streaming: Optional[bool] = None,
+                            decode_images: bool = False,
                             **load_kwargs):
     """Open ``source`` (see module docstring) and check its image and caption columns.
 
@@ -72,12 +75,16 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
         split: split to return; ``None`` returns the whole ``DatasetDict``.
         image_column / caption_column: the columns the collator will read.
         streaming: return an ``IterableDataset`` (a ``save_to_disk`` folder is converted with
-            ``to_iterable_dataset``).
+            ``to_iterable_dataset``). Default: tar shards stream, everything else does not.
         decode_images: keep ``datasets``' PIL decoding instead of ``Image(decode=False)``.
         **load_kwargs: passed to ``datasets.load_dataset``.
     """
+    from .shards import is_shard_source, load_webdataset_shards
+
     path = Path(os.path.expanduser(str(source)))
-    if path.is_dir() and _is_saved_to_disk(path):
+    if is_shard_source(source):
+        dataset = load_webdataset_shards(source, split=split, streaming=streaming is not False)
+    elif path.is_dir() and _is_saved_to_disk(path):
         dataset = datasets.load_from_disk(str(path))
         if split is not None and isinstance(dataset, datasets.DatasetDict):
             dataset = select_split(dataset, split, str(path))
@@ -97,7 +104,7 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
             builder, kwargs = str(source), {}
         if builder is not None:
             kwargs.update(load_kwargs)
-            dataset = datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+            dataset = datasets.load_dataset(builder, split=split, streaming=bool(streaming), **kwargs)
 
     for part in (dataset.values() if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict))
                  else [dataset]):

@@ -51,7 +51,8 @@ class SiglipScriptArguments:
 
     dataset: str = field(default=DEMO, metadata={
         "help": "'demo' (the embedded dataset), a local image folder with metadata.jsonl (or train/ dev/ test/ "
-                "folders each with their own), a parquet/arrow/save_to_disk folder, or any datasets.load_dataset spec."})
+                "folders each with their own), a folder or glob of webdataset .tar shards (img2dataset layout; "
+                "streamed, needs max_steps), a parquet/arrow/save_to_disk folder, or any datasets.load_dataset spec."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(default=AUTO, metadata={
         "help": "Split to evaluate on. 'auto': 'test', else 'validation' (a dev/ folder), else no evaluation. "
@@ -189,6 +190,12 @@ def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipMod
     if model_args.model_name_or_path and (model_args.vision_model_name_or_path or model_args.text_model_name_or_path):
         problems.append("model_name_or_path loads a whole dual encoder: drop vision_model_name_or_path / "
                         "text_model_name_or_path, or drop model_name_or_path to assemble one from towers")
+    if script_args.dataset != DEMO and training_args.max_steps <= 0:
+        from ..data.shards import is_shard_source
+
+        if is_shard_source(script_args.dataset):
+            problems.append(f"dataset {script_args.dataset} is tar shards, read as a stream of unknown length: set "
+                            "max_steps (num_train_epochs cannot tell when to stop)")
     if model_args.num_attention_heads and model_args.hidden_size % model_args.num_attention_heads:
         problems.append(f"hidden_size ({model_args.hidden_size}) must be divisible by num_attention_heads "
                         f"({model_args.num_attention_heads})")

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 
+import datasets
 import torch
 
 from ..data import SiglipDataCollator, add_image_ids, load_image_text_dataset, make_demo_dataset, normalize_captions
@@ -65,6 +66,12 @@ def load_splits(script_args: SiglipScriptArguments):
                            script_args.dataset)
     elif script_args.eval_split is not None:
         evaluation = select_split(splits, script_args.eval_split, script_args.dataset)
+    if isinstance(evaluation, datasets.IterableDataset):
+        # retrieval ranks every held-out image against every caption: read the (small) split into Arrow once
+        split_name = next(name for name, part in splits.items() if part is evaluation)
+        evaluation = load_image_text_dataset(script_args.dataset, split=split_name, streaming=False,
+                                             image_column=script_args.image_column,
+                                             caption_column=script_args.caption_column)
     train = canonical_columns(train, script_args.image_column, script_args.caption_column)
     if evaluation is not None:
         evaluation = canonical_columns(evaluation, script_args.image_column, script_args.caption_column)
@@ -73,7 +80,8 @@ def load_splits(script_args: SiglipScriptArguments):
     if evaluation is not None and "image_id" not in evaluation.column_names:
         evaluation = add_image_ids(evaluation, offset=len(train))
     if script_args.max_train_samples is not None:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
+        train = (train.take(script_args.max_train_samples) if isinstance(train, datasets.IterableDataset)
+                 else train.select(range(min(script_args.max_train_samples, len(train)))))
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
     return train, evaluation
@@ -128,7 +136,7 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
 def _iter_captions(dataset, column, counts: dict):
     """Every usable caption of `column`; None / empty ones are skipped and counted in `counts` (the collator
     drops such rows again, and counts them, when it meets them)."""
-    for row, cell in enumerate(dataset.select_columns([column])[column]):
+    for row, cell in enumerate(record[column] for record in dataset.select_columns([column])):
         captions, dropped = normalize_captions(cell, row=row)
         counts["captions_dropped"] += dropped
         yield from captions

@@ -49,4 +49,14 @@ def check_process_world(trainer_world_size: int) -> None:
         raise RuntimeError(problem)
 
 
-__all__ = ["check_process_world", "prepare_cpu_torchrun", "process_world_mismatch"]
+def fsdp_request_ignored(distributed_type) -> str | None:
+    """A message when the launcher asked for FSDP (`ACCELERATE_USE_FSDP=true`, set by an accelerate config with
+    `distributed_type: FSDP`) but accelerate runs something else: accelerate 1.15 switches FSDP on only for
+    accelerator processes (GPU, XPU, NPU...), so CPU processes train with DDP, each holding the full weights."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or str(distributed_type).endswith("FSDP"):
+        return None
+    return (f"the accelerate config asks for FSDP but these processes run {distributed_type} (accelerate enables "
+            "FSDP only on GPUs and other accelerators): every process holds the full weights")
+
+
+__all__ = ["check_process_world", "fsdp_request_ignored", "prepare_cpu_torchrun", "process_world_mismatch"]

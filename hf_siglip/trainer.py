@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from .data.collator import SiglipDataCollator, collator_epoch_callback
 from .evaluation import retrieval_metrics
 from .hub import build_model_card, check_hub_access
-from .launching import check_process_world
+from .launching import check_process_world, fsdp_request_ignored
 from .loss import sigmoid_loss
 from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
@@ -135,6 +135,9 @@ class SiglipTrainer(Trainer):
             train_dataset = _prepare_stream(train_dataset, args)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        fsdp_ignored = fsdp_request_ignored(self.accelerator.distributed_type)
+        if fsdp_ignored and self.is_world_process_zero():
+            logger.warning(fsdp_ignored)
         # We compute and scale the loss ourselves (see the module docstring on accumulation).
         self.model_accepts_loss_kwargs = False
         self._metrics = defaultdict(list)

@@ -125,3 +125,24 @@ def write_image_folder(root: Path, rows, size: int = 16, seed: int = 0) -> Path:
                 (root / name).write_bytes(b"this is not an image" * 8)
             handle.write(json.dumps({"file_name": name, "caption": caption}) + "\n")
     return root
+
+
+def photo_like(rng, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: a colour gradient, blurred ellipses and rectangles, fine texture and sensor noise
+    (saved as JPEG quality 90 at 500 x 375 it takes ~1.9 bits per pixel, like web photos: 1.5-2.9 measured)."""
+    from PIL import ImageDraw, ImageFilter
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    start, end = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    mix = (x / width * rng.uniform(0.3, 1) + y / height * rng.uniform(0.3, 1))[..., None] / 2
+    image = Image.fromarray((start * (1 - mix) + end * mix).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(8, 20)):
+        left, top = rng.uniform(-0.2, 1, 2) * (width, height)
+        box_width, box_height = rng.uniform(0.05, 0.5, 2) * (width, height)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([left, top, left + box_width, top + box_height], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))).astype(np.float32)
+    pixels += (np.sin(x / rng.uniform(2, 6)) * np.cos(y / rng.uniform(2, 6)) * 12)[..., None]
+    pixels += rng.normal(0, 5, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))

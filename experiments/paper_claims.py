@@ -90,7 +90,7 @@ def main():
 def run_sigmoid_vs_softmax(results, output_dir, demo, small_batch):
     results["sigmoid, batch 32"] = run("sigmoid_b32", output_dir, demo, training=small_batch)
     results["softmax, batch 32"] = run("softmax_b32", output_dir, demo,
-                                       training={**small_batch, "loss_options": {"loss_type": "softmax"}})
+                                       training={**small_batch, "loss_config": {"loss_type": "softmax"}})
 
 
 def run_multi_positive(results, output_dir, demo, batch):
@@ -100,7 +100,7 @@ def run_multi_positive(results, output_dir, demo, batch):
                                           training=batch)
     results["4 captions + mining"] = run(
         "k4_mining", output_dir, {**demo, "data_steps": [{"caption_sampling": {"k": 4}}]},
-        training={**batch, "loss_options": {"mine_image_image": 0.98, "mine_text_text": 0.98}})
+        training={**batch, "loss_config": {"mine_image_image": 0.98, "mine_text_text": 0.98}})
 
 
 def run_weight_decay_on_pretrained(results, output_dir, demo):

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # `hf-siglip train --help` stay quick; `from hf_siglip import SiglipTrainer` works as before.
 _LAZY = {
     "SiglipDataCollator": ".data", "make_demo_dataset": ".data", "build_model_card": ".hub", "push_to_hub": ".hub",
-    "SigmoidLoss": ".loss", "dense_sigmoid_loss": ".loss", "sigmoid_loss": ".loss",
+    "SigmoidLoss": ".loss", "dense_sigmoid_loss": ".loss", "sigmoid_loss": ".loss", "SiglipLossConfig": ".loss_config",
+    "positive_pairs": ".positives",
     "build_processor": ".processing", "train_caption_tokenizer": ".processing", "SiglipTrainer": ".trainer",
     "SiglipTrainingArguments": ".training_args",
 }
@@ -46,6 +47,7 @@ __all__ = [
     "SiglipBottleneckTextModel",
     "SiglipBottleneckVisionModel",
     "SiglipDataCollator",
+    "SiglipLossConfig",
     "SiglipTrainer",
     "SiglipTrainingArguments",
     "SigmoidLoss",
@@ -53,6 +55,7 @@ __all__ = [
     "build_processor",
     "dense_sigmoid_loss",
     "make_demo_dataset",
+    "positive_pairs",
     "push_to_hub",
     "sigmoid_loss",
     "train_caption_tokenizer",

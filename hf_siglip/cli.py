@@ -27,7 +27,19 @@ _MOVED_TO_DATA_STEPS = {
 }
 
 
+# Fields of earlier releases that were renamed: the new form, in one line.
+_RENAMED_FIELDS = {
+    "loss_options": "loss_config, a typed mapping (hf_siglip.SiglipLossConfig), e.g. loss_config: {normalize: row} "
+                    "in a recipe or --loss_config '{\"normalize\": \"row\"}' (hard_negative_beta is now "
+                    "sigmoid_hard_negative_beta)",
+}
+
+
 def _check_moved_fields(names) -> None:
+    names = list(names)
+    for name in names:
+        if name in _RENAMED_FIELDS:
+            raise ValueError(f"{name} is now {_RENAMED_FIELDS[name]}")
     moved = [name for name in names if name in _MOVED_TO_DATA_STEPS]
     if moved:
         hints = "; ".join(f"{name} -> data_steps entry {_MOVED_TO_DATA_STEPS[name]}" for name in moved)

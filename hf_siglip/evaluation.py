@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.embedding import embed_images, embed_texts
+from .positives import positive_pairs
 
 
 def retrieval_metrics(
@@ -30,14 +31,15 @@ def retrieval_metrics(
     text_ids: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Recall@k both ways. Text j matches image i iff `text_ids[j] == image_ids[i]`.
+    """Recall@k both ways. Text j matches image i iff their ids are equal (`hf_siglip.positives.positive_pairs`, the
+    rule the loss uses; no mining at evaluation).
 
     image->text: an image scores a hit at k if any matching text is among its k most similar texts.
     text->image: a text scores a hit at k if any matching image is among its k most similar images.
     Images or texts with no match are excluded from their direction (counted in `*_unmatched`).
     """
     similarity = image_embeds.float() @ text_embeds.float().T
-    matches = image_ids[:, None] == text_ids[None, :]
+    matches = positive_pairs(image_ids, text_ids)
     metrics = {}
     for prefix, scores, positives in (("i2t", similarity, matches), ("t2i", similarity.T, matches.T)):
         has_match = positives.any(dim=1)

@@ -1,13 +1,29 @@
-"""The ring engine behind `hf_siglip.loss.sigmoid_loss`: process-group plumbing (group resolution,
-neighbour shifts of tensor lists, small gathers), index helpers, and `Engine`, which runs the tiled
-passes round the ring inside one autograd Function.
+"""The ring engine behind `hf_siglip.loss.sigmoid_loss`: process-group plumbing (`RingContext`) and `Engine`,
+which runs the loss terms (`loss_terms`) tile by tile round the ring of processes inside one autograd Function.
+
+Passes (each carries every text block once round the ring, with its ids and per-text inputs):
+  - mining pre-passes (image-image: images travel; text-text: texts travel), only when those thresholds are set;
+  - one statistics pass per stage of the statistics the active terms need (column statistics ride home with
+    their block); positive counts without mining come from the gathered ids instead;
+  - for differentiable statistics (softmax normalisers), a pass summing the loss's gradient with respect to each;
+  - the main pass: per tile, the loss term and, by autograd, its gradient with respect to the tile's logits
+    (plus each differentiable statistic's gradient times the sum above), turned into embedding, t and b
+    gradients by two matrix products; text gradients ride home with their block.
+Backward only scales the saved gradients, so no collective runs inside autograd's backward. Memory per process is
+O((n_images + n_texts) * d + tile^2) plus what options hold (hard/easy masking: a running top-k of
+n_images x (ratio * most positives of a row) values; image-image/text-text mining: the mined pairs), independent
+of the number of processes.
 
 Imports torch only (copied beside the modeling file for `trust_remote_code` loading).
 """
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+
+from .loss_terms import Tile, finish, initial_value, reduce_tile, statistic_gradient, tile_loss
+from .positives import id_pairs, pairs_in_tile, similar_pairs
+
+_COUNTED_BY_IDS = {"positives": "row", "col_positives": "col"}  # without mining, ids alone give these counts
 
 
 class RingContext:
@@ -17,8 +33,8 @@ class RingContext:
         initialised = dist.is_available() and dist.is_initialized()
         if group is not None and not initialised:
             raise ValueError("sigmoid_loss: a process group was given but torch.distributed is not initialised")
+        self.group, self.rank, self.world, self.left, self.right = None, 0, 1, 0, 0
         if not initialised:
-            self.group, self.rank, self.world = None, 0, 1
             return
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
@@ -41,12 +57,16 @@ class RingContext:
         """Gather a 1-d tensor whose length differs by process (`sizes`), concatenated in rank order."""
         if self.world == 1:
             return tensor
-        longest = max(sizes)
-        padded = tensor.new_zeros(longest)
+        padded = tensor.new_zeros(max(sizes))
         padded[: tensor.shape[0]] = tensor
         out = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(out, padded, group=self.group)
         return torch.cat([part[:size] for part, size in zip(out, sizes)])
+
+    def all_reduce_sum(self, tensor):
+        if self.world > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     def start_shift(self, tensors, recv_like):
         """Send `tensors` to the right neighbour and receive tensors shaped like `recv_like` (a list of
@@ -66,35 +86,6 @@ class RingContext:
         return received, wait
 
 
-# ----------------------------------------------------------------------------------------------------
-# Index helpers
-# ----------------------------------------------------------------------------------------------------
-
-
-def uniform_hash(row_index, col_index, seed):
-    """Deterministic pseudo-uniform numbers in [0, 1) for every (row, col) pair of global indices, so
-    the ring and the dense reference draw the same random negative mask whatever the layout."""
-    salt = ((seed & 0xFFFFFFFF) * 0xC2B2AE3D + 0x165667B1) & 0xFFFFFFFF  # stays inside int64 below
-    h = row_index[:, None] * 0x9E3779B1 + col_index[None, :] * 0x85EBCA77 + salt
-    h = h & 0xFFFFFFFF
-    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
-    h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF
-    h = h ^ (h >> 15)
-    return h.to(torch.float64) / 4294967296.0
-
-
-def matching_pairs(row_ids, col_ids):
-    """All (row, col) index pairs with row_ids[row] == col_ids[col], in O((n + m) log m + pairs)."""
-    row_ids = row_ids.contiguous()
-    sorted_ids, order = torch.sort(col_ids)
-    start = torch.searchsorted(sorted_ids, row_ids, right=False)
-    counts = torch.searchsorted(sorted_ids, row_ids, right=True) - start
-    rows = torch.repeat_interleave(torch.arange(row_ids.shape[0], device=row_ids.device), counts)
-    first = torch.cumsum(counts, 0) - counts  # where each row's run begins in the pair list
-    rank_in_run = torch.arange(rows.shape[0], device=row_ids.device) - first[rows]
-    return rows, order[start[rows] + rank_in_run]
-
-
 def row_positive_counts(image_ids, all_text_ids):
     """How many texts (of the whole batch) carry each image's id."""
     sorted_ids, image_ids = torch.sort(all_text_ids).values, image_ids.contiguous()
@@ -102,387 +93,279 @@ def row_positive_counts(image_ids, all_text_ids):
             - torch.searchsorted(sorted_ids, image_ids, right=False))
 
 
-def _unique_pairs(rows, cols, n_cols):
-    key = torch.unique(rows * n_cols + cols)
-    return key // n_cols, key % n_cols
-
-
-# ----------------------------------------------------------------------------------------------------
-# The engine
-# ----------------------------------------------------------------------------------------------------
-
-
 class _RingLoss(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one ring; backward only scales them."""
 
     @staticmethod
     def forward(fn_ctx, image_embeds, text_embeds, logit_scale, logit_bias, engine):
-        loss, grads = engine.run(image_embeds, text_embeds, logit_scale, logit_bias)
+        loss, grads, statistics = engine.run()
         fn_ctx.save_for_backward(*grads)
         fn_ctx.dtypes = (image_embeds.dtype, text_embeds.dtype, logit_scale.dtype, logit_bias.dtype)
         fn_ctx.shapes = (logit_scale.shape, logit_bias.shape)
+        engine.statistics = statistics
         return loss
 
     @staticmethod
     def backward(fn_ctx, grad_output):
         gx, gy, gt, gb = fn_ctx.saved_tensors
         dx, dy, dt, db = fn_ctx.dtypes
-        go = grad_output.float()
+        go = grad_output.to(gx.dtype)
         return ((gx * go).to(dx), (gy * go).to(dy), (gt * go).reshape(fn_ctx.shapes[0]).to(dt),
                 (gb * go).reshape(fn_ctx.shapes[1]).to(db), None)
 
 
 class Engine:
-    """One call of the loss: the ring, sizes, ids and options; `apply` runs it under autograd.
+    """One call of the loss: the ring, sizes, ids, the compute-dtype inputs and the active terms.
 
-    Passes round the ring (each visits every text block once):
-      - mining pre-passes (image-image: images travel; text-text: texts travel) that list mined pairs
-        sparsely, only when those thresholds are set;
-      - a statistics pass (row positive counts under mining, hard-negative normalisers, softmax
-        log-sum-exps; column statistics ride home with their block), only when options need one;
-      - a selection pass (running top-k of negative logits per row) for hard/easy negative masking;
-      - the main pass: loss and closed-form gradients, text gradients riding home with their block.
-    Beyond O((n_images + n_texts) * d + tile^2), options hold: hard/easy masking a running top-k of
-    n_images x (ratio * most positives of a row) logits; image-image/text-text mining the list of
-    mined pairs (text-text mining gathers it from every process).
+    `run()` returns (loss share, (d image, d text, d t, d b), summed statistics): see `hf_siglip.loss` for the
+    scaling convention.
     """
 
-    def __init__(self, ring, opts, image_sizes, text_sizes, image_ids, text_ids):
-        self.ring, self.opts = ring, opts
+    def __init__(self, ring, config, terms, image_sizes, text_sizes, image_ids, text_ids, embeddings, inputs,
+                 needs_grads, wants_statistics):
+        self.ring, self.config, self.terms = ring, config, terms
         self.image_sizes, self.text_sizes = image_sizes, text_sizes
         self.image_offsets = [sum(image_sizes[:r]) for r in range(ring.world)]
         self.text_offsets = [sum(text_sizes[:r]) for r in range(ring.world)]
         self.n_images, self.n_texts = sum(image_sizes), sum(text_sizes)
         self.image_ids, self.text_ids = image_ids, text_ids
-
-    def apply(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        inputs = (image_embeds, text_embeds, logit_scale, logit_bias)
-        # without gradients (evaluation) only the logits product runs: a third of the work
-        self.needs_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        return _RingLoss.apply(*inputs, self)
+        self.x, self.y, self.t, self.b = embeddings  # detached, compute dtype; t and b 0-d
+        if not terms.uses_bias:
+            self.b = torch.zeros_like(self.b)
+        self.x_scaled = self.x * self.t
+        self.image_inputs, self.text_inputs, self.constants = inputs
+        self.global_rows = torch.arange(self.x.shape[0], device=self.x.device) + self.image_offsets[ring.rank]
+        self.needs_grads, self.wants_statistics = needs_grads, wants_statistics
+        self.statistics = None  # set by the autograd Function after the run
 
     # plumbing ----------------------------------------------------------------------------------------
     def ring_pass(self, block, travel, visit, sizes=None):
-        """Carry `block` (tensors with one row per item of its home process; `sizes` per process,
-        default the text counts) round the ring, calling visit(src_rank, block, travel) at each stop;
-        the `travel` accumulators ride along with their block and are returned once home."""
+        """Carry `block` (named tensors with one row per item of its home process; `sizes` per process, default
+        the text counts) round the ring, calling visit(src_rank, block, travel) at each stop; the `travel`
+        accumulators (named) ride along with their block and are returned once home."""
         ring, sizes = self.ring, sizes or self.text_sizes
+        names, travel_names = sorted(block), sorted(travel)
         for step in range(ring.world):
             src = (ring.rank - step) % ring.world
             n_next = sizes[(src - 1) % ring.world]
             if step < ring.world - 1:  # prefetch the next block while this one is computed
-                next_block, wait_block = ring.start_shift(
-                    block, [((n_next,) + tuple(t.shape[1:]), t.dtype) for t in block])
+                tensors = [block[name] for name in names]
+                received, wait_block = ring.start_shift(
+                    tensors, [((n_next,) + tuple(t.shape[1:]), t.dtype) for t in tensors])
             visit(src, block, travel)
             if ring.world > 1 and travel:
-                travel, wait_travel = ring.start_shift(
-                    travel, [((n_next,) + tuple(t.shape[1:]), t.dtype) for t in travel])
+                tensors = [travel[name] for name in travel_names]
+                moved, wait_travel = ring.start_shift(
+                    tensors, [((n_next,) + tuple(t.shape[1:]), t.dtype) for t in tensors])
                 wait_travel()
+                travel = dict(zip(travel_names, moved))
             if step < ring.world - 1:
                 wait_block()
-                block = next_block
+                block = dict(zip(names, received))
         return travel
 
     def tiles(self, n_rows, n_cols):
-        size = self.opts.tile_size
+        size = self.config.tile_size
         for c0 in range(0, n_cols, size):
             for r0 in range(0, n_rows, size):
                 yield slice(r0, min(r0 + size, n_rows)), slice(c0, min(c0 + size, n_cols))
 
-    # forward -----------------------------------------------------------------------------------------
-    def run(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        opts = self.opts
-        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
-            self.x = image_embeds.detach().float()
-            self.y = text_embeds.detach().float()
-            self.t = logit_scale.detach().float().reshape(())
-            self.b = logit_bias.detach().float().reshape(())
-            if opts.loss_type == "softmax":
-                self.b = torch.zeros_like(self.b)  # a bias cancels in a softmax
-            self.x_scaled = self.x * self.t
-            self.targets = (None if opts.positive_targets is None
-                            else opts.positive_targets.detach().to(self.x.device, torch.float32))
-            self.teacher = None
-            if opts.teacher is not None:  # scaled teacher images, teacher texts (they travel), bias
-                t_images, t_texts, t_scale, t_bias = [v.detach().to(self.x.device, torch.float32)
-                                                      for v in opts.teacher]
-                self.teacher = (t_images * t_scale.reshape(()), t_texts, t_bias.reshape(()))
-            self.mine_pairs()
-            self.needs_cosine = (opts.mine_image_text is not None or opts.hard_negative_beta is not None)
-            self.general = (opts.normalize == "row" or self.targets is not None or self.teacher is not None
-                            or opts.negative_ratio is not None
-                            or opts.hard_negative_beta is not None or opts.mine_image_text is not None
-                            or opts.loss_type == "softmax")
-            self.statistics()
-            if opts.negative_ratio is not None and opts.negative_selection != "random":
-                self.selection_thresholds()
-            return self.main_pass()
+    def text_block(self, col_stats=None):
+        """The local texts as a travelling block: embeddings, ids, per-text inputs and column statistics."""
+        return {"embeds": self.y, "ids": self.text_ids, **self.text_inputs,
+                **{f"col/{name}": value for name, value in (col_stats or {}).items()}}
 
-    def block_of(self, y):
-        block = [y, self.text_ids]
-        if self.targets is not None:
-            block.append(self.targets)
-        if self.teacher is not None:
-            block.append(self.teacher[1])
-        return block
-
-    # positives ---------------------------------------------------------------------------------------
-    def mine_pairs(self):
-        """Sparse lists of pairs mined through image-image and text-text similarity."""
-        opts, device = self.opts, self.x.device
-        self.image_mined = self.text_mined = None
-        if opts.mine_image_image is not None:
-            # image i meets every text carrying the id of an image i' with cos(x_i, x_i') >= threshold
-            found = []
-
-            def visit(src, block, travel):
-                x_block, ids_block = block
-                for rows, cols in self.tiles(self.x.shape[0], x_block.shape[0]):
-                    hit = ((self.x[rows] @ x_block[cols].T) >= opts.mine_image_image).nonzero()
-                    found.append((hit[:, 0] + rows.start, ids_block[cols][hit[:, 1]]))
-
-            self.ring_pass([self.x, self.image_ids], [], visit, sizes=self.image_sizes)
-            rows = torch.cat([f[0] for f in found])
-            ids = torch.cat([f[1] for f in found])
-            pairs = torch.unique(torch.stack([rows, ids], 1), dim=0)
-            self.image_mined = (pairs[:, 0], pairs[:, 1])
-        if opts.mine_text_text is not None:
-            # image i meets text j when j resembles a text carrying i's id: list (id of j', global j)
-            found = []
-
-            def visit(src, block, travel):
-                (y_block,) = block
-                for rows, cols in self.tiles(self.y.shape[0], y_block.shape[0]):
-                    hit = ((self.y[rows] @ y_block[cols].T) >= opts.mine_text_text).nonzero()
-                    found.append(torch.stack([self.text_ids[rows][hit[:, 0]],
-                                              hit[:, 1] + cols.start + self.text_offsets[src]], 1))
-
-            self.ring_pass([self.y], [], visit)
-            local = torch.unique(torch.cat(found), dim=0)
-            counts = self.ring.all_gather_ints([local.shape[0]], device)[:, 0].tolist()
-            every = torch.stack([self.ring.all_gather_padded(local[:, k].contiguous(), counts)
-                                 for k in range(2)], 1)
-            image_rows, pair_index = matching_pairs(self.image_ids, every[:, 0])
-            self.text_mined = (image_rows, every[pair_index, 1])
-
-    def block_pairs(self, src, ids_block):
-        """(row, col) of every positive pair between the local images and text block `src`, except
-        those found by image-text similarity (a tile-local test)."""
-        n_block = ids_block.shape[0]
-        rows, cols = matching_pairs(self.image_ids, ids_block)
-        if self.image_mined is None and self.text_mined is None:
-            return rows, cols
-        rows, cols = [rows], [cols]
-        if self.image_mined is not None:
-            mined_rows, mined_ids = self.image_mined
-            pair, col = matching_pairs(mined_ids, ids_block)
-            rows.append(mined_rows[pair])
-            cols.append(col)
-        if self.text_mined is not None:
-            mined_rows, mined_cols = self.text_mined
-            offset = self.text_offsets[src]
-            inside = (mined_cols >= offset) & (mined_cols < offset + n_block)
-            rows.append(mined_rows[inside])
-            cols.append(mined_cols[inside] - offset)
-        return _unique_pairs(torch.cat(rows), torch.cat(cols), n_block)
-
-    def tile(self, rows, cols, y_tile, pairs):
-        """Logits, cosines (when options need them) and the dense positive mask of one tile."""
+    def tile(self, rows, cols, src, block, pairs, row_stats, requires_grad=False):
+        y_tile = block["embeds"][cols]
         cosine = None
-        if self.needs_cosine:
+        if self.terms.uses_cosine:
             cosine = self.x[rows] @ y_tile.T
             logits = cosine * self.t + self.b
         else:
             logits = torch.addmm(self.b, self.x_scaled[rows], y_tile.T)
-        pair_rows, pair_cols = pairs
-        inside = ((pair_rows >= rows.start) & (pair_rows < rows.stop)
-                  & (pair_cols >= cols.start) & (pair_cols < cols.stop))
-        positive = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        positive[pair_rows[inside] - rows.start, pair_cols[inside] - cols.start] = True
-        if self.opts.mine_image_text is not None:
-            positive |= cosine >= self.opts.mine_image_text
-        return logits, cosine, positive
+        col_index = torch.arange(cols.start, cols.stop, device=self.x.device) + self.text_offsets[src]
+        return Tile(logits.requires_grad_(requires_grad), pairs_in_tile(rows, cols, pairs), self.global_rows[rows],
+                    col_index, self.n_images, self.n_texts,
+                    row={name: value[rows, None] for name, value in row_stats.items()},
+                    col={name[4:]: value[None, cols] for name, value in block.items() if name.startswith("col/")},
+                    images={name: value[rows] for name, value in self.image_inputs.items()},
+                    texts={name: block[name][cols] for name in self.text_inputs},
+                    constants=self.constants, cosine=cosine, mine_image_text=self.config.mine_image_text)
 
-    # extra passes ------------------------------------------------------------------------------------
-    def statistics(self):
-        """Per-row (and, for softmax, per-text) statistics some options need before the main pass."""
-        opts, n_rows, device = self.opts, self.x.shape[0], self.x.device
-        softmax = opts.loss_type == "softmax"
-        self.row_positives = None
-        needs_counts = opts.normalize == "row" or opts.negative_ratio is not None
-        counts_by_ids = needs_counts and not (opts.mining or softmax)
-        if counts_by_ids:  # cheap: positives by ids only, from the gathered text ids
-            all_text_ids = self.ring.all_gather_padded(self.text_ids, self.text_sizes)
-            self.row_positives = row_positive_counts(self.image_ids, all_text_ids).double()
-        needs_pass = softmax or opts.hard_negative_beta is not None or (opts.mining and needs_counts)
-        if not needs_pass:
-            return
-        neg_inf = -float("inf")
-        row = {"positives": torch.zeros(n_rows, dtype=torch.float64, device=device),
-               "targets": torch.zeros(n_rows, dtype=torch.float64, device=device),
-               "hard_lse": torch.full((n_rows,), neg_inf, device=device),
-               "lse": torch.full((n_rows,), neg_inf, device=device)}
-        travel = []
-        if softmax:  # per text: positives, target sum, log-sum-exp over all images
-            travel = [torch.zeros(self.y.shape[0], 3, dtype=torch.float64, device=device)]
-            travel[0][:, 2] = neg_inf
+    def block_tiles(self, src, block, pairs_of, row_stats, requires_grad=False):
+        """(rows, cols, Tile) for every tile of the local images against `block`, from process `src`."""
+        pairs = pairs_of(src, block["ids"])
+        for rows, cols in self.tiles(self.x.shape[0], block["embeds"].shape[0]):
+            yield rows, cols, self.tile(rows, cols, src, block, pairs, row_stats, requires_grad)
 
-        def visit(src, block, travel):
-            y_block, ids_block = block[0], block[1]
-            pairs = self.block_pairs(src, ids_block)
-            for rows, cols in self.tiles(n_rows, y_block.shape[0]):
-                logits, cosine, positive = self.tile(rows, cols, y_block[cols], pairs)
-                row["positives"][rows] += positive.sum(1).double()
-                if opts.hard_negative_beta is not None:
-                    scores = (opts.hard_negative_beta * cosine).masked_fill(positive, neg_inf)
-                    row["hard_lse"][rows] = torch.logaddexp(row["hard_lse"][rows], scores.logsumexp(1))
-                if softmax:
-                    target = positive.float()
-                    if self.targets is not None:
-                        target = target * block[2][None, cols]
-                    row["targets"][rows] += target.sum(1).double()
-                    row["lse"][rows] = torch.logaddexp(row["lse"][rows], logits.logsumexp(1))
-                    col = travel[0][cols]
-                    col[:, 0] += positive.sum(0).double()
-                    col[:, 1] += target.sum(0).double()
-                    col[:, 2] = torch.logaddexp(col[:, 2], logits.logsumexp(0).double())
+    # forward -----------------------------------------------------------------------------------------
+    def run(self):
+        with torch.no_grad(), torch.autocast(device_type=self.x.device.type, enabled=False):
+            image_mined, text_mined = self.mine()
 
-        travel = self.ring_pass(self.block_of(self.y), travel, visit)
-        if self.row_positives is None:
-            self.row_positives = row["positives"]
-        self.row_stats = row
-        if softmax:
-            self.column_stats = travel[0]
+            def pairs_of(src, ids_block):
+                return id_pairs(self.image_ids, ids_block, image_mined, text_mined, self.text_offsets[src])
 
-    def selection_thresholds(self):
-        """Per row, the quota-th highest (hard) or lowest (easy) negative logit: a running top-k."""
-        opts, n_rows = self.opts, self.x.shape[0]
-        self.quota = (opts.negative_ratio * self.row_positives).floor().long()
-        k = max(1, min(int(self.quota.max()), self.n_texts))
-        sign = 1.0 if opts.negative_selection == "hard" else -1.0
-        best = torch.full((n_rows, k), -float("inf"), device=self.x.device)
+            row_stats, col_stats = self.compute_statistics(pairs_of)
+            statistic_grads = None
+            if self.needs_grads and self.terms.differentiable:
+                statistic_grads = self.statistic_gradients(pairs_of, row_stats, col_stats)
+            return self.main_pass(pairs_of, row_stats, col_stats, statistic_grads)
 
-        def visit(src, block, travel):
-            y_block, ids_block = block[0], block[1]
-            pairs = self.block_pairs(src, ids_block)
-            for rows, cols in self.tiles(n_rows, y_block.shape[0]):
-                logits, _, positive = self.tile(rows, cols, y_block[cols], pairs)
-                candidates = torch.cat([best[rows], (sign * logits).masked_fill(positive, -float("inf"))], 1)
-                best[rows] = candidates.topk(k, dim=1).values
+    def mine(self):
+        """Pairs mined through image-image similarity as (local image, id) and through text-text similarity as
+        (id, global text index), gathered from every process (None when off)."""
+        config, image_mined, text_mined = self.config, None, None
+        if config.mine_image_image is not None:
+            found = []
 
-        self.ring_pass(self.block_of(self.y), [], visit)
-        quota_index = (self.quota - 1).clamp(min=0, max=k - 1)
-        threshold = best.gather(1, quota_index[:, None])[:, 0]
-        threshold = torch.where(self.quota > 0, threshold, torch.full_like(threshold, float("inf")))
-        self.threshold = sign * threshold  # in logit units; keep sign * logit >= sign * threshold
+            def visit(src, block, travel):
+                for rows, cols in self.tiles(self.x.shape[0], block["embeds"].shape[0]):
+                    row, other = similar_pairs(self.x[rows], block["embeds"][cols], config.mine_image_image)
+                    found.append(torch.stack([row + rows.start, block["ids"][cols][other]], 1))
 
-    # main pass ---------------------------------------------------------------------------------------
-    def main_pass(self):
-        opts, ring, x, t, b = self.opts, self.ring, self.x, self.t, self.b
-        n_rows = x.shape[0]
-        softmax = opts.loss_type == "softmax"
-        grad_x = torch.zeros_like(x)  # sum_j coef_ij y_j (without t and the final scale)
-        totals = torch.zeros(2, dtype=torch.float64, device=x.device)  # loss sum, coef sum
-        row_index = torch.arange(n_rows, device=x.device) + self.image_offsets[ring.rank]
-        if opts.negative_ratio is not None and opts.negative_selection == "random":
-            quota = (opts.negative_ratio * self.row_positives).floor()
-            keep_prob = (quota / (self.n_texts - self.row_positives).clamp(min=1)).clamp(max=1.0)
-        if opts.hard_negative_beta is not None:
-            n_negatives = (self.n_texts - self.row_positives).float()
-        if softmax:
-            row_positives = self.row_stats["positives"].clamp(min=1).float()
-            row_target_share = (self.row_stats["targets"] / self.row_stats["positives"].clamp(min=1)).float()
-            row_lse = self.row_stats["lse"]
-        elif opts.normalize == "row":
-            row_weight = (1.0 / self.row_positives.clamp(min=1)).float()
+            self.ring_pass({"embeds": self.x, "ids": self.image_ids}, {}, visit, sizes=self.image_sizes)
+            pairs = torch.unique(torch.cat(found), dim=0)
+            image_mined = (pairs[:, 0], pairs[:, 1])
+        if config.mine_text_text is not None:
+            found = []
 
-        block = self.block_of(self.y)
-        if softmax:
-            stats = self.column_stats
-            block.append(torch.stack([stats[:, 0].clamp(min=1), stats[:, 1] / stats[:, 0].clamp(min=1),
-                                      stats[:, 2]], 1).float())
+            def visit(src, block, travel):
+                for rows, cols in self.tiles(self.y.shape[0], block["embeds"].shape[0]):
+                    row, other = similar_pairs(self.y[rows], block["embeds"][cols], config.mine_text_text)
+                    found.append(torch.stack([self.text_ids[rows][row],
+                                              other + cols.start + self.text_offsets[src]], 1))
 
-        def visit(src, block, travel):
-            y_block, ids_block = block[0], block[1]
-            grad_y = travel[0] if travel else None
-            pairs = self.block_pairs(src, ids_block)
-            col_index = torch.arange(y_block.shape[0], device=x.device) + self.text_offsets[src]
-            for rows, cols in self.tiles(n_rows, y_block.shape[0]):
-                y_tile = y_block[cols]
-                if not self.general:
-                    # the plain loss: positives are sparse, touch them by index instead of a dense tile
-                    logits = torch.addmm(b, self.x_scaled[rows], y_tile.T)
-                    pair_rows, pair_cols = pairs
-                    inside = ((pair_rows >= rows.start) & (pair_rows < rows.stop)
-                              & (pair_cols >= cols.start) & (pair_cols < cols.stop))
-                    tile_rows, tile_cols = pair_rows[inside] - rows.start, pair_cols[inside] - cols.start
-                    loss = F.softplus(logits).sum() - logits[tile_rows, tile_cols].sum()
-                    if grad_y is None:
-                        totals[0] += loss.double()
-                        continue
-                    coef = logits.sigmoid_()
-                    coef[tile_rows, tile_cols] -= 1.0
+            self.ring_pass({"embeds": self.y}, {}, visit)
+            local = torch.unique(torch.cat(found), dim=0)
+            counts = self.ring.all_gather_ints([local.shape[0]], self.x.device)[:, 0].tolist()
+            every = [self.ring.all_gather_padded(local[:, k].contiguous(), counts) for k in range(2)]
+            text_mined = (every[0], every[1])
+        return image_mined, text_mined
+
+    def compute_statistics(self, pairs_of):
+        """Row statistics of the local images and column statistics of the local texts, stage by stage."""
+        config, dtype, device = self.config, self.x.dtype, self.x.device
+        row_stats, col_stats = {}, {}
+        for stage in self.terms.statistics:
+            pending = []
+            for stat in stage:
+                if stat.name in _COUNTED_BY_IDS and not config.mining:
+                    self.count_by_ids(stat, row_stats, col_stats)
                 else:
-                    logits, cosine, positive = self.tile(rows, cols, y_tile, pairs)
-                    target = positive.float()
-                    if self.targets is not None:
-                        target = target * block[2][None, cols]
-                    if self.teacher is not None:
-                        teacher_images, _, teacher_bias = self.teacher
-                        teacher_texts = block[3 if self.targets is not None else 2]
-                        teacher_logits = torch.addmm(teacher_bias, teacher_images[rows], teacher_texts[cols].T)
-                        target = torch.lerp(target, torch.sigmoid(teacher_logits), opts.teacher_weight)
-                    if softmax:
-                        loss, coef = self.softmax_terms(logits, target, rows, cols, block[-1],
-                                                        row_positives, row_target_share, row_lse)
-                    else:
-                        weight = torch.ones_like(logits)
-                        if opts.hard_negative_beta is not None:
-                            hard = torch.exp(opts.hard_negative_beta * cosine
-                                             - self.row_stats["hard_lse"][rows, None]) * n_negatives[rows, None]
-                            weight = torch.where(positive, weight, hard)
-                        if opts.negative_ratio is not None:
-                            if opts.negative_selection == "random":
-                                draw = uniform_hash(row_index[rows], col_index[cols], opts.seed)
-                                keep = draw < keep_prob[rows, None]
-                            elif opts.negative_selection == "hard":
-                                keep = logits >= self.threshold[rows, None]
-                            else:
-                                keep = logits <= self.threshold[rows, None]
-                            weight = weight * (positive | keep).float()
-                        if opts.normalize == "row":
-                            weight = weight * row_weight[rows, None]
-                        loss = (weight * (F.softplus(logits) - target * logits)).sum()
-                        coef = weight * (torch.sigmoid(logits) - target)
-                totals[0] += loss.double()
-                totals[1] += coef.sum().double()
-                if grad_y is not None:
-                    grad_x[rows].addmm_(coef, y_tile)
-                    grad_y[cols].addmm_(coef.T, x[rows])
+                    pending.append(stat)
+            if not pending:
+                continue
+            kept = {stat.name: stat.k(row_stats, config) for stat in pending if stat.reduce == "top_k"}
+            row_running = {stat.name: initial_value(stat, self.x.shape[0], dtype, device,
+                                                    max(1, min(int(kept[stat.name].max()), self.n_texts))
+                                                    if stat.name in kept else 1)
+                           for stat in pending if stat.axis == "row"}
+            col_running = {stat.name: initial_value(stat, self.y.shape[0], dtype, device)
+                           for stat in pending if stat.axis == "col"}
 
-        travel = self.ring_pass(block, [torch.zeros_like(self.y)] if self.needs_grads else [], visit)
-        grad_y_home = travel[0] if travel else torch.zeros_like(self.y)
-        if softmax:
-            scale = ring.world  # the 1 / (2N) factors are inside coef
-            bias_grad = torch.zeros((), device=x.device)
+            def visit(src, block, travel):
+                for rows, cols, tile in self.block_tiles(src, block, pairs_of, row_stats):
+                    for stat in pending:
+                        values = stat.values(tile, config)
+                        if stat.axis == "row":
+                            row_running[stat.name][rows] = reduce_tile(stat, row_running[stat.name][rows], values)
+                        else:
+                            travel[stat.name][cols] = reduce_tile(stat, travel[stat.name][cols], values)
+
+            col_running = self.ring_pass(self.text_block(col_stats), col_running, visit)
+            for stat in pending:
+                if stat.axis == "row":
+                    row_stats[stat.name] = finish(stat, row_running[stat.name], kept.get(stat.name))
+                else:
+                    col_stats[stat.name] = col_running[stat.name]
+        return row_stats, col_stats
+
+    def count_by_ids(self, stat, row_stats, col_stats):
+        dtype = self.x.dtype
+        if _COUNTED_BY_IDS[stat.name] == "row":
+            all_text_ids = self.ring.all_gather_padded(self.text_ids, self.text_sizes)
+            row_stats[stat.name] = row_positive_counts(self.image_ids, all_text_ids).to(dtype)
         else:
-            scale = ring.world / (self.n_texts if opts.normalize == "text" else self.n_images)
-            bias_grad = (totals[1] * scale).float()
-        loss = (totals[0] * scale).float()
-        grads = (grad_x * (t * scale), grad_y_home * (t * scale),
-                 ((x * grad_x).sum().double() * scale).float(), bias_grad)
-        return loss, grads
+            all_image_ids = self.ring.all_gather_padded(self.image_ids, self.image_sizes)
+            col_stats[stat.name] = row_positive_counts(self.text_ids, all_image_ids).to(dtype)
 
-    def softmax_terms(self, logits, target, rows, cols, column_stats, row_positives, row_target_share, row_lse):
-        """Symmetric InfoNCE through ids: loss share and d loss / d logits of one tile (with the
-        1 / (2 N_images) and 1 / (2 N_texts) factors)."""
-        col_positives, col_target_share, col_lse = column_stats[cols].unbind(1)
-        row_factor = 0.5 / self.n_images
-        col_factor = 0.5 / self.n_texts
-        row_soft = torch.exp(logits - row_lse[rows, None])
-        col_soft = torch.exp(logits - col_lse[None, :])
-        loss = (row_factor * (target / row_positives[rows, None] * (row_lse[rows, None] - logits)).sum()
-                + col_factor * (target / col_positives[None, :] * (col_lse[None, :] - logits)).sum())
-        coef = (row_factor * (row_target_share[rows, None] * row_soft - target / row_positives[rows, None])
-                + col_factor * (col_target_share[None, :] * col_soft - target / col_positives[None, :]))
-        return loss, coef
+    def statistic_gradients(self, pairs_of, row_stats, col_stats):
+        """d loss / d statistic for each differentiable statistic: per local image row and per local text."""
+        config, differentiable = self.config, self.terms.differentiable
+        row_grads = {s.name: torch.zeros_like(row_stats[s.name]) for s in differentiable if s.axis == "row"}
+        col_grads = {f"grad/{s.name}": torch.zeros_like(col_stats[s.name])
+                     for s in differentiable if s.axis == "col"}
+
+        def visit(src, block, travel):
+            for rows, cols, tile in self.block_tiles(src, block, pairs_of, row_stats):
+                for stat in differentiable:
+                    side = tile.row if stat.axis == "row" else tile.col
+                    side[stat.name] = side[stat.name].detach().requires_grad_()
+                leaves = [(tile.row if s.axis == "row" else tile.col)[s.name] for s in differentiable]
+                with torch.enable_grad():
+                    loss, _ = tile_loss(tile, config, self.terms)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                for stat, grad in zip(differentiable, grads):
+                    if grad is None:
+                        continue
+                    if stat.axis == "row":
+                        row_grads[stat.name][rows] += grad[:, 0]
+                    else:
+                        travel[f"grad/{stat.name}"][cols] += grad[0]
+
+        col_grads = self.ring_pass(self.text_block(col_stats), col_grads, visit)
+        return row_grads, col_grads
+
+    def main_pass(self, pairs_of, row_stats, col_stats, statistic_grads):
+        config, ring, x, t = self.config, self.ring, self.x, self.t
+        n_rows, needs_grads = x.shape[0], self.needs_grads
+        grad_x = torch.zeros_like(x)  # sum_j coef_ij y_j (without t and the final scale)
+        # loss, d loss / d b, then the statistics: positives, their logits' sum, all logits' sum, weighted pairs
+        totals = torch.zeros(6, dtype=torch.float64, device=x.device)
+        block = self.text_block(col_stats)
+        chain = ()
+        if statistic_grads is not None:
+            row_grads, col_grads = statistic_grads
+            block.update(col_grads)
+            chain = self.terms.differentiable
+        image_sum = x.sum(0) if self.wants_statistics else None
+
+        def visit(src, block, travel):
+            y_block = block["embeds"]
+            if image_sum is not None:  # sum of all logits of the block: (sum_i x_i) . (sum_j y_j) t + b n m
+                totals[4] += (t * (image_sum @ y_block.sum(0)) + self.b * n_rows * y_block.shape[0]).double()
+            for rows, cols, tile in self.block_tiles(src, block, pairs_of, row_stats, requires_grad=needs_grads):
+                with torch.set_grad_enabled(needs_grads):
+                    loss, weight = tile_loss(tile, config, self.terms)
+                totals[0] += loss.detach().double()
+                if image_sum is not None:
+                    positive_index = tile.positive_index
+                    totals[2] += positive_index[0].shape[0]
+                    totals[3] += tile.logits.detach()[positive_index].sum().double()
+                    totals[5] += (tile.logits.numel() if isinstance(weight, float)
+                                  else torch.count_nonzero(weight.expand(tile.logits.shape)))
+                if not needs_grads:
+                    continue
+                outputs, grad_outputs = [loss], [torch.ones_like(loss)]
+                for stat in chain:  # the statistic's gradient times d loss / d statistic
+                    value = (tile.row if stat.axis == "row" else tile.col)[stat.name]
+                    loss_grad = row_grads[stat.name][rows, None] if stat.axis == "row" else block[f"grad/{stat.name}"][None, cols]
+                    with torch.enable_grad():
+                        values = stat.values(tile, config)
+                    outputs.append(values)
+                    grad_outputs.append(loss_grad * statistic_gradient(stat, values.detach(), value))
+                (coef,) = torch.autograd.grad(outputs, tile.logits, grad_outputs)
+                totals[1] += coef.sum().double()
+                grad_x[rows].addmm_(coef, y_block[cols])
+                travel["grad"][cols].addmm_(coef.T, x[rows])
+
+        travel = self.ring_pass(block, {"grad": torch.zeros_like(self.y)} if needs_grads else {}, visit)
+        grad_y = travel["grad"] if needs_grads else torch.zeros_like(self.y)
+        scale = ring.world  # each process's share times the world: DDP's average is the global loss
+        loss = (totals[0] * scale).to(x.dtype)
+        bias_grad = (totals[1] * scale).to(x.dtype) if self.terms.uses_bias else torch.zeros((), dtype=x.dtype,
+                                                                                               device=x.device)
+        grads = (grad_x * (t * scale), grad_y * (t * scale), ((x * grad_x).sum() * scale), bias_grad)
+        statistics = totals[2:] if self.wants_statistics else None
+        return loss, grads, statistics

@@ -18,6 +18,7 @@ one extra forward pass. The loss is not divided by G: it is already the loss of 
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -110,8 +111,8 @@ class SiglipTrainer(Trainer):
         processing_class: a processor with `.tokenizer` and `.image_processor` (saved with checkpoints).
         Other arguments are those of `transformers.Trainer`.
 
-    Logged each `logging_steps`: the global loss, `t`, `b`, `positives_per_image` (over the global batch),
-    `logit_positive_mean` / `logit_negative_mean` (over this process's local image x text block).
+    Logged each `logging_steps`: the global loss, `t`, `b` and what the loss saw in the global batch:
+    `positives_per_image` (mined pairs included), `logit_positive_mean` / `logit_negative_mean`, `pairs_per_image`.
     `evaluate()` reports the loss and retrieval recall@1/5/10 both ways on the evaluation set.
 
     Bad rows: the collator's per-batch drop counts (`dropped_rows`) are summed in `data_counts`. A step in
@@ -175,9 +176,13 @@ class SiglipTrainer(Trainer):
             getattr(unwrapped, f"{tower}_model").eval()
         return model(**{key: inputs[key] for key in MODEL_INPUTS if key in inputs})
 
+    _loss_statistics = None  # what the last loss call saw in the global batch (hf_siglip.loss.LossStatistics)
+
     def _loss(self, image_embeds, text_embeds, logit_scale, logit_bias, inputs):
-        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"),
-                            inputs.get("text_ids"), **self.args.loss_options)
+        loss, self._loss_statistics = sigmoid_loss(
+            image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"), inputs.get("text_ids"),
+            config=self.args.loss_config, return_statistics=True)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = self._embed(model, inputs)
@@ -190,18 +195,11 @@ class SiglipTrainer(Trainer):
     def _record_metrics(self, outputs, inputs) -> None:
         self._metrics["t"].append(outputs.logit_scale.float().mean().item())
         self._metrics["b"].append(outputs.logit_bias.float().mean().item())
-        image_ids, text_ids = inputs.get("image_ids"), inputs.get("text_ids")
-        if image_ids is None:
-            image_ids = text_ids = torch.arange(len(outputs.image_embeds), device=outputs.image_embeds.device)
-        all_text_ids = self._gather_ragged(text_ids)
-        positives = (image_ids[:, None] == all_text_ids[None, :]).sum(dim=1).float()
-        self._metrics["positives_per_image"].append(self._mean_across_processes(positives.mean()))
-        logits = outputs.logits_per_image.float()
-        is_positive = image_ids[:, None] == text_ids[None, :]
-        if is_positive.any():
-            self._metrics["logit_positive_mean"].append(logits[is_positive].mean().item())
-        if (~is_positive).any():
-            self._metrics["logit_negative_mean"].append(logits[~is_positive].mean().item())
+        statistics = self._loss_statistics  # global batch; positives by the loss's own rule (ids and mined pairs)
+        for name in ("positives_per_image", "logit_positive_mean", "logit_negative_mean", "pairs_per_image"):
+            value = getattr(statistics, name)
+            if not math.isnan(value):
+                self._metrics[name].append(value)
 
     def _gather_ragged(self, tensor: torch.Tensor) -> torch.Tensor:
         """All processes' 1-d tensors concatenated (they may differ in length)."""
@@ -407,7 +405,7 @@ class SiglipTrainer(Trainer):
                 "learning rate": args.learning_rate, "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up {args.warmup_steps}",
                 "weight decay": args.weight_decay, "Adam betas": f"({args.adam_beta1}, {args.adam_beta2})",
                 "precision": precision, "seed": args.seed,
-                "loss options": json.dumps(args.loss_options) if args.loss_options else "defaults",
+                "loss options": json.dumps(args.loss_config.changed()) if args.loss_config.changed() else "defaults",
                 **self.card_info.get("extra_hyperparameters", {})}
 
     def _card_hardware(self) -> str:
@@ -513,12 +511,11 @@ def _locked_towers(args: SiglipTrainingArguments) -> list[str]:
 
 
 class _CachedOutputs:
-    """The fields `_record_metrics` reads, for the embedding-cache path (no model output object there)."""
+    """The fields `_record_metrics` reads, for the embedding-cache path (no model output object there); the
+    embeddings are not needed (the loss reports its statistics itself)."""
 
     def __init__(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        self.image_embeds, self.text_embeds = image_embeds.detach(), text_embeds.detach()
         self.logit_scale, self.logit_bias = logit_scale.detach(), logit_bias.detach()
-        self.logits_per_image = self.image_embeds @ self.text_embeds.T * self.logit_scale + self.logit_bias
 
 
 def _rng_state():

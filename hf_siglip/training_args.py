@@ -1,10 +1,11 @@
 """`SiglipTrainingArguments`: `transformers.TrainingArguments` plus the SigLIP papers' training options."""
 
-import json
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers import TrainingArguments
+
+from .loss_config import SiglipLossConfig
 
 TOWERS = ("text", "vision")
 
@@ -75,11 +76,12 @@ class SiglipTrainingArguments(TrainingArguments):
             "checkpoints have t ~ 112 and a silent clamp at 100 would change them."
         },
     )
-    loss_options: dict[str, Any] | str | None = field(
+    loss_config: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Keyword arguments passed to hf_siglip.sigmoid_loss (e.g. multi-positive normalisation, "
-            "negative masking, positive mining). JSON on the command line."
+            "help": "Loss settings (hf_siglip.SiglipLossConfig: loss_type, normalize, negative masking, positive "
+            "mining, HN-NCE, ...): a mapping in a recipe, JSON on the command line, e.g. "
+            "'{\"normalize\": \"row\", \"mine_image_text\": 0.9}'. Checked when the arguments are built."
         },
     )
 
@@ -97,15 +99,10 @@ class SiglipTrainingArguments(TrainingArguments):
             raise ValueError("pretrained_learning_rate_multiplier must be >= 0.")
         if self.lock_text_tower and self.lock_vision_tower:
             raise ValueError("lock_text_tower and lock_vision_tower are both set: nothing would be trained.")
-        if self.loss_options is None:
-            self.loss_options = {}
-        if isinstance(self.loss_options, str):  # JSON from the command line
-            try:
-                self.loss_options = json.loads(self.loss_options)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"loss_options: not valid JSON ({error}): {self.loss_options!r}") from None
-        if not isinstance(self.loss_options, dict):
-            raise ValueError(f"loss_options must be a mapping of sigmoid_loss options, got {self.loss_options!r}")
-        from .loss import _parse_options
+        # a SiglipLossConfig from a mapping (recipe), JSON (flag) or itself; a bad setting fails here, not at step 1
+        self.loss_config = SiglipLossConfig.from_value(self.loss_config, "loss_config")
 
-        _parse_options(self.loss_options, caller="loss_options")  # an unknown key or bad value fails here, not at step 1
+    def to_dict(self):
+        values = super().to_dict()
+        values["loss_config"] = dataclasses.asdict(self.loss_config)  # JSON-ready, and accepted back as a mapping
+        return values

@@ -94,7 +94,10 @@ def test_split_folders_load_and_an_unset_image_size_is_siglips(tmp_path):
 
 
 CONFIGURATION_MISTAKES = [
-    ({"loss_options": '{"negativ_ratio": 2}'}, TypeError, "negativ_ratio"),
+    ({"loss_config": '{"negativ_ratio": 2}'}, TypeError, "negativ_ratio"),
+    ({"loss_config": '{"loss_type": "softmax", "negative_ratio": 2}'}, ValueError,
+     r"\['negative_ratio'\] do not apply to loss_type='softmax'"),
+    ({"loss_options": '{"normalize": "row"}'}, ValueError, "loss_options is now loss_config"),
     ({"bottleneck_dim": 64}, ValueError, r"bottleneck_dim must satisfy 0 < bottleneck_dim < hidden_size \(= 32\)"),
     ({"max_length": 0}, ValueError, "max_length must be a positive integer, got 0"),
     ({"patch_size": 32}, ValueError, "patch_size 32 is larger than image_size 16"),

@@ -1,5 +1,6 @@
 """Single-process tests of the sigmoid loss: the dense reference against a loop over pairs, the tiled
-engine against the dense reference for every option, open_clip parity, numerics and input errors."""
+engine against the dense reference for every option (fp64, 1e-10), HN-NCE against InfoNCE and DiHT's formula,
+the positive-pair rule against a loop, the returned statistics, open_clip parity, numerics and input errors."""
 
 import math
 
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from conftest import open_clip_siglip_loss_class
 
 from hf_siglip import sigmoid_loss
-from hf_siglip.loss import SigmoidLoss, dense_sigmoid_loss
+from hf_siglip.loss import SiglipLossConfig, SigmoidLoss, Teacher, dense_sigmoid_loss
+from hf_siglip.positives import positive_pairs
+
+FP64_TOLERANCE = 1e-10
 
 
 def _open_clip_siglip():
@@ -20,17 +24,17 @@ def _open_clip_siglip():
     return loss_class
 
 
-def _unit(n, d, seed):
+def _unit(n, d, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).float()
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
 
 
-def _leaves(n_images=9, n_texts=9, d=16, seed=0, t=8.0, b=-5.0):
-    x, y = _unit(n_images, d, seed), _unit(n_texts, d, seed + 1)
+def _leaves(n_images=9, n_texts=9, d=16, seed=0, t=8.0, b=-5.0, dtype=torch.float32):
+    x, y = _unit(n_images, d, seed, dtype), _unit(n_texts, d, seed + 1, dtype)
     k = min(n_images, n_texts) // 2
     y[:k] = F.normalize(y[:k] + x[:k], dim=1)  # some close pairs, so mining and hard negatives bite
-    return [x.requires_grad_(), y.requires_grad_(), torch.tensor(t, requires_grad=True),
-            torch.tensor(b, requires_grad=True)]
+    return [x.requires_grad_(), y.requires_grad_(), torch.tensor(t, dtype=dtype, requires_grad=True),
+            torch.tensor(b, dtype=dtype, requires_grad=True)]
 
 
 def _loss_and_grads(fn, leaves, *args, **kwargs):
@@ -57,7 +61,8 @@ def test_dense_reference_matches_a_loop_over_pairs():
             logit = float(t) * float(x[i] @ y[j]) + float(b)
             expected += math.log1p(math.exp(-z * logit))
     got = dense_sigmoid_loss(x, y, t, b, image_ids, text_ids)
-    assert abs(float(got) - expected / 4) < 1e-5  # the reference computes in fp32
+    assert got.dtype == torch.float64  # fp64 inputs are not cast down
+    assert abs(float(got) - expected / 4) < FP64_TOLERANCE
 
 
 def test_matches_open_clip_single_process():
@@ -94,37 +99,142 @@ OPTION_SETS = [
     {"negative_ratio": 2, "negative_selection": "random", "seed": 3},
     {"negative_ratio": 2, "negative_selection": "hard"},
     {"negative_ratio": 1.5, "negative_selection": "easy"},
-    {"hard_negative_beta": 3.0},
+    {"sigmoid_hard_negative_beta": 3.0},
     {"mine_image_text": 0.4},
     {"mine_image_image": 0.3},
     {"mine_text_text": 0.3},
     {"mine_image_text": 0.4, "mine_image_image": 0.3, "mine_text_text": 0.3, "normalize": "row"},
     {"mine_image_image": 0.3, "negative_ratio": 1.5, "negative_selection": "hard"},
-    {"hard_negative_beta": 2.0, "negative_ratio": 3, "positive_targets": "random", "normalize": "row"},
+    {"sigmoid_hard_negative_beta": 2.0, "negative_ratio": 3, "positive_targets": "random", "normalize": "row"},
     {"teacher": "random"},
     {"teacher": "random", "teacher_weight": 1.0, "positive_targets": "random", "mine_image_text": 0.4},
     {"loss_type": "softmax"},
     {"loss_type": "softmax", "positive_targets": "random"},
     {"loss_type": "softmax", "mine_image_text": 0.4, "mine_text_text": 0.3},
+    {"loss_type": "softmax", "hn_nce_alpha": 0.5, "hn_nce_beta": 0.7},
+    {"loss_type": "softmax", "hn_nce_alpha": 0.0, "hn_nce_beta": 1.5, "mine_image_image": 0.3},
+    {"loss_type": "softmax", "hn_nce_beta": 0.5, "teacher": "random", "positive_targets": "random"},
 ]
 
 
-@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_options_match_dense_reference(options):
-    leaves = _leaves(10, 13)
-    image_ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7, 8])
-    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 5, 9])
+def _with_tensors(options, n_images, n_texts, dtype):
+    """Options with "random" placeholders replaced by tensors of this batch (soft targets, a teacher)."""
     options = dict(options)
     if options.get("positive_targets") == "random":
-        options["positive_targets"] = torch.rand(13, generator=torch.Generator().manual_seed(2))
+        options["positive_targets"] = torch.rand(n_texts, generator=torch.Generator().manual_seed(2), dtype=dtype)
     if options.get("teacher") == "random":  # a momentum model's embeddings, of another width
-        options["teacher"] = (_unit(10, 5, seed=7), _unit(13, 5, seed=8), torch.tensor(6.0), torch.tensor(-2.0))
+        options["teacher"] = Teacher(_unit(n_images, 5, 7, dtype), _unit(n_texts, 5, 8, dtype),
+                                     torch.tensor(6.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype))
+    return options
+
+
+def _option_id(options):
+    return "-".join(f"{k}={v}" for k, v in options.items())
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=_option_id)
+def test_options_match_dense_reference(options):
+    leaves = _leaves(10, 13, dtype=torch.float64)
+    image_ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7, 8])
+    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 5, 9])
+    options = _with_tensors(options, 10, 13, torch.float64)
     got = _loss_and_grads(sigmoid_loss, leaves, image_ids, text_ids, tile_size=4, **options)
     want = _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids, **options)
-    _assert_close(got, want)
+    _assert_close(got, want, tol=FP64_TOLERANCE)
+    assert got[0].dtype == torch.float64 and all(g.dtype == torch.float64 for g in got[1])
     # an option that is on must change something compared with the plain loss
     plain = _loss_and_grads(dense_sigmoid_loss, leaves, image_ids, text_ids)
     assert not torch.allclose(got[0], plain[0])
+
+
+def _info_nce(logits):
+    """CLIP's loss: cross-entropy of each image over the texts and of each text over the images, halved."""
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _hn_nce_as_published(logits, alpha, beta):
+    """DiHT's HN-NCE (one positive, the diagonal), written from the paper: negatives weighted by
+    w_ij = (B - 1) exp(beta l_ij) / sum_{k != i} exp(beta l_ik) (per direction), the positive by alpha; the two
+    directions halved as in `_info_nce`."""
+    n = logits.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    losses = []
+    for scores in (logits, logits.T):
+        beta_exp = torch.exp(beta * scores).masked_fill(eye, 0.0)
+        weights = (n - 1) * beta_exp / beta_exp.sum(1, keepdim=True)
+        weights = torch.where(eye, torch.full_like(weights, alpha), weights)
+        denominator = torch.log((weights * torch.exp(scores)).sum(1))
+        losses.append((denominator - scores.diagonal()).mean())
+    return (losses[0] + losses[1]) / 2
+
+
+def _softmax_logits(leaves):
+    x, y, t, _ = leaves
+    return t * x @ y.T
+
+
+def test_hn_nce_at_alpha_one_beta_zero_is_info_nce():
+    leaves = _leaves(12, 12, dtype=torch.float64)
+    want = _loss_and_grads(lambda x, y, t, b: _info_nce(_softmax_logits([x, y, t, b])), leaves)
+    for fn in (sigmoid_loss, dense_sigmoid_loss):
+        got = _loss_and_grads(fn, leaves, loss_type="softmax", hn_nce_alpha=1.0, hn_nce_beta=0.0, tile_size=5)
+        _assert_close(got, want, tol=FP64_TOLERANCE)
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.5, 0.7), (0.0, 1.5), (1.0, 0.25)])
+def test_hn_nce_matches_dihts_formula(alpha, beta):
+    leaves = _leaves(12, 12, dtype=torch.float64)
+    want = _loss_and_grads(lambda x, y, t, b: _hn_nce_as_published(_softmax_logits([x, y, t, b]), alpha, beta),
+                           leaves)
+    got = _loss_and_grads(sigmoid_loss, leaves, loss_type="softmax", hn_nce_alpha=alpha, hn_nce_beta=beta,
+                          tile_size=5)
+    _assert_close(got, want, tol=FP64_TOLERANCE)
+    assert not torch.allclose(got[0], _loss_and_grads(sigmoid_loss, leaves, loss_type="softmax")[0])
+
+
+def test_positive_pairs_follow_the_rule():
+    """The shared helper against the rule written as a loop over pairs."""
+    x, y = _unit(7, 6, 1, torch.float64), _unit(9, 6, 2, torch.float64)
+    y[:4] = F.normalize(y[:4] + x[:4], dim=1)
+    image_ids, text_ids = torch.tensor([0, 1, 1, 2, 3, 4, 5]), torch.tensor([0, 1, 2, 2, 3, 6, 7, 8, 5])
+    thresholds = {"mine_image_text": 0.5, "mine_image_image": 0.2, "mine_text_text": 0.3}
+    got = positive_pairs(image_ids, text_ids, x, y, **thresholds)
+    for i in range(7):
+        for j in range(9):
+            want = (image_ids[i] == text_ids[j] or float(x[i] @ y[j]) >= 0.5
+                    or any(image_ids[k] == text_ids[j] and float(x[i] @ x[k]) >= 0.2 for k in range(7))
+                    or any(text_ids[k] == image_ids[i] and float(y[k] @ y[j]) >= 0.3 for k in range(9)))
+            assert bool(got[i, j]) == bool(want), (i, j)
+    assert torch.equal(positive_pairs(image_ids, text_ids), image_ids[:, None] == text_ids[None, :])
+
+
+@pytest.mark.parametrize("options", [{}, {"mine_image_text": 0.4, "mine_text_text": 0.3},
+                                     {"negative_ratio": 2, "negative_selection": "hard"}], ids=_option_id)
+def test_loss_returns_its_statistics(options):
+    x, y, t, b = [leaf.detach() for leaf in _leaves(10, 13, dtype=torch.float64)]
+    image_ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7, 8])
+    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 5, 9])
+    loss, statistics = sigmoid_loss(x, y, t, b, image_ids, text_ids, tile_size=4, return_statistics=True, **options)
+    positive = positive_pairs(image_ids, text_ids, x, y, **SiglipLossConfig(**options).mining)
+    logits = t * x @ y.T + b
+    assert statistics.positives_per_image == pytest.approx(positive.sum().item() / 10, abs=FP64_TOLERANCE)
+    assert statistics.logit_positive_mean == pytest.approx(logits[positive].mean().item(), abs=FP64_TOLERANCE)
+    assert statistics.logit_negative_mean == pytest.approx(logits[~positive].mean().item(), abs=FP64_TOLERANCE)
+    if "negative_ratio" in options:  # per row: its positives and twice as many negatives
+        assert statistics.pairs_per_image == pytest.approx(3 * positive.sum().item() / 10)
+    else:
+        assert statistics.pairs_per_image == 13
+    assert torch.equal(loss, sigmoid_loss(x, y, t, b, image_ids, text_ids, tile_size=4, **options))
+
+
+def test_mined_positives_count_in_the_statistics():
+    """A threshold every pair passes makes every pair positive: the statistics say so (not the ids' count)."""
+    x, y, t, b = [leaf.detach() for leaf in _leaves(6, 6)]
+    _, plain = sigmoid_loss(x, y, t, b, return_statistics=True)
+    _, mined = sigmoid_loss(x, y, t, b, return_statistics=True, mine_image_text=-1.0)
+    assert plain.positives_per_image == 1.0 and mined.positives_per_image == 6.0
+    assert math.isnan(mined.logit_negative_mean)
 
 
 def test_random_negative_mask_keeps_about_the_ratio():
@@ -139,7 +249,7 @@ def test_random_negative_mask_keeps_about_the_ratio():
 
 def test_module_wrapper_fixes_options():
     leaves = _leaves(6, 6)
-    loss_fn = SigmoidLoss(normalize="text", tile_size=2)
+    loss_fn = SigmoidLoss(SiglipLossConfig(normalize="text"), tile_size=2)
     _assert_close(_loss_and_grads(loss_fn, leaves), _loss_and_grads(dense_sigmoid_loss, leaves, normalize="text"))
 
 
@@ -201,7 +311,9 @@ def test_bad_inputs_raise_clear_errors(change, message):
                                      {"negative_selection": "medium"}, {"mine_image_text": 2.0},
                                      {"loss_type": "hinge"}, {"loss_type": "softmax", "normalize": "row"},
                                      {"loss_type": "softmax", "negative_ratio": 2}, {"teacher_weight": 1.5},
-                                     {"teacher": (1, 2)}])
+                                     {"teacher": (1, 2)}, {"hn_nce_beta": 0.5}, {"hn_nce_alpha": -1.0},
+                                     {"loss_type": "softmax", "sigmoid_hard_negative_beta": 1.0},
+                                     {"match_pairs_seen": True}])
 def test_bad_options_raise(options):
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
     with pytest.raises(ValueError):
@@ -240,5 +352,19 @@ def test_without_gradients_the_value_is_unchanged(options):
 
 def test_unknown_option_is_named():
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
-    with pytest.raises(TypeError, match="negative_ration.*known options: normalize"):
+    with pytest.raises(TypeError, match="negative_ration.*known: loss_type, normalize"):
         sigmoid_loss(x, y, t, b, negative_ration=2)
+
+
+def test_renamed_option_points_to_its_successors():
+    x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    with pytest.raises(ValueError, match="hard_negative_beta.*sigmoid_hard_negative_beta.*hn_nce_beta"):
+        sigmoid_loss(x, y, t, b, hard_negative_beta=0.5)
+
+
+def test_config_from_a_recipe_mapping_or_json():
+    assert SiglipLossConfig.from_value({"normalize": "row"}) == SiglipLossConfig(normalize="row")
+    assert SiglipLossConfig.from_value('{"loss_type": "softmax", "hn_nce_beta": 0.5}').hn_nce_beta == 0.5
+    assert SiglipLossConfig.from_value(None) == SiglipLossConfig()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SiglipLossConfig.from_value("{normalize: row")

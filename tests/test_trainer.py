@@ -54,6 +54,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert len(one["losses"]) == len(two["losses"]) == 3
     assert one["losses"][0] == pytest.approx(two["losses"][0], abs=1e-5)
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)  # fp32 summation order differs
+    # the loss reports positives over the global batch on every process, the same as one process sees
+    assert one["positives_per_image"] == pytest.approx(two["positives_per_image"]) == [2.0] * 3
     for name, start in one["initial"].items():
         # first step with SGD: (initial - after) / lr is the gradient of the global loss
         grad_one = (torch.tensor(start) - torch.tensor(one["after_step"][0][name])) / one["lr"]
@@ -94,6 +96,18 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path):
     assert {"t", "b", "positives_per_image", "logit_positive_mean", "logit_negative_mean"} <= set(logged)
     assert logged["positives_per_image"] == pytest.approx(2.0)  # two captions per image
     assert {"eval_i2t_recall@1", "eval_t2i_recall@10"} <= set(after)
+
+
+def test_logged_positives_include_mined_pairs(tmp_path):
+    """positives_per_image is what the loss saw: a mining threshold every pair passes makes every text of the
+    global batch a positive of every image (the ids alone give 2)."""
+    model, _, collator, dataset = tiny_training_setup()
+    args = training_args(tmp_path, max_steps=1, loss_config={"mine_image_text": -1.0})
+    trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"])
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["positives_per_image"] == pytest.approx(32.0)  # 16 images, 2 captions each
+    assert "logit_negative_mean" not in logged  # no pair is a negative
 
 
 def test_parameter_groups_follow_the_papers(tmp_path, native_checkpoint):

@@ -46,9 +46,10 @@ def main(out_path, global_batch, steps):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if trainer.accelerator.is_main_process:
+        positives = [entry["positives_per_image"] for entry in trainer.state.log_history if "loss" in entry]
         with open(out_path, "w") as file:
             json.dump({"losses": losses, "initial": initial, "after_step": recorder.after_step,
-                       "lr": args.learning_rate}, file)
+                       "lr": args.learning_rate, "positives_per_image": positives}, file)
     del trainer, model  # release before tearing the group down (gloo exit crashes otherwise)
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,141 @@
+"""`SiglipLossConfig`: the settings of `hf_siglip.sigmoid_loss`, typed, documented and checked when built.
+
+A recipe sets them under `loss_config:`, a flag as JSON (`--loss_config '{"normalize": "row"}'`), Python code with
+`SiglipLossConfig(...)` or keyword arguments of `sigmoid_loss`. Every process must use the same settings (the loss
+checks). Imports nothing outside the standard library (copied beside the modeling file for `trust_remote_code`).
+"""
+
+import dataclasses
+import json
+import zlib
+from dataclasses import dataclass, field
+
+LOSS_TYPES = ("sigmoid", "softmax")
+NORMALIZATIONS = ("image", "text", "row")
+NEGATIVE_SELECTIONS = ("random", "hard", "easy")
+DEFAULT_TILE = 1024
+
+# Settings of earlier releases: a recipe or call using one is told what replaced it.
+_RENAMED = {
+    "hard_negative_beta": "sigmoid_hard_negative_beta (the sigmoid adaptation it was) or, with loss_type: softmax, "
+                          "hn_nce_beta (DiHT's HN-NCE as published)",
+    "teacher": "the `teacher` argument of sigmoid_loss (embeddings are inputs, not settings)",
+    "positive_targets": "the `positive_targets` argument of sigmoid_loss (a tensor input, not a setting)",
+}
+
+
+@dataclass
+class SiglipLossConfig:
+    """Settings of the SigLIP loss (DESIGN decisions 2 and 8). Defaults give the paper's plain sigmoid loss."""
+
+    loss_type: str = field(default="sigmoid", metadata={"help": (
+        "'sigmoid' (SigLIP) or 'softmax': symmetric InfoNCE through the same ids (for comparison), which with "
+        "hn_nce_alpha / hn_nce_beta becomes DiHT's HN-NCE. The softmax ignores logit_bias.")})
+    normalize: str = field(default="image", metadata={"help": (
+        "Sigmoid loss divisor: 'image' (the global image count, the paper's form), 'text' (the global text count) "
+        "or 'row' (also each image row by its positive count: several positives weigh as one).")})
+    negative_ratio: float | None = field(default=None, metadata={"help": (
+        "SigLIP section 4.8: keep floor(ratio * positives) negatives per image row, mask out the rest (None: all).")})
+    negative_selection: str = field(default="random", metadata={"help": (
+        "Which negatives negative_ratio keeps: 'random' (a hash of the global indices and seed), 'hard' (highest "
+        "logits) or 'easy' (lowest).")})
+    match_pairs_seen: bool = field(default=False, metadata={"help": (
+        "SigLIP section 4.8 'hard, matching total pairs seen': with negative_ratio, train longer (the training "
+        "length times images per step / (1 + negative_ratio)) so the run sees as many pairs as without masking.")})
+    seed: int = field(default=0, metadata={"help": "Seed of the random negative mask."})
+    mine_image_text: float | None = field(default=None, metadata={"help": (
+        "FFF positive mining: (i, j) is also positive if cos(x_i, y_j) >= this (None: off).")})
+    mine_image_image: float | None = field(default=None, metadata={"help": (
+        "FFF positive mining: image i also matches the texts of images i' with cos(x_i, x_i') >= this.")})
+    mine_text_text: float | None = field(default=None, metadata={"help": (
+        "FFF positive mining: text j also matches the images of texts j' with cos(y_j', y_j) >= this.")})
+    sigmoid_hard_negative_beta: float | None = field(default=None, metadata={"help": (
+        "Sigmoid adaptation of HN-NCE: constant weights on negatives, proportional to exp(beta * cos), mean 1 "
+        "over each row's negatives (None: off).")})
+    hn_nce_alpha: float = field(default=1.0, metadata={"help": (
+        "HN-NCE (DiHT, loss_type softmax): weight of the positives in the softmax denominator.")})
+    hn_nce_beta: float = field(default=0.0, metadata={"help": (
+        "HN-NCE (DiHT, loss_type softmax): negatives weighted by n_negatives * softmax(beta * logit) over the "
+        "row's (or column's) negatives. alpha = 1, beta = 0 is InfoNCE.")})
+    teacher_weight: float = field(default=0.4, metadata={"help": (
+        "Momentum distillation (ALBEF): weight of the teacher's probabilities in the targets, when a teacher is "
+        "given.")})
+    tile_size: int = field(default=DEFAULT_TILE, metadata={"help": (
+        "Side of the logit tiles held at once; changes memory, not the result.")})
+
+    def __post_init__(self):
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"loss_config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+        choice("loss_type", LOSS_TYPES)
+        choice("normalize", NORMALIZATIONS)
+        choice("negative_selection", NEGATIVE_SELECTIONS)
+        if not (isinstance(self.tile_size, int) and self.tile_size > 0):
+            raise ValueError(f"loss_config.tile_size must be a positive int, got {self.tile_size!r}")
+        if self.negative_ratio is not None and not self.negative_ratio > 0:
+            raise ValueError(f"loss_config.negative_ratio (kept negatives per positive) must be > 0, "
+                             f"got {self.negative_ratio!r}")
+        for name in ("mine_image_text", "mine_image_image", "mine_text_text"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= float(value) <= 1.0:
+                raise ValueError(f"loss_config.{name} is a cosine threshold in [-1, 1] or None, got {value!r}")
+        if not 0.0 <= float(self.teacher_weight) <= 1.0:
+            raise ValueError(f"loss_config.teacher_weight must be in [0, 1], got {self.teacher_weight!r}")
+        if not float(self.hn_nce_alpha) >= 0.0:
+            raise ValueError(f"loss_config.hn_nce_alpha must be >= 0, got {self.hn_nce_alpha!r}")
+        if self.match_pairs_seen and self.negative_ratio is None:
+            raise ValueError("loss_config.match_pairs_seen needs negative_ratio (without masking every pair is seen)")
+        sigmoid_only = {"negative_ratio": None, "sigmoid_hard_negative_beta": None, "normalize": "image"}
+        softmax_only = {"hn_nce_alpha": 1.0, "hn_nce_beta": 0.0}
+        wrong = softmax_only if self.loss_type == "sigmoid" else sigmoid_only
+        changed = [name for name, default in wrong.items() if getattr(self, name) != default]
+        if changed:
+            raise ValueError(f"loss_config: {changed} do not apply to loss_type={self.loss_type!r}")
+
+    @classmethod
+    def from_value(cls, value, where="loss_config"):
+        """A config from itself, None (defaults), a mapping, or JSON text; an unknown key is named."""
+        if isinstance(value, cls):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() not in ("", "None") else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error}): {value!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping of loss settings, got {value!r}")
+        cls.check_names(value, where)
+        return cls(**value)
+
+    @classmethod
+    def check_names(cls, names, where="loss_config"):
+        """Raise for a setting that was renamed (ValueError naming its successor) or never existed (TypeError)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in names:
+            if name in _RENAMED:
+                raise ValueError(f"{where}: {name!r} is gone; use {_RENAMED[name]}")
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise TypeError(f"{where}: unknown setting(s) {unknown}; known: {', '.join(known)}")
+
+    @property
+    def mining(self) -> dict:
+        """The positive-mining thresholds that are on, by name (keyword arguments of `positive_pairs`)."""
+        return {name: getattr(self, name) for name in ("mine_image_text", "mine_image_image", "mine_text_text")
+                if getattr(self, name) is not None}
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults, with tile_size (which never changes the result) left out."""
+        defaults = SiglipLossConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "tile_size" and getattr(self, f.name) != getattr(defaults, f.name)}
+
+    def fingerprint(self) -> int:
+        """A process-independent hash of the settings that change the math (tile_size does not)."""
+        return zlib.crc32(repr(sorted(self.changed().items())).encode())
+
+
+__all__ = ["LOSS_TYPES", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig"]

@@ -9,7 +9,19 @@ Rows: a 32x32 PNG (1,000 distinct images, repeated), 5 original captions and 5 p
   (the collator decodes the PNGs, resizes to 32x32, tokenizes 5 captions per image to 64 tokens),
   ``num_workers`` 0 (in-process, "1") and 2; in-process with training augmentation (none, crop + flip,
   crop + flip + colour jitter + blur); and over pre-decoded PIL images in memory.
-Prints a Markdown table of rows/s.
+Prints a Markdown table of rows/s, then the 224 px image tables:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data.py --images-only --image-rows 2048
+
+* image routes: ``SiglipDataCollator`` (batch 256, ``SiglipImageProcessorPil`` at 224 x 224, one short caption)
+  over 512 photo-like JPEGs (``web_jpegs``: quality 90, ~1.9 bits per pixel) of 500 x 375 and of 1024 x 768, in
+  this process on one thread: full decode + processor (the route before draft decoding), draft decode +
+  processor, draft decode + fast path with Pillow's and with torch's resize, and JPEG decoding alone. Rates are
+  images per CPU-second (images/s per core; CPU time stays meaningful when other jobs share the cores), best of 3;
+* DataLoader: the same collator through ``torch.utils.data.DataLoader`` with 0, 1 and 2 workers over an
+  imagefolder of ``--image-rows`` 500 x 375 JPEGs opened with ``load_image_text_dataset``: images/s of wall time
+  (worker start-up included) and per CPU-second of this process and its workers. ``dataloader_throughput`` takes
+  any dataset of collator rows (tar shards too).
 
     PYTHONPATH=. python benchmarks/data.py --learnability 150
 
@@ -36,11 +48,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from data_fixtures import make_processor  # noqa: E402
+from data_fixtures import make_processor, photo_like  # noqa: E402
 
 from hf_siglip.data.augmentation import ImageAugmentation  # noqa: E402
 from hf_siglip.data import (DEMO_CLASSES, DEMO_TEMPLATES, CaptionSampler, SiglipDataCollator,  # noqa: E402
-                            add_sampled_captions, make_demo_dataset)
+                            add_sampled_captions, decode_image, make_demo_dataset)
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right", "large", "small"]
 
@@ -72,28 +84,136 @@ def build(rows: int, folder: str) -> datasets.Dataset:
     return datasets.load_from_disk(folder)
 
 
-def jpeg_decoding(n: int) -> list[tuple]:
-    """Decode + resize + normalise to 224 x 224 (SiglipImageProcessorPil), photo-like JPEGs at two sizes, with
-    and without draft decoding (DCT scaling straight to >= 224 per side)."""
-    from transformers import SiglipImageProcessorPil
+# (width, height, JPEG quality): a typical web photo at two qualities, and a larger one that draft decoding halves
+WEB_JPEGS = ((500, 375, 90), (500, 375, 75), (1024, 768, 90))
 
-    from hf_siglip.data import decode_image
 
-    processor = SiglipImageProcessorPil(size={"height": 224, "width": 224})
-    rows = []
-    for width, height in ((500, 375), (1024, 768)):
-        y, x = np.mgrid[0:height, 0:width] / 40.0
-        noise = np.random.default_rng(0).integers(0, 24, (height, width, 3))
-        photo = (np.stack([np.sin(x) * 90 + 120, np.cos(y) * 90 + 120, (x + y) * 7 % 200], -1) + noise)
+def web_jpegs(width: int, height: int, quality: int = 90, distinct: int = 32, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs (``photo_like``; at 500 x 375 ~1.9 bits per pixel at quality 90, ~1.1 at 75)."""
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    for _ in range(distinct):
         buffer = io.BytesIO()
-        Image.fromarray(photo.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-        data = buffer.getvalue()
-        for label, size in (("full decode", None), ("draft decode", (224, 224))):
-            start = time.perf_counter()
-            for _ in range(n):
-                processor(images=[decode_image(data, min_size=size)], return_tensors="pt")
-            rows.append((f"JPEG {width}x{height} -> 224, {label}", 1, n, time.perf_counter() - start))
-    return rows
+        photo_like(rng, width, height).save(buffer, format="JPEG", quality=quality)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+class FullDecodeCollator(SiglipDataCollator):
+    """The collator as it was before draft decoding: every JPEG decoded at full size."""
+
+    def _decode_size(self):
+        return None
+
+
+# route -> (collator class, image_fast_path)
+IMAGE_ROUTES = {
+    "full decode + processor (before)": (FullDecodeCollator, None),
+    "draft decode + processor": (SiglipDataCollator, None),
+    "draft decode + fast path, Pillow resize": (SiglipDataCollator, "pil"),
+    "draft decode + fast path, torch resize (default)": (SiglipDataCollator, "torch"),
+}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers are joined when a pass ends)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def timed(work, repeats: int = 3) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``work()``, the run with the least CPU time of ``repeats``."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        work()
+        best = min(best, (time.perf_counter() - wall, cpu_seconds() - cpu), key=lambda pair: pair[1])
+    return best
+
+
+def image_routes(images: int = 512, batch_size: int = 256, image_size: int = 224) -> dict[str, dict[str, float]]:
+    """Images per CPU-second (one thread: images/s per core) through ``SiglipDataCollator`` for each image route
+    and web JPEG, plus JPEG decoding alone (the floor of any route). {route: {"500x375 q90": rate, ...}}."""
+    processor = make_processor(image_size=image_size, words=WORDS)
+    table: dict[str, dict[str, float]] = {}
+    for width, height, quality in WEB_JPEGS:
+        jpegs = web_jpegs(width, height, quality)
+        rows = [{"image": {"bytes": jpegs[i % len(jpegs)], "path": None}, "caption": "a red circle", "image_id": i}
+                for i in range(images)]
+        column = f"{width}x{height} q{quality}"
+        print(f"{column}: {np.mean([len(jpeg) for jpeg in jpegs]) * 8 / width / height:.2f} bits per pixel",
+              file=sys.stderr)
+        for route, (collator_class, fast_path) in IMAGE_ROUTES.items():
+            collator = collator_class(processor=processor, max_length=16, image_fast_path=fast_path)
+            collator(rows[:8])  # warm up (imports, first allocations)
+            _, cpu = timed(lambda collator=collator, rows=rows: [collator(rows[i:i + batch_size])
+                                                                 for i in range(0, images, batch_size)])
+            table.setdefault(route, {})[column] = images / cpu
+        _, cpu = timed(lambda rows=rows: [decode_image(row["image"], min_size=(image_size, image_size)) for row in rows])
+        table.setdefault("JPEG draft decoding alone (floor)", {})[column] = images / cpu
+    return table
+
+
+def dataloader_throughput(dataset, collator, workers: int, batch_size: int = 256,
+                          repeats: int = 2) -> tuple[int, float, float]:
+    """Passes of a ``torch.utils.data.DataLoader`` over ``dataset`` (any map-style or iterable dataset of rows the
+    collator reads: an imagefolder, tar shards...): (images, wall seconds, CPU seconds of this process and its
+    workers) of the pass with the least CPU time. Worker start-up is included, as a training epoch pays it."""
+    images = 0
+
+    def one_pass():
+        nonlocal images
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collator)
+        images = sum(batch["pixel_values"].shape[0] for batch in loader)
+        # the workers are joined when the pass ends: their CPU time is then in os.times()' children fields
+
+    wall, cpu = timed(one_pass, repeats)
+    return images, wall, cpu
+
+
+def write_web_imagefolder(folder: str, files: int, width: int = 500, height: int = 375) -> str:
+    """An imagefolder of ``files`` web-like JPEGs (32 distinct images, repeated) with a ``metadata.jsonl``."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    jpegs = web_jpegs(width, height)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as metadata:
+        for index in range(files):
+            name = f"{index:05d}.jpg"
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(jpegs[index % len(jpegs)])
+            metadata.write(json.dumps({"file_name": name, "caption": "a red circle on the left"}) + "\n")
+    return folder
+
+
+def imagefolder_loading(folder: str, files: int, workers=(0, 1, 2), image_size: int = 224) -> list[tuple]:
+    """(route, workers, images, wall s, CPU s) through a DataLoader over an imagefolder of 500 x 375 JPEGs opened
+    with ``load_image_text_dataset`` (``Image(decode=False)``: the collator decodes), old route against the default."""
+    from hf_siglip.data import load_image_text_dataset
+
+    dataset = load_image_text_dataset(write_web_imagefolder(folder, files))
+    processor = make_processor(image_size=image_size, words=WORDS)
+    results = []
+    for route in ("full decode + processor (before)", "draft decode + fast path, torch resize (default)"):
+        collator_class, fast_path = IMAGE_ROUTES[route]
+        for count in workers:
+            collator = collator_class(processor=processor, max_length=16, image_fast_path=fast_path)
+            results.append((f"imagefolder, {route}", count, *dataloader_throughput(dataset, collator, count)))
+    return results
+
+
+def print_image_tables(routes: dict[str, dict[str, float]], loading: list[tuple]) -> None:
+    columns = [f"{w}x{h} q{q}" for w, h, q in WEB_JPEGS]
+    print("\n| route (SiglipDataCollator, 224 x 224 pixel_values), images/s per core | " +
+          " | ".join(f"{c} JPEG" for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for route, rates in routes.items():
+        print(f"| {route} | " + " | ".join(f"{rates[c]:,.0f}" for c in columns) + " |")
+    print("\n| DataLoader (batch 256), 500x375 q90 JPEG imagefolder | workers | images | wall s | images/s | "
+          "images per CPU-second |")
+    print("|---|---|---|---|---|---|")
+    for route, workers, images, wall, cpu in loading:
+        print(f"| {route} | {workers} | {images:,} | {wall:.1f} | {images / wall:,.0f} | {images / cpu:,.0f} |")
 
 
 def rate(rows: int, seconds: float) -> str:
@@ -159,6 +279,9 @@ def main():
                         help="train a tiny model on the demo dataset for SECONDS instead of measuring throughput")
     parser.add_argument("--width", type=int, default=64, help="--learnability: model width")
     parser.add_argument("--patch", type=int, default=4, help="--learnability: ViT patch size")
+    parser.add_argument("--image-rows", type=int, default=2048,
+                        help="images through each route of the 224 px image table, and files in its imagefolder")
+    parser.add_argument("--images-only", action="store_true", help="print only the 224 px image tables")
     args = parser.parse_args()
     if args.learnability is not None:
         demo_learnability(args.learnability, args.width, args.patch)
@@ -166,6 +289,9 @@ def main():
     collator_rows = args.collator_rows or args.rows
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
+    if args.images_only:
+        image_tables(args.image_rows)
+        return
     results = []
     with tempfile.TemporaryDirectory() as folder:
         dataset = build(args.rows, os.path.join(folder, "data"))
@@ -208,11 +334,17 @@ def main():
         seen = sum(collator(decoded[i:i + 256])["image_ids"].numel() for i in range(0, len(decoded), 256))
         results.append(("collator, pre-decoded PIL (in-process)", 1, seen, time.perf_counter() - start))
 
-    results.extend(jpeg_decoding(n=300))
     print("| stage | num_proc / workers | rows | seconds | rows/s |")
     print("|---|---|---|---|---|")
     for name, procs, rows, seconds in results:
         print(f"| {name} | {procs} | {rows:,} | {seconds:.1f} | {rate(rows, seconds)} |")
+    image_tables(args.image_rows)
+
+
+def image_tables(images: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        print_image_tables(image_routes(images=min(images, 512)),
+                           imagefolder_loading(os.path.join(folder, "web_jpegs"), files=images))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class FixedSizeImagePreprocessing:
     resize_backend: str = "torch"
 
     @classmethod
-    def from_image_processor(cls, image_processor, resize: str = "torch") -> "FixedSizeImagePreprocessing | None":
+    def from_image_processor(cls, image_processor, resize: str = "torch") -> FixedSizeImagePreprocessing | None:
         """The fast equivalent of ``image_processor``, or None if it is not a pipeline this class reproduces."""
         if resize not in RESIZE_BACKENDS:
             raise ValueError(f"resize must be one of {RESIZE_BACKENDS}, got {resize!r}")
@@ -172,4 +172,4 @@ class FixedSizeImagePreprocessing:
         return self.pixel_values([self.resize(image) for image in images])
 
 
-__all__ = ["FixedSizeImagePreprocessing", "RESIZE_BACKENDS", "unsupported_reason"]
+__all__ = ["RESIZE_BACKENDS", "FixedSizeImagePreprocessing", "unsupported_reason"]

@@ -40,8 +40,9 @@ class SiglipLossConfig:
         "Which negatives negative_ratio keeps: 'random' (a hash of the global indices and seed), 'hard' (highest "
         "logits) or 'easy' (lowest).")})
     match_pairs_seen: bool = field(default=False, metadata={"help": (
-        "SigLIP section 4.8 'hard, matching total pairs seen': with negative_ratio, train longer (the training "
-        "length times images per step / (1 + negative_ratio)) so the run sees as many pairs as without masking.")})
+        "SigLIP section 4.8 'hard, matching total pairs seen': with negative_ratio, train longer (max_steps or "
+        "num_train_epochs times images per step / (1 + negative_ratio), set once when the training arguments are "
+        "built) so the run sees as many pairs as it would without masking.")})
     seed: int = field(default=0, metadata={"help": "Seed of the random negative mask."})
     mine_image_text: float | None = field(default=None, metadata={"help": (
         "FFF positive mining: (i, j) is also positive if cos(x_i, y_j) >= this (None: off).")})
@@ -120,6 +121,14 @@ class SiglipLossConfig:
         unknown = sorted(set(names) - set(known))
         if unknown:
             raise TypeError(f"{where}: unknown setting(s) {unknown}; known: {', '.join(known)}")
+
+    def pairs_seen_factor(self, images_per_step: int) -> float:
+        """How much longer a run with negative masking trains under match_pairs_seen (1 otherwise): a row keeps its
+        P positives and floor(ratio * P) negatives instead of every text (k * images_per_step with k captions per
+        image, P = k), so masking sees (1 + ratio) / images_per_step of the pairs per step."""
+        if not self.match_pairs_seen:
+            return 1.0
+        return max(1.0, images_per_step / (1.0 + self.negative_ratio))
 
     @property
     def mining(self) -> dict:

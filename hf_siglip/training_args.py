@@ -1,11 +1,15 @@
 """`SiglipTrainingArguments`: `transformers.TrainingArguments` plus the SigLIP papers' training options."""
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .loss_config import SiglipLossConfig
+
+logger = logging.getLogger(__name__)
 
 TOWERS = ("text", "vision")
 
@@ -101,6 +105,20 @@ class SiglipTrainingArguments(TrainingArguments):
             raise ValueError("lock_text_tower and lock_vision_tower are both set: nothing would be trained.")
         # a SiglipLossConfig from a mapping (recipe), JSON (flag) or itself; a bad setting fails here, not at step 1
         self.loss_config = SiglipLossConfig.from_value(self.loss_config, "loss_config")
+        self._match_pairs_seen()
+
+    def _match_pairs_seen(self):
+        """SigLIP 4.8's 'matching total pairs seen': a masked run trains longer by the factor of pairs it drops."""
+        images_per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+        factor = self.loss_config.pairs_seen_factor(images_per_step)
+        if factor == 1.0:
+            return
+        if self.max_steps > 0:
+            self.max_steps = math.ceil(self.max_steps * factor)
+        else:
+            self.num_train_epochs *= factor
+        logger.info("loss_config.match_pairs_seen: training %.4gx longer (max_steps %d, num_train_epochs %.4g)",
+                    factor, self.max_steps, self.num_train_epochs)
 
     def to_dict(self):
         values = super().to_dict()

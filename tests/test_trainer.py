@@ -110,6 +110,20 @@ def test_logged_positives_include_mined_pairs(tmp_path):
     assert "logit_negative_mean" not in logged  # no pair is a negative
 
 
+def test_hard_masking_matching_pairs_seen_sees_as_many_pairs(tmp_path):
+    """SigLIP 4.8 'hard, matching total pairs seen': one kept negative per positive leaves 4 of the 32 pairs of a row
+    (2 captions per image, 16 images per step), so the run trains 8x longer and sees the unmasked run's pairs."""
+    model, _, collator, dataset = tiny_training_setup()
+    loss_config = {"negative_ratio": 1, "negative_selection": "hard", "match_pairs_seen": True}
+    args = training_args(tmp_path, max_steps=2, loss_config=loss_config)
+    assert args.max_steps == 16
+    trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["pairs_per_image"] for entry in logged] == [4.0] * 16
+    assert sum(entry["pairs_per_image"] * 16 for entry in logged) == 2 * 16 * 32  # unmasked: 2 steps, 32 per row
+
+
 def test_parameter_groups_follow_the_papers(tmp_path, native_checkpoint):
     model = hs.SiglipBottleneckModel.from_pretrained(native_checkpoint)
     args = training_args(tmp_path, optim="adamw_torch", learning_rate=1e-3, weight_decay=0.1)

@@ -156,6 +156,26 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision_config: PreTrainedCon
             )
 
 
+def _backbone_features(
+    vision_model: nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, projected: bool, **kwargs
+) -> BaseModelOutputWithPooling:
+    """Run a vision tower; `pooler_output` is its pooled output (for a foreign backbone, `projected`, before the
+    projection to the shared embedding size)."""
+    _check_pixel_values(pixel_values, vision_model.config, interpolate_pos_encoding)
+    if not projected:
+        return vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+    outputs = vision_model(pixel_values=pixel_values, **kwargs)
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None:  # backbones without a pooler: use the first token (ViT's CLS)
+        pooled = outputs.last_hidden_state[:, 0]
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=pooled.flatten(1),  # convnets pool to (batch, channels, 1, 1)
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
+
+
 def _image_features(
     vision_model: nn.Module,
     visual_projection: nn.Linear | None,
@@ -163,21 +183,12 @@ def _image_features(
     interpolate_pos_encoding: bool,
     **kwargs,
 ) -> BaseModelOutputWithPooling:
-    """Run a vision tower; `pooler_output` becomes the (unnormalised) image embedding."""
-    _check_pixel_values(pixel_values, vision_model.config, interpolate_pos_encoding)
-    if visual_projection is None:
-        return vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-    outputs = vision_model(pixel_values=pixel_values, **kwargs)
-    pooled = getattr(outputs, "pooler_output", None)
-    if pooled is None:  # backbones without a pooler: use the first token (ViT's CLS)
-        pooled = outputs.last_hidden_state[:, 0]
-    pooled = pooled.flatten(1)  # convnets pool to (batch, channels, 1, 1)
-    return BaseModelOutputWithPooling(
-        last_hidden_state=outputs.last_hidden_state,
-        pooler_output=visual_projection(pooled),
-        hidden_states=getattr(outputs, "hidden_states", None),
-        attentions=getattr(outputs, "attentions", None),
-    )
+    """Run a vision tower and its projection, if any; `pooler_output` becomes the (unnormalised) image embedding."""
+    outputs = _backbone_features(vision_model, pixel_values, interpolate_pos_encoding, visual_projection is not None,
+                                 **kwargs)
+    if visual_projection is not None:
+        outputs.pooler_output = visual_projection(outputs.pooler_output)
+    return outputs
 
 
 def _normalize_pooled(outputs: BaseModelOutputWithPooling, normalize: bool) -> BaseModelOutputWithPooling:
@@ -258,6 +269,15 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
         outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding, **kwargs)
         return _normalize_pooled(outputs, normalize)
 
+    def get_locked_image_features(
+        self, pixel_values, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """What a locked vision tower computes (SigLiT): `pooler_output` is the tower's pooled output, before
+        `visual_projection` (the new head of a foreign backbone, which trains even when the tower is locked). The
+        image-embedding cache stores it; `forward(image_embeds=...)` takes it in place of `pixel_values`."""
+        return _backbone_features(self.vision_model, pixel_values, interpolate_pos_encoding,
+                                  self.visual_projection is not None, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -277,15 +297,21 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
             duplicates, mined groups). Without them text j is the positive of image j only.
         return_loss (`bool`, *optional*):
             Whether to return the sigmoid loss.
-        image_embeds (`torch.Tensor` of shape `(batch, embed_dim)`, *optional*):
-            Precomputed image embeddings (a locked, cached vision tower: SigLiT) used instead of `pixel_values`.
+        image_embeds (`torch.Tensor` of shape `(batch, width)`, *optional*):
+            A locked vision tower's output, `get_locked_image_features(...).pooler_output` (SigLiT's cache), used
+            instead of `pixel_values`; a foreign backbone's `visual_projection` still applies (and trains).
         """
         vision_outputs = None
         if image_embeds is None:
             vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
             image_embeds = vision_outputs.pooler_output
-        elif image_embeds.ndim != 2 or image_embeds.shape[-1] != self.config.embed_dim:
-            raise ValueError(f"image_embeds must have shape (batch, {self.config.embed_dim}), got {tuple(image_embeds.shape)}.")
+        else:
+            width = self.config.embed_dim if self.visual_projection is None else self.visual_projection.in_features
+            if image_embeds.ndim != 2 or image_embeds.shape[-1] != width:
+                raise ValueError(f"image_embeds must have shape (batch, {width}) (get_locked_image_features), got "
+                                 f"{tuple(image_embeds.shape)}.")
+            if self.visual_projection is not None:
+                image_embeds = self.visual_projection(image_embeds)
         text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
         image_embeds = nn.functional.normalize(image_embeds, dim=-1)
         text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)

@@ -187,6 +187,35 @@ def test_siglit_with_cached_image_embeddings_never_runs_the_vision_tower(tmp_pat
     assert all(math.isfinite(loss) for loss in losses_of(trainer))
 
 
+def test_siglit_cached_and_uncached_runs_train_the_same_parameters(tmp_path):
+    """A foreign (ViT) backbone gets a new visual_projection. With the tower locked it trains whether the images
+    are embedded on the fly or read from the cache, and the two runs end with the same weights."""
+    from transformers import ViTConfig
+
+    _, processor, collator, dataset = tiny_training_setup()
+    template, _, _, _ = tiny_training_setup()
+    config = hs.SiglipBottleneckConfig(
+        text_config=template.config.text_config.to_dict(),
+        vision_config=ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=30,
+                                image_size=16, patch_size=8))
+    torch.manual_seed(0)
+    initial = hs.SiglipBottleneckModel(config).state_dict()
+    trained = {}
+    for name, train_dataset in (("uncached", dataset["train"]), ("cached", None)):
+        model = hs.SiglipBottleneckModel(config)
+        model.load_state_dict(initial)
+        if train_dataset is None:
+            train_dataset = add_image_embeddings(dataset["train"], model.eval(), processor).remove_columns("image")
+            assert len(train_dataset[0]["image_embeds"]) == 24  # the backbone's width: before the projection
+        trainer = hs.SiglipTrainer(model=model, args=training_args(tmp_path / name, lock_vision_tower=True),
+                                   data_collator=collator, train_dataset=train_dataset)
+        trainer.train()
+        trained[name] = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    assert not torch.equal(trained["cached"]["visual_projection.weight"], initial["visual_projection.weight"])
+    for key, value in trained["uncached"].items():
+        assert torch.allclose(trained["cached"][key], value, atol=1e-5), key
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = dict(optim="adamw_torch", learning_rate=3e-3, max_steps=6, save_strategy="steps", save_steps=3,
                   lr_scheduler_type="linear")

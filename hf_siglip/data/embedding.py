@@ -51,12 +51,23 @@ def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256, m
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
+class _LockedImageTower:
+    """`model` as the SigLiT cache sees it: `get_image_features` gives what a locked vision tower fixes, which leaves
+    out a head that still trains (`get_locked_image_features`: SiglipBottleneckModel's `visual_projection`)."""
+
+    def __init__(self, model):
+        self.get_image_features = getattr(model, "get_locked_image_features", model.get_image_features)
+        self.parameters = model.parameters
+
+
 def add_image_embeddings(dataset, model, processor, column: str = "image_embeds", image_column: str = "image",
                          normalize: bool = False, batch_size: int = 64):
     """Cache a locked image tower's output (SigLiT): add ``column`` with one float vector per row.
 
     The collator then emits ``image_embeds`` instead of ``pixel_values``. Raw tower outputs are stored
-    by default (``normalize=False``) so the model applies its own head/normalisation as in training.
+    by default (``normalize=False``) so the model applies its own head/normalisation as in training: for a model
+    with ``get_locked_image_features`` the vectors come before its trainable head, so cached and uncached runs
+    train the same parameters.
     A row whose image does not decode gets ``None`` (the collator drops it, counted). Only the image
     column is read; the vectors are joined column-wise (images are not copied).
     """
@@ -69,7 +80,8 @@ def add_image_embeddings(dataset, model, processor, column: str = "image_embeds"
         decoded, rows = decode_decodable(images)
         vectors = [None] * len(images)
         if decoded:
-            embeddings = embed_images(model, processor, decoded, batch_size=batch_size, normalize=normalize)
+            embeddings = embed_images(_LockedImageTower(model), processor, decoded, batch_size=batch_size,
+                                      normalize=normalize)
             for row, vector in zip(rows, embeddings.numpy()):
                 vectors[row] = vector.tolist()
         return {column: vectors}

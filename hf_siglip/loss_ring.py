@@ -185,7 +185,7 @@ class Engine:
             logits = torch.addmm(self.b, self.x_scaled[rows], y_tile.T)
         col_index = torch.arange(cols.start, cols.stop, device=self.x.device) + self.text_offsets[src]
         return Tile(logits.requires_grad_(requires_grad), pairs_in_tile(rows, cols, pairs), self.global_rows[rows],
-                    col_index, self.n_images, self.n_texts,
+                    col_index, self.n_images, self.n_texts, positive_logits_leaf=requires_grad,
                     row={name: value[rows, None] for name, value in row_stats.items()},
                     col={name[4:]: value[None, cols] for name, value in block.items() if name.startswith("col/")},
                     images={name: value[rows] for name, value in self.image_inputs.items()},
@@ -317,6 +317,18 @@ class Engine:
         col_grads = self.ring_pass(self.text_block(col_stats), col_grads, visit)
         return row_grads, col_grads
 
+    @staticmethod
+    def logits_gradient(tile, outputs, grad_outputs):
+        """d outputs / d tile logits by autograd, with the gradient of a separately read `positive_logits` added at
+        the positives."""
+        sparse = tile.positive_logits_leaf
+        inputs = [tile.logits] if sparse is None else [tile.logits, sparse]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+        coef = torch.zeros_like(tile.logits) if grads[0] is None else grads[0]
+        if sparse is not None and grads[1] is not None:
+            coef.index_put_(tile.positive_index, grads[1], accumulate=True)
+        return coef
+
     def main_pass(self, pairs_of, row_stats, col_stats, statistic_grads):
         config, ring, x, t = self.config, self.ring, self.x, self.t
         n_rows, needs_grads = x.shape[0], self.needs_grads
@@ -340,9 +352,8 @@ class Engine:
                     loss, weight = tile_loss(tile, config, self.terms)
                 totals[0] += loss.detach().double()
                 if image_sum is not None:
-                    positive_index = tile.positive_index
-                    totals[2] += positive_index[0].shape[0]
-                    totals[3] += tile.logits.detach()[positive_index].sum().double()
+                    totals[2] += tile.positive_index[0].shape[0]
+                    totals[3] += tile.positive_logits.detach().sum().double()
                     totals[5] += (tile.logits.numel() if isinstance(weight, float)
                                   else torch.count_nonzero(weight.expand(tile.logits.shape)))
                 if not needs_grads:
@@ -355,7 +366,7 @@ class Engine:
                         values = stat.values(tile, config)
                     outputs.append(values)
                     grad_outputs.append(loss_grad * statistic_gradient(stat, values.detach(), value))
-                (coef,) = torch.autograd.grad(outputs, tile.logits, grad_outputs)
+                coef = self.logits_gradient(tile, outputs, grad_outputs)
                 totals[1] += coef.sum().double()
                 grad_x[rows].addmm_(coef, y_block[cols])
                 travel["grad"][cols].addmm_(coef.T, x[rows])

@@ -35,10 +35,11 @@ def excluded(dtype):
 
 class Tile:
     """One block of pairs and what terms may read. `positive` is built on first use (plain losses only
-    gather the positives' logits by `positive_index`)."""
+    gather the positives' logits, `positive_logits`)."""
 
     def __init__(self, logits, positive_index, rows, cols, n_images, n_texts, row=None, col=None, images=None,
-                 texts=None, constants=None, cosine=None, mine_image_text=None, positive=None):
+                 texts=None, constants=None, cosine=None, mine_image_text=None, positive=None,
+                 positive_logits_leaf=False):
         self.logits = logits  # (r, c) t x.y + b; the softmax loss has b = 0
         self.rows, self.cols = rows, cols  # global image / text indices (long)
         self.n_images, self.n_texts = n_images, n_texts  # global batch sizes
@@ -49,6 +50,8 @@ class Tile:
         self._pairs = positive_index  # tile-local (rows, cols) of positives by ids and mined lists
         self._mine_image_text = mine_image_text
         self._positive = positive  # given whole by the dense reference
+        self._positive_logits_leaf = positive_logits_leaf
+        self.positive_logits_leaf = None  # set when a term reads `positive_logits` as a leaf of its own
 
     @property
     def positive(self):
@@ -63,6 +66,17 @@ class Tile:
         if self._mine_image_text is None:
             return self._pairs
         return tuple(self.positive.nonzero().unbind(1))
+
+    @property
+    def positive_logits(self):
+        """The positives' logits, in `positive_index` order. With `positive_logits_leaf` (the ring engine) a leaf of
+        its own whose gradient the engine adds back at those positions: a sparse read then costs no dense
+        gradient tile."""
+        if not self._positive_logits_leaf:
+            return self.logits[self.positive_index]
+        if self.positive_logits_leaf is None:
+            self.positive_logits_leaf = self.logits.detach()[self.positive_index].requires_grad_()
+        return self.positive_logits_leaf
 
     def hard_targets(self):
         return self.positive.to(self.logits.dtype)
@@ -348,8 +362,8 @@ def negative_mask(tile, config):
 def sigmoid(tile, target, weight, config):
     """-log sigmoid(z l) = softplus(l) - y l, y the pair's target (z = 2y - 1 for hard targets)."""
     logits = tile.logits
-    if target is None and isinstance(weight, float):  # hard targets: gather the positives' logits
-        return (F.softplus(logits).sum() - logits[tile.positive_index].sum()) * weight
+    if target is None and isinstance(weight, float):  # hard targets: only the positives' logits are read
+        return (F.softplus(logits).sum() - tile.positive_logits.sum()) * weight
     target = tile.hard_targets() if target is None else target
     return weighted_sum(weight, F.softplus(logits) - target * logits)
 

@@ -21,7 +21,7 @@ _LAZY = {
     "SigmoidLoss": ".loss", "dense_sigmoid_loss": ".loss", "sigmoid_loss": ".loss", "SiglipLossConfig": ".loss_config",
     "positive_pairs": ".positives",
     "build_processor": ".processing", "train_caption_tokenizer": ".processing", "SiglipTrainer": ".trainer",
-    "SiglipTrainingArguments": ".training_args",
+    "SiglipTrainingArguments": ".training_args", "as_dual_encoder": ".dual_encoders", "load_dual_encoder": ".dual_encoders",
 }
 
 
@@ -51,9 +51,11 @@ __all__ = [
     "SiglipTrainer",
     "SiglipTrainingArguments",
     "SigmoidLoss",
+    "as_dual_encoder",
     "build_model_card",
     "build_processor",
     "dense_sigmoid_loss",
+    "load_dual_encoder",
     "make_demo_dataset",
     "positive_pairs",
     "push_to_hub",

@@ -158,10 +158,10 @@ def _push(args: argparse.Namespace) -> int:
     check_hub_access()  # before the model is loaded: one line if the Hub cannot be reached
     from transformers import AutoProcessor
 
+    from .dual_encoders import load_dual_encoder
     from .hub import push_to_hub
-    from .modeling_siglip_bottleneck import SiglipBottleneckModel
 
-    model = SiglipBottleneckModel.from_pretrained(args.checkpoint)  # native SiglipModel folders and ours
+    model = load_dual_encoder(args.checkpoint)  # SigLIP (native or ours), SigLIP 2, CLIP: saved in their own format
     try:
         processor = AutoProcessor.from_pretrained(args.checkpoint)
     except (OSError, ValueError, TypeError):

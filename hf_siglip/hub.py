@@ -31,13 +31,27 @@ TEMPLATE_PATH = _template_path()
 CARD_TAGS = ["siglip", "hf_siglip", "image-text", "zero-shot-image-classification"]
 
 
+def _family(model) -> str:
+    return {"clip": "CLIP", "siglip2": "SigLIP 2"}.get(model.config.model_type, "SigLIP")
+
+
+def _saved_format(model) -> tuple[str, str, bool]:
+    """(class, model type, whether plain transformers loads it) of what `model.save_pretrained` writes."""
+    native_class = getattr(model, "native_class", None)  # hf_siglip.dual_encoders adapters save as the native class
+    if native_class is not None:
+        return native_class.__name__, model.config.model_type, True
+    if model.config.native_compatible:  # a SiglipBottleneckModel that SiglipModel can hold
+        return "SiglipModel", "siglip", True
+    return type(model).__name__, model.config.model_type, False
+
+
 def _tower_description(model) -> tuple[str, str]:
     text_config = model.config.text_config
     text = (
-        f"SigLIP text transformer, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, "
+        f"{_family(model)} text transformer, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, "
         f"vocabulary {text_config.vocab_size}"
     )
-    if text_config.bottleneck_dim is not None:
+    if getattr(text_config, "bottleneck_dim", None) is not None:
         text += f", bottleneck token embeddings K={text_config.bottleneck_dim}"
     vision_config = model.config.vision_config
     vision = f"{vision_config.model_type}" + (
@@ -126,7 +140,8 @@ def build_model_card(
     limitations: str = "",
     data_report: dict | None = None,
 ) -> ModelCard:
-    """Fill the package's model card template for `model` (a `SiglipBottleneckModel`).
+    """Fill the package's model card template for `model` (a `SiglipBottleneckModel` or a `hf_siglip.dual_encoders`
+    adapter of SiglipModel / Siglip2Model / CLIPModel).
 
     `metrics` (name -> value) become the evaluation table and, with `eval_dataset` named, the `model-index`
     results the Hub displays (recall@k both ways, zero-shot accuracy). `evaluation_protocol` says how they were
@@ -150,6 +165,7 @@ def build_model_card(
     )
     text_tower, vision_tower = _tower_description(model)
     image_size = getattr(model.config.vision_config, "image_size", 224)
+    architecture, model_type, native_compatible = _saved_format(model)
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -175,7 +191,11 @@ def build_model_card(
                                       "for fine-tuning on similar data."),
         limitations=limitations,
         image_size=image_size,
-        native_compatible=model.config.text_config.bottleneck_dim is None and model.config.uses_siglip_vision_tower,
+        native_compatible=native_compatible,
+        architecture=architecture,
+        model_type=model_type,
+        family=_family(model),
+        bias_in_config=getattr(model, "bias_in_config", False),
     )
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .data.collator import SiglipDataCollator, collator_epoch_callback
+from .dual_encoders import as_dual_encoder, restore_config_parameters, tower_modules, tower_prefixes
 from .evaluation import retrieval_metrics
 from .hub import build_model_card, check_hub_access
 from .launching import check_process_world, fsdp_request_ignored
@@ -37,21 +38,22 @@ from .training_args import SiglipTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_embeds", "attention_mask", "position_ids")
+# what the collator emits that the model takes (NaFlex images come with their patch mask and grid shapes)
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_embeds", "attention_mask", "position_ids", "pixel_attention_mask",
+                "spatial_shapes")
 # Parameters SigLIP/ViT practice never decays: biases, norms (matched by module type below), the learnable
 # temperature and bias, position embeddings, the attention-pooling probe, class tokens.
 NO_DECAY_NAME_PATTERN = re.compile(
     r"(\.bias$|^logit_scale$|^logit_bias$|position_embedding|\.probe$|cls_token|mask_token|register_tokens)"
 )
 NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
-TOWER_PREFIXES = {"text": ("text_model.",), "vision": ("vision_model.",)}
 
 
-def _tower_of(name: str) -> str | None:
-    for tower, prefixes in TOWER_PREFIXES.items():
+def _tower_of(name: str, prefixes_by_tower: dict[str, tuple[str, ...]]) -> str | None:
+    for tower, prefixes in prefixes_by_tower.items():
         if name.startswith(prefixes):
             return tower
-    return None  # heads: logit_scale, logit_bias, visual_projection
+    return None  # heads: logit_scale, logit_bias, a new backbone's visual_projection
 
 
 def siglip_parameter_groups(model: nn.Module, args: SiglipTrainingArguments, pretrained_towers) -> list[dict]:
@@ -65,12 +67,13 @@ def siglip_parameter_groups(model: nn.Module, args: SiglipTrainingArguments, pre
         if isinstance(module, NORM_MODULES)
         for parameter in module.parameters(recurse=False)
     }
+    prefixes = tower_prefixes(model)  # CLIP's projections belong to their towers
     groups = defaultdict(list)
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         decay = id(parameter) not in norm_parameters and not NO_DECAY_NAME_PATTERN.search(name)
-        origin = "pretrained" if _tower_of(name) in pretrained_towers else "new"
+        origin = "pretrained" if _tower_of(name, prefixes) in pretrained_towers else "new"
         groups[(origin, decay)].append(parameter)
 
     result = []
@@ -130,8 +133,11 @@ class SiglipTrainer(Trainer):
             data_collator = SiglipDataCollator(processor=processing_class)
         if hasattr(data_collator, "return_drop_counts"):
             data_collator.return_drop_counts = True  # counts from DataLoader workers reach `data_counts`
+        # a native SiglipModel / Siglip2Model / CLIPModel gets the forward this trainer needs (hf_siglip.dual_encoders)
+        model = as_dual_encoder(model)
         for tower in _locked_towers(args):
-            getattr(model, f"{tower}_model").requires_grad_(False)
+            for module in tower_modules(model, tower):
+                module.requires_grad_(False)
         if _is_stream(train_dataset):
             train_dataset = _prepare_stream(train_dataset, args)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -173,7 +179,8 @@ class SiglipTrainer(Trainer):
     def _embed(self, model, inputs):
         unwrapped = self.accelerator.unwrap_model(model)
         for tower in _locked_towers(self.args):  # Trainer calls model.train() each step; locked towers stay in eval
-            getattr(unwrapped, f"{tower}_model").eval()
+            for module in tower_modules(unwrapped, tower):
+                module.eval()
         return model(**{key: inputs[key] for key in MODEL_INPUTS if key in inputs})
 
     _loss_statistics = None  # what the last loss call saw in the global batch (hf_siglip.loss.LossStatistics)
@@ -359,6 +366,14 @@ class SiglipTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         _match_umask(output_dir or self.args.output_dir, "*.safetensors")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_config_parameters(model or self.model, resume_from_checkpoint)  # CLIP's b is in config.json
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        restore_config_parameters(self.model, self.state.best_model_checkpoint)
 
     def push_to_hub(self, *args, **kwargs):
         """`Trainer.push_to_hub`, after a one-line check that the Hub can be reached with a token (`HubAccessError`

@@ -3,7 +3,8 @@
 Output (all ``torch.Tensor``):
 
 * ``pixel_values`` ``(B, C, H, W)`` float — or ``image_embeds`` ``(B, D)`` float when rows carry a
-  precomputed ``image_embeds`` column (locked / cached image tower, SigLiT);
+  precomputed ``image_embeds`` column (locked / cached image tower, SigLiT); with a NaFlex image processor
+  (Siglip2) ``pixel_values`` are patches ``(B, N, P)``, beside its ``pixel_attention_mask`` and ``spatial_shapes``;
 * ``input_ids`` ``(T, max_length)`` long, padded to ``max_length`` and truncated (as SigLIP was
   trained: no attention mask is needed; pass ``return_attention_mask=True`` if your text tower wants one);
 * ``image_ids`` ``(B,)`` long and ``text_ids`` ``(T,)`` long: image i and text j are a positive pair iff
@@ -212,7 +213,7 @@ class SiglipDataCollator:
         if use_embeds:
             batch["image_embeds"] = torch.from_numpy(np.stack(embeds)) if embeds else torch.zeros(0, 0)
         else:
-            batch["pixel_values"] = self._pixel_values(images)
+            batch.update(self._image_inputs(images))
         batch.update(self._tokenize(texts))
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)
         batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
@@ -221,6 +222,8 @@ class SiglipDataCollator:
     def _decode_size(self) -> tuple[int, int] | None:
         """Smallest decoded size that loses nothing: the processor's output size, or none when a crop augmentation
         may zoom in (it then needs the pixels of the crop at full size)."""
+        if not all(self._image_size()):
+            return None  # no fixed output size (NaFlex keeps each image's own shape): decode in full
         if self.image_transform is not None:
             scale = getattr(self.image_transform, "crop_scale", (1.0, 1.0))[0]
             height, width = self._image_size()
@@ -250,6 +253,18 @@ class SiglipDataCollator:
             self._fast_path_reason_logged = True
             logger.info("image fast path off, calling the image processor: %s", unsupported_reason(self.image_processor))
         return fast
+
+    def _image_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        """`pixel_values` and whatever else the image processor makes for the model beside them (Siglip2's NaFlex
+        patches come with `pixel_attention_mask` and `spatial_shapes`)."""
+        if list(getattr(self.image_processor, "model_input_names", ["pixel_values"])) == ["pixel_values"]:
+            return {"pixel_values": self._pixel_values(images)}
+        from PIL import Image
+
+        # an empty batch gets every input with no rows: those of one blank image, cut to none
+        outputs = self.image_processor(images=images or [Image.new("RGB", (32, 32))], return_tensors="pt")
+        outputs = {name: value if images else value[:0] for name, value in outputs.items()}
+        return {**outputs, "pixel_values": outputs["pixel_values"].float()}
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if not texts:

@@ -1,10 +1,11 @@
 """Batched, L2-normalised embeddings from any SigLIP-like model.
 
 The model needs ``get_image_features(pixel_values=...)`` and ``get_text_features(input_ids=...)``
-returning a tensor or an output with ``.pooler_output`` (transformers 5 ``SiglipModel``); the
-processor needs ``.image_processor`` and ``.tokenizer``. Texts are padded to ``max_length`` as in
-training. Used by positive-group mining (:mod:`hf_siglip.data.groups`) and CapFilt
-(:mod:`hf_siglip.data.filters`).
+returning a tensor or an output with ``.pooler_output`` (transformers 5 ``SiglipModel``, ``Siglip2Model``,
+``CLIPModel``); the processor needs ``.image_processor`` and ``.tokenizer``. Everything the image processor
+returns goes to ``get_image_features`` (NaFlex: ``pixel_attention_mask`` and ``spatial_shapes`` too). Texts
+are padded to ``max_length`` as in training. Used by positive-group mining (:mod:`hf_siglip.data.groups`)
+and CapFilt (:mod:`hf_siglip.data.filters`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def embed_images(model, processor, images: Sequence, batch_size: int = 64, norma
     device, chunks = _device(model), []
     for start in range(0, len(images), batch_size):
         pil = [decode_image(image) for image in images[start:start + batch_size]]
-        pixels = processor.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(device)
-        chunks.append(_features(model.get_image_features(pixel_values=pixels), normalize).cpu())
+        inputs = processor.image_processor(images=pil, return_tensors="pt")
+        inputs = {name: value.to(device) for name, value in inputs.items()}
+        chunks.append(_features(model.get_image_features(**inputs), normalize).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 

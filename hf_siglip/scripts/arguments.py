@@ -107,7 +107,8 @@ class SiglipModelArguments:
     _argument_group_name = "Model (hf_siglip)"  # its --help group
 
     model_name_or_path: str | None = field(default=None, metadata={
-        "help": "A SigLIP checkpoint (native google/siglip-* format or ours) to fine-tune."})
+        "help": "A checkpoint to fine-tune: SigLIP (native google/siglip-* format, SigLIP 2 FixRes included, or ours), "
+                "SigLIP 2 NaFlex (Siglip2Model) or CLIP; its config.json's model type picks the class."})
     vision_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pretrained vision backbone (any HF vision model) for a new dual encoder."})
     text_model_name_or_path: str | None = field(default=None, metadata={
@@ -124,7 +125,8 @@ class SiglipModelArguments:
         "help": f"New vision tower: input size (demo: its image size; other data: {DEFAULT_IMAGE_SIZE}). "
                 "With a checkpoint: its own size (a different value is an error)."})
     bottleneck_dim: int | None = field(default=None, metadata={"help": "Bottleneck token embeddings K (None: off)."})
-    logit_bias_init_value: float = field(default=-10.0, metadata={"help": "Initial b for new heads."})
+    logit_bias_init_value: float = field(default=-10.0, metadata={
+        "help": "Initial b for new heads (also a CLIP checkpoint's, which has no bias)."})
 
 
 def _positive(name: str, value, allow_none: bool = False) -> list[str]:
@@ -211,7 +213,13 @@ def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipMod
 
 
 def _validate_checkpoint(script_args, model_args, problems: list[str]) -> None:
+    from ..dual_encoders import LOADABLE_DUAL_ENCODER_TYPES
+
     config = _checkpoint_config(model_args.model_name_or_path, "model_name_or_path")
+    if config.model_type not in LOADABLE_DUAL_ENCODER_TYPES:
+        problems.append(f"model_name_or_path holds a checkpoint of model type '{config.model_type}'; hf-siglip "
+                        f"trains the dual encoders {list(LOADABLE_DUAL_ENCODER_TYPES)}")
+        return
     text_config = getattr(config, "text_config", None)
     positions = getattr(text_config, "max_position_embeddings", None)
     if script_args.max_length is None:

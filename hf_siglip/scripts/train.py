@@ -21,6 +21,7 @@ from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import embed_images
 from ..data.images import decode_decodable
 from ..data.loading import canonical_columns, select_split
+from ..dual_encoders import load_dual_encoder
 from ..data.steps import DataContext, run_data_steps
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
 from ..launching import check_process_world
@@ -93,8 +94,8 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
     the weights are restored by the trainer. Captions dropped while training a tokenizer go to `report`."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    if model_args.model_name_or_path:
-        model = SiglipBottleneckModel.from_pretrained(model_args.model_name_or_path)
+    if model_args.model_name_or_path:  # SigLIP (ours or native), SigLIP 2, CLIP: by config.json's model type
+        model = load_dual_encoder(model_args.model_name_or_path, logit_bias_init_value=model_args.logit_bias_init_value)
         processor = AutoProcessor.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
         return model, processor
 

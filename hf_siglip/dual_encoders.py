@@ -1,0 +1,232 @@
+"""Native `transformers` dual encoders as `SiglipTrainer` trains them: SigLIP, SigLIP 2 (NaFlex) and CLIP.
+
+The trainer needs one thing from a model: a forward pass that takes image inputs (`pixel_values`, plus
+`pixel_attention_mask` / `spatial_shapes` for NaFlex, or precomputed `image_embeds` from a locked, cached
+tower: SigLiT) and `input_ids` [+ `attention_mask`], and returns L2-normalised `image_embeds` / `text_embeds`,
+`t = exp(logit_scale)` and `b = logit_bias` (a [`SiglipBottleneckOutput`]). t and b come out of the forward
+pass, not from the parameters directly, because under FSDP parameters are whole only inside forward.
+
+Each adapter class here is the native class plus that forward and the names of its towers' modules; its
+weights, config and weight names are the native ones, and `save_pretrained` writes the folder under the
+native class name, so plain `transformers.AutoModel.from_pretrained` gives back a `SiglipModel`,
+`Siglip2Model` or `CLIPModel`. `as_dual_encoder` turns a native model object into its adapter in place (it
+switches the object's class, as FSDP2's `fully_shard` does: parameters, device and references stay the same);
+`load_dual_encoder` loads any supported checkpoint folder or Hub id by its `config.json` model type.
+
+SigLIP 2 FixRes checkpoints (google/siglip2-*-patch16-224 and the like) are `SiglipModel`s in transformers;
+`Siglip2Model` is the NaFlex variant. Our own `siglip_bottleneck` checkpoints (and `siglip` ones, which it
+reads unchanged) load as [`SiglipBottleneckModel`], which has this forward already.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoConfig, CLIPModel, PreTrainedModel, Siglip2Model, SiglipModel
+from transformers import initialization as init
+
+from .configuration_siglip_bottleneck import LOADABLE_MODEL_TYPES
+from .loss import sigmoid_loss
+from .modeling_siglip_bottleneck import SiglipBottleneckModel, SiglipBottleneckOutput
+from .training_args import TOWERS
+
+# The modules of each tower, by attribute name. The default fits SigLIP (its heads live inside the towers) and
+# SiglipBottleneckModel (whose `visual_projection`, when it has one, is a new head for a foreign backbone).
+DEFAULT_TOWER_MODULES = {"text": ("text_model",), "vision": ("vision_model",)}
+# SigLIP paper's initial bias, for a model that has none (CLIP).
+LOGIT_BIAS_INIT = -10.0
+
+
+class DualEncoderMixin:
+    """The trainer's forward for a native dual encoder; mixed in before the native class (see the module docstring)."""
+
+    native_class: type[PreTrainedModel]  # the transformers class adapted; what save_pretrained writes
+    tower_modules: dict[str, tuple[str, ...]] = DEFAULT_TOWER_MODULES
+
+    @property
+    def pretrained_towers(self) -> frozenset[str]:
+        """Both towers when the weights came from a checkpoint (`from_pretrained` records where in `name_or_path`),
+        none for a model built from a config (one read from a checkpoint also holds its path: pass
+        `SiglipTrainingArguments.pretrained_towers=[]` for such a random model; that field overrides this)."""
+        return frozenset(TOWERS) if self.name_or_path else frozenset()
+
+    @classmethod
+    def adapt(cls, model: PreTrainedModel) -> "DualEncoderMixin":
+        """`model` (a `cls.native_class`) as this adapter, in place."""
+        model.__class__ = cls
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.LongTensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        image_ids: torch.LongTensor | None = None,
+        text_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SiglipBottleneckOutput:
+        r"""Normalised embeddings, t, b and the logits `t * x_i . y_j + b`, from the native towers.
+
+        image_embeds (`torch.Tensor` of shape `(batch, dim)`, *optional*):
+            What `get_image_features(...).pooler_output` gave (not normalised): used instead of running the
+            vision tower (SigLiT's cache, see `hf_siglip.data.add_image_embeddings`).
+        pixel_attention_mask, spatial_shapes: NaFlex inputs (Siglip2Model), as its image processor makes them.
+        image_ids, text_ids, return_loss: as in [`SiglipBottleneckModel.forward`].
+        """
+        vision_outputs = None
+        if image_embeds is None:
+            image_inputs = {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask,
+                            "spatial_shapes": spatial_shapes}
+            vision_outputs = self.get_image_features(
+                **{name: value for name, value in image_inputs.items() if value is not None}, **kwargs)
+            image_embeds = vision_outputs.pooler_output
+        text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+                                              position_ids=position_ids, **kwargs)
+        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+        image_embeds = nn.functional.normalize(image_embeds, dim=-1).to(text_embeds.device, text_embeds.dtype)
+
+        logit_scale = self.logit_scale.to(text_embeds.device).exp().reshape(1)  # CLIP's is a 0-d tensor
+        logit_bias = self.logit_bias.to(text_embeds.device)
+        logits_per_text = text_embeds @ image_embeds.t() * logit_scale + logit_bias
+        loss = sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids) if return_loss \
+            else None
+        return SiglipBottleneckOutput(
+            loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text, text_embeds=text_embeds,
+            image_embeds=image_embeds, text_model_output=text_outputs, vision_model_output=vision_outputs,
+            logit_scale=logit_scale, logit_bias=logit_bias,
+        )
+
+    def save_pretrained(self, *args, **kwargs):
+        """`native_class.save_pretrained`, under the native class: config.json's `architectures` names it (transformers
+        writes the class name it finds on the object), so nothing of hf_siglip is needed to load the folder."""
+        adapter_class, self.__class__ = self.__class__, self.native_class
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = adapter_class
+
+
+class SiglipDualEncoder(DualEncoderMixin, SiglipModel):
+    """`transformers.SiglipModel` (SigLIP, and SigLIP 2 FixRes checkpoints) with the trainer's forward."""
+
+    native_class = SiglipModel
+
+
+class Siglip2DualEncoder(DualEncoderMixin, Siglip2Model):
+    """`transformers.Siglip2Model` (SigLIP 2 NaFlex) with the trainer's forward: images come as patches with
+    `pixel_attention_mask` and `spatial_shapes`, as `Siglip2ImageProcessor` makes them."""
+
+    native_class = Siglip2Model
+
+
+class CLIPDualEncoder(DualEncoderMixin, CLIPModel):
+    """`transformers.CLIPModel` with the trainer's forward and the sigmoid loss's bias b, which CLIP lacks.
+
+    Where b lives: a parameter of this class (so it trains, and t and b leave forward together), stored as the
+    `logit_bias` entry of config.json rather than as a weight. Plain `CLIPModel.from_pretrained` then loads the
+    folder with no unexpected-weight report (an extra weight would be listed as UNEXPECTED on every load) and a
+    user still finds b, to turn logits into sigmoid probabilities: `(logits_per_image + config.logit_bias).sigmoid()`.
+    `save_pretrained` writes the current b into config.json; loading reads it back (`_init_weights`), and
+    `SiglipTrainer` restores it when resuming (`restore_config_parameters`). A CLIP checkpoint without the entry
+    starts at b = -10 (SigLIP paper) or the value `load_dual_encoder` is given.
+
+    CLIP's own processor resizes the shortest edge and centre-crops; the text tower is causal and pools the first
+    EOS token, so with right padding the padded positions never reach the pooled embedding and the collator's
+    fixed-length padding needs no attention mask.
+    """
+
+    native_class = CLIPModel
+    bias_in_config = True  # the model card tells plain-CLIPModel users where b is
+    tower_modules = {"text": ("text_model", "text_projection"), "vision": ("vision_model", "visual_projection")}
+    _keys_to_ignore_on_save = ["logit_bias"]  # kept in config.json (see above)
+    _keys_to_ignore_on_load_missing = ["logit_bias"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_bias = nn.Parameter(torch.full((1,), _config_logit_bias(config)))
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CLIPDualEncoder):  # from_pretrained: b is never in the weights file
+            init.constant_(module.logit_bias, _config_logit_bias(module.config))
+
+    @classmethod
+    def adapt(cls, model: CLIPModel, logit_bias_init_value: float = LOGIT_BIAS_INIT) -> "CLIPDualEncoder":
+        model = super().adapt(model)
+        parameter = next(model.parameters())
+        value = getattr(model.config, "logit_bias", logit_bias_init_value)
+        model.logit_bias = nn.Parameter(torch.full((1,), value, dtype=parameter.dtype, device=parameter.device))
+        model._keys_to_ignore_on_save = {*(model._keys_to_ignore_on_save or ()), "logit_bias"}
+        return model
+
+    def save_pretrained(self, *args, state_dict=None, **kwargs):
+        bias = self.logit_bias if state_dict is None else state_dict["logit_bias"]  # FSDP/DeepSpeed gather it
+        self.config.logit_bias = float(bias.float().item())
+        return super().save_pretrained(*args, state_dict=state_dict, **kwargs)
+
+
+ADAPTERS = {adapter.native_class: adapter for adapter in (SiglipDualEncoder, Siglip2DualEncoder, CLIPDualEncoder)}
+ADAPTERS_BY_MODEL_TYPE = {adapter.native_class.config_class.model_type: adapter for adapter in ADAPTERS.values()}
+# what `load_dual_encoder` (and `hf-siglip train --model_name_or_path`) loads
+LOADABLE_DUAL_ENCODER_TYPES = tuple(sorted({*LOADABLE_MODEL_TYPES, *ADAPTERS_BY_MODEL_TYPE}))
+
+
+def _config_logit_bias(config) -> float:
+    return float(getattr(config, "logit_bias", LOGIT_BIAS_INIT))
+
+
+def as_dual_encoder(model: nn.Module, logit_bias_init_value: float = LOGIT_BIAS_INIT) -> nn.Module:
+    """`model` ready for `SiglipTrainer`: a native `SiglipModel` / `Siglip2Model` / `CLIPModel` becomes its adapter in
+    place (CLIP gains b = `logit_bias_init_value` unless its config holds one); any other model (an adapter already,
+    `SiglipBottleneckModel`, a custom one with the same forward contract) is returned as it is."""
+    adapter = ADAPTERS.get(type(model))
+    if adapter is None:
+        return model
+    if adapter is CLIPDualEncoder:
+        return adapter.adapt(model, logit_bias_init_value)
+    return adapter.adapt(model)
+
+
+def load_dual_encoder(name_or_path: str, logit_bias_init_value: float = LOGIT_BIAS_INIT, **kwargs) -> nn.Module:
+    """The checkpoint at `name_or_path` as a trainable dual encoder, chosen by its config.json model type: `siglip` and
+    `siglip_bottleneck` as [`SiglipBottleneckModel`], `siglip2` and `clip` as their adapters. `kwargs` go to
+    `from_pretrained`."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type in LOADABLE_MODEL_TYPES:
+        return SiglipBottleneckModel.from_pretrained(name_or_path, **kwargs)
+    adapter = ADAPTERS_BY_MODEL_TYPE.get(config.model_type)
+    if adapter is None:
+        raise ValueError(f"{name_or_path} holds a checkpoint of model type '{config.model_type}'; hf-siglip trains "
+                         f"the dual encoders {list(LOADABLE_DUAL_ENCODER_TYPES)}.")
+    if adapter is CLIPDualEncoder and not hasattr(config, "logit_bias"):
+        config.logit_bias = logit_bias_init_value
+    return adapter.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+def tower_modules(model: nn.Module, tower: str) -> list[nn.Module]:
+    """The modules of `tower` ("text" or "vision"): what locking freezes and the optimizer treats as pretrained."""
+    return [getattr(model, name) for name in getattr(model, "tower_modules", DEFAULT_TOWER_MODULES)[tower]]
+
+
+def tower_prefixes(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Parameter-name prefixes of each tower (`{"text": ("text_model.",), ...}`)."""
+    names = getattr(model, "tower_modules", DEFAULT_TOWER_MODULES)
+    return {tower: tuple(f"{name}." for name in modules) for tower, modules in names.items()}
+
+
+def restore_config_parameters(model: nn.Module, checkpoint: str) -> None:
+    """Give parameters kept in config.json rather than in the weights (CLIP's b) their value from `checkpoint`, which
+    the Trainer's weight loading does not read."""
+    if not isinstance(model, CLIPDualEncoder):
+        return
+    config = AutoConfig.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.logit_bias.fill_(_config_logit_bias(config))
+
+
+__all__ = ["CLIPDualEncoder", "Siglip2DualEncoder", "SiglipDualEncoder", "as_dual_encoder", "load_dual_encoder",
+           "restore_config_parameters", "tower_modules", "tower_prefixes"]

@@ -196,3 +196,14 @@ def test_an_unsupported_processor_is_called_as_it_is(images):
 def test_a_wrong_fast_path_name_is_refused():
     with pytest.raises(ValueError, match="image_fast_path"):
         SiglipDataCollator(processor=make_processor(32), image_fast_path="cv2")
+
+
+def test_dataloader_workers_give_the_same_pixel_values(images):
+    """In a worker the batch is written straight into shared memory; it must arrive as the in-process one."""
+    processor = make_processor(image_size=32)
+    rows = [{"image": {"bytes": data, "path": None}, "caption": "a cat", "image_id": i}
+            for i, data in enumerate(images.values())]
+    collator = SiglipDataCollator(processor=processor, max_length=8)
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, num_workers=1, collate_fn=collator)
+    from_worker = torch.cat([batch["pixel_values"] for batch in loader])
+    assert torch.equal(from_worker, collator(rows)["pixel_values"])

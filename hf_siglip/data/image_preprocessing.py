@@ -27,6 +27,7 @@ processor to float rounding (< 1e-6).
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,15 @@ def _pixels(image: Image.Image) -> np.ndarray:
         except (ImportError, ValueError, TypeError):  # Pillow splits very large images into several blocks
             pass
     return np.asarray(image)
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor. In a DataLoader worker it is made in shared memory, as ``default_collate``
+    does: sending it to the main process then copies nothing (else ~90 ms per 256 images at 224 px)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0).new(storage).resize_(shape)
 
 
 def unsupported_reason(image_processor) -> str | None:
@@ -160,13 +170,13 @@ class FixedSizeImagePreprocessing:
 
     def pixel_values(self, resized: list[np.ndarray]) -> torch.Tensor:
         """Stack ``(3, H, W)`` ``uint8`` arrays from :meth:`resize` into ``(B, 3, H, W)`` float32 pixel values."""
-        out = np.empty((len(resized), 3, self.height, self.width), dtype=np.float32)
-        for row, pixels in zip(out, resized):
+        out = _batch_tensor((len(resized), 3, self.height, self.width))
+        for row, pixels in zip(out.numpy(), resized):
             # per image, so the uint8 source and float row stay in cache between the copy and the multiply-add
             np.copyto(row, pixels, casting="unsafe")
             row *= self.scale
             row += self.offset
-        return torch.from_numpy(out)
+        return out
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         return self.pixel_values([self.resize(image) for image in images])

@@ -171,6 +171,8 @@ def _prepare(caller, config, settings, image_embeds, text_embeds, logit_scale, l
         teacher = Teacher(*teacher)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids,
                              positive_targets, teacher)
+    if problem is None and teacher is not None and config.loss_type != "sigmoid":
+        problem = "teacher (momentum distillation) targets are sigmoid probabilities: loss_type='sigmoid' only"
     return config, logit_bias, teacher, problem
 
 

@@ -192,11 +192,14 @@ class Engine:
                     texts={name: block[name][cols] for name in self.text_inputs},
                     constants=self.constants, cosine=cosine, mine_image_text=self.config.mine_image_text)
 
-    def block_tiles(self, src, block, pairs_of, row_stats, requires_grad=False):
-        """(rows, cols, Tile) for every tile of the local images against `block`, from process `src`."""
-        pairs = pairs_of(src, block["ids"])
-        for rows, cols in self.tiles(self.x.shape[0], block["embeds"].shape[0]):
-            yield rows, cols, self.tile(rows, cols, src, block, pairs, row_stats, requires_grad)
+    def visit_tiles(self, pairs_of, row_stats, on_tile, requires_grad=False):
+        """A ring-pass visit calling on_tile(rows, cols, tile, block, travel) for every tile of the local images
+        against the visiting block; each tile is gone before the next is built (memory holds one)."""
+        def visit(src, block, travel):
+            pairs = pairs_of(src, block["ids"])
+            for rows, cols in self.tiles(self.x.shape[0], block["embeds"].shape[0]):
+                on_tile(rows, cols, self.tile(rows, cols, src, block, pairs, row_stats, requires_grad), block, travel)
+        return visit
 
     # forward -----------------------------------------------------------------------------------------
     def run(self):
@@ -264,16 +267,16 @@ class Engine:
             col_running = {stat.name: initial_value(stat, self.y.shape[0], dtype, device)
                            for stat in pending if stat.axis == "col"}
 
-            def visit(src, block, travel):
-                for rows, cols, tile in self.block_tiles(src, block, pairs_of, row_stats):
-                    for stat in pending:
-                        values = stat.values(tile, config)
-                        if stat.axis == "row":
-                            row_running[stat.name][rows] = reduce_tile(stat, row_running[stat.name][rows], values)
-                        else:
-                            travel[stat.name][cols] = reduce_tile(stat, travel[stat.name][cols], values)
+            def on_tile(rows, cols, tile, block, travel):
+                for stat in pending:
+                    values = stat.values(tile, config)
+                    if stat.axis == "row":
+                        row_running[stat.name][rows] = reduce_tile(stat, row_running[stat.name][rows], values)
+                    else:
+                        travel[stat.name][cols] = reduce_tile(stat, travel[stat.name][cols], values)
 
-            col_running = self.ring_pass(self.text_block(col_stats), col_running, visit)
+            col_running = self.ring_pass(self.text_block(col_stats), col_running,
+                                         self.visit_tiles(pairs_of, row_stats, on_tile))
             for stat in pending:
                 if stat.axis == "row":
                     row_stats[stat.name] = finish(stat, row_running[stat.name], kept.get(stat.name))
@@ -297,24 +300,24 @@ class Engine:
         col_grads = {f"grad/{s.name}": torch.zeros_like(col_stats[s.name])
                      for s in differentiable if s.axis == "col"}
 
-        def visit(src, block, travel):
-            for rows, cols, tile in self.block_tiles(src, block, pairs_of, row_stats):
-                for stat in differentiable:
-                    side = tile.row if stat.axis == "row" else tile.col
-                    side[stat.name] = side[stat.name].detach().requires_grad_()
-                leaves = [(tile.row if s.axis == "row" else tile.col)[s.name] for s in differentiable]
-                with torch.enable_grad():
-                    loss, _ = tile_loss(tile, config, self.terms)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                for stat, grad in zip(differentiable, grads):
-                    if grad is None:
-                        continue
-                    if stat.axis == "row":
-                        row_grads[stat.name][rows] += grad[:, 0]
-                    else:
-                        travel[f"grad/{stat.name}"][cols] += grad[0]
+        def on_tile(rows, cols, tile, block, travel):
+            for stat in differentiable:
+                side = tile.row if stat.axis == "row" else tile.col
+                side[stat.name] = side[stat.name].detach().requires_grad_()
+            leaves = [(tile.row if s.axis == "row" else tile.col)[s.name] for s in differentiable]
+            with torch.enable_grad():
+                loss, _ = tile_loss(tile, config, self.terms)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            for stat, grad in zip(differentiable, grads):
+                if grad is None:
+                    continue
+                if stat.axis == "row":
+                    row_grads[stat.name][rows] += grad[:, 0]
+                else:
+                    travel[f"grad/{stat.name}"][cols] += grad[0]
 
-        col_grads = self.ring_pass(self.text_block(col_stats), col_grads, visit)
+        col_grads = self.ring_pass(self.text_block(col_stats), col_grads,
+                                   self.visit_tiles(pairs_of, row_stats, on_tile))
         return row_grads, col_grads
 
     @staticmethod
@@ -331,7 +334,7 @@ class Engine:
 
     def main_pass(self, pairs_of, row_stats, col_stats, statistic_grads):
         config, ring, x, t = self.config, self.ring, self.x, self.t
-        n_rows, needs_grads = x.shape[0], self.needs_grads
+        needs_grads = self.needs_grads
         grad_x = torch.zeros_like(x)  # sum_j coef_ij y_j (without t and the final scale)
         # loss, d loss / d b, then the statistics: positives, their logits' sum, all logits' sum, weighted pairs
         totals = torch.zeros(6, dtype=torch.float64, device=x.device)
@@ -341,37 +344,37 @@ class Engine:
             row_grads, col_grads = statistic_grads
             block.update(col_grads)
             chain = self.terms.differentiable
-        image_sum = x.sum(0) if self.wants_statistics else None
+        statistics = self.wants_statistics
 
-        def visit(src, block, travel):
-            y_block = block["embeds"]
-            if image_sum is not None:  # sum of all logits of the block: (sum_i x_i) . (sum_j y_j) t + b n m
-                totals[4] += (t * (image_sum @ y_block.sum(0)) + self.b * n_rows * y_block.shape[0]).double()
-            for rows, cols, tile in self.block_tiles(src, block, pairs_of, row_stats, requires_grad=needs_grads):
-                with torch.set_grad_enabled(needs_grads):
-                    loss, weight = tile_loss(tile, config, self.terms)
-                totals[0] += loss.detach().double()
-                if image_sum is not None:
-                    totals[2] += tile.positive_index[0].shape[0]
-                    totals[3] += tile.positive_logits.detach().sum().double()
-                    totals[5] += (tile.logits.numel() if isinstance(weight, float)
-                                  else torch.count_nonzero(weight.expand(tile.logits.shape)))
-                if not needs_grads:
-                    continue
-                outputs, grad_outputs = [loss], [torch.ones_like(loss)]
-                for stat in chain:  # the statistic's gradient times d loss / d statistic
-                    value = (tile.row if stat.axis == "row" else tile.col)[stat.name]
-                    loss_grad = row_grads[stat.name][rows, None] if stat.axis == "row" else block[f"grad/{stat.name}"][None, cols]
-                    with torch.enable_grad():
-                        values = stat.values(tile, config)
-                    outputs.append(values)
-                    grad_outputs.append(loss_grad * statistic_gradient(stat, values.detach(), value))
-                coef = self.logits_gradient(tile, outputs, grad_outputs)
-                totals[1] += coef.sum().double()
-                grad_x[rows].addmm_(coef, y_block[cols])
-                travel["grad"][cols].addmm_(coef.T, x[rows])
+        def on_tile(rows, cols, tile, block, travel):
+            with torch.set_grad_enabled(needs_grads):
+                loss, weight = tile_loss(tile, config, self.terms)
+            totals[0] += loss.detach().double()
+            y_tile = block["embeds"][cols]
+            if statistics:  # the sum of the tile's logits is (sum_i x_i) . (sum_j y_j) t + b r c
+                totals[2] += tile.positive_index[0].shape[0]
+                totals[3] += tile.positive_logits.detach().sum().double()
+                totals[4] += (t * (x[rows].sum(0) @ y_tile.sum(0)) + self.b * tile.logits.numel()).double()
+                totals[5] += (tile.logits.numel() if isinstance(weight, float)
+                              else torch.count_nonzero(weight.expand(tile.logits.shape)))
+            if not needs_grads:
+                return
+            outputs, grad_outputs = [loss], [torch.ones_like(loss)]
+            for stat in chain:  # the statistic's gradient times d loss / d statistic
+                value = (tile.row if stat.axis == "row" else tile.col)[stat.name]
+                loss_grad = (row_grads[stat.name][rows, None] if stat.axis == "row"
+                             else block[f"grad/{stat.name}"][None, cols])
+                with torch.enable_grad():
+                    values = stat.values(tile, config)
+                outputs.append(values)
+                grad_outputs.append(loss_grad * statistic_gradient(stat, values.detach(), value))
+            coef = self.logits_gradient(tile, outputs, grad_outputs)
+            totals[1] += coef.sum().double()
+            grad_x[rows].addmm_(coef, y_tile)
+            travel["grad"][cols].addmm_(coef.T, x[rows])
 
-        travel = self.ring_pass(block, {"grad": torch.zeros_like(self.y)} if needs_grads else {}, visit)
+        travel = self.ring_pass(block, {"grad": torch.zeros_like(self.y)} if needs_grads else {},
+                                self.visit_tiles(pairs_of, row_stats, on_tile, requires_grad=needs_grads))
         grad_y = travel["grad"] if needs_grads else torch.zeros_like(self.y)
         scale = ring.world  # each process's share times the world: DDP's average is the global loss
         loss = (totals[0] * scale).to(x.dtype)

@@ -113,7 +113,7 @@ OPTION_SETS = [
     {"loss_type": "softmax", "mine_image_text": 0.4, "mine_text_text": 0.3},
     {"loss_type": "softmax", "hn_nce_alpha": 0.5, "hn_nce_beta": 0.7},
     {"loss_type": "softmax", "hn_nce_alpha": 0.0, "hn_nce_beta": 1.5, "mine_image_image": 0.3},
-    {"loss_type": "softmax", "hn_nce_beta": 0.5, "teacher": "random", "positive_targets": "random"},
+    {"loss_type": "softmax", "hn_nce_beta": 0.5, "positive_targets": "random", "mine_image_image": 0.3},
 ]
 
 
@@ -313,9 +313,11 @@ def test_bad_inputs_raise_clear_errors(change, message):
                                      {"loss_type": "softmax", "negative_ratio": 2}, {"teacher_weight": 1.5},
                                      {"teacher": (1, 2)}, {"hn_nce_beta": 0.5}, {"hn_nce_alpha": -1.0},
                                      {"loss_type": "softmax", "sigmoid_hard_negative_beta": 1.0},
-                                     {"match_pairs_seen": True}])
+                                     {"match_pairs_seen": True},
+                                     {"loss_type": "softmax", "teacher": "random"}])
 def test_bad_options_raise(options):
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
+    options = _with_tensors(options, 4, 4, torch.float32)
     with pytest.raises(ValueError):
         sigmoid_loss(x, y, t, b, **options)
 

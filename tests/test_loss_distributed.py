@@ -101,8 +101,8 @@ _OPTION_CASES = {
     "duplicates_softmax_targets_mining": {"loss_type": "softmax", "positive_targets": True,
                                           "mine_image_image": 0.4, "mine_text_text": 0.4},
     "duplicates_hn_nce": {"loss_type": "softmax", "hn_nce_alpha": 0.6, "hn_nce_beta": 0.8},
-    "duplicates_hn_nce_mining_teacher": {"loss_type": "softmax", "hn_nce_alpha": 0.0, "hn_nce_beta": 1.2,
-                                         "mine_image_text": 0.45, "teacher": True, "positive_targets": True},
+    "duplicates_hn_nce_mining_targets": {"loss_type": "softmax", "hn_nce_alpha": 0.0, "hn_nce_beta": 1.2,
+                                         "mine_image_text": 0.45, "positive_targets": True},
 }
 
 OPEN_CLIP_CASES = ("equal_plain", "equal_plain_default_tile", "equal_unique_ids")

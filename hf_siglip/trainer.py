@@ -33,6 +33,7 @@ from .evaluation import retrieval_metrics
 from .hub import build_model_card, check_hub_access
 from .launching import check_process_world, fsdp_request_ignored
 from .loss import sigmoid_loss
+from .momentum import teacher_targets
 from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
 
@@ -186,9 +187,12 @@ class SiglipTrainer(Trainer):
     _loss_statistics = None  # what the last loss call saw in the global batch (hf_siglip.loss.LossStatistics)
 
     def _loss(self, image_embeds, text_embeds, logit_scale, logit_bias, inputs):
+        config, teacher = self.args.loss_config, None
+        if self.args.teacher_momentum is not None:  # ALBEF momentum distillation (hf_siglip.momentum)
+            config, teacher = teacher_targets(self, inputs, config)
         loss, self._loss_statistics = sigmoid_loss(
             image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"), inputs.get("text_ids"),
-            config=self.args.loss_config, return_statistics=True)
+            config=config, teacher=teacher, return_statistics=True)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -420,7 +424,7 @@ class SiglipTrainer(Trainer):
                 "learning rate": args.learning_rate, "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up {args.warmup_steps}",
                 "weight decay": args.weight_decay, "Adam betas": f"({args.adam_beta1}, {args.adam_beta2})",
                 "precision": precision, "seed": args.seed,
-                "loss options": json.dumps(args.loss_config.changed()) if args.loss_config.changed() else "defaults",
+                "loss options": json.dumps(_loss_options(args)) if _loss_options(args) else "defaults",
                 **self.card_info.get("extra_hyperparameters", {})}
 
     def _card_hardware(self) -> str:
@@ -519,6 +523,15 @@ def _prepare_stream(dataset, args: SiglipTrainingArguments):
         dataset = dataset.shuffle(seed=args.data_seed if args.data_seed is not None else args.seed,
                                   buffer_size=args.stream_shuffle_buffer_size)
     return dataset
+
+
+def _loss_options(args: SiglipTrainingArguments) -> dict:
+    """The loss settings that differ from the defaults, with momentum distillation's when it is on."""
+    options = args.loss_config.changed()
+    if args.teacher_momentum is not None:
+        options.update(teacher_momentum=args.teacher_momentum, teacher_warmup_steps=args.teacher_warmup_steps,
+                       teacher_weight=args.loss_config.teacher_weight)
+    return options
 
 
 def _locked_towers(args: SiglipTrainingArguments) -> list[str]:

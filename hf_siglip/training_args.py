@@ -80,6 +80,19 @@ class SiglipTrainingArguments(TrainingArguments):
             "checkpoints have t ~ 112 and a silent clamp at 100 would change them."
         },
     )
+    teacher_momentum: float | None = field(
+        default=None,
+        metadata={
+            "help": "ALBEF momentum distillation: keep an EMA copy of the model (this momentum per optimizer step; "
+            "ALBEF: 0.995) whose embeddings give soft targets, mixed with the ids' targets by "
+            "loss_config.teacher_weight (hf_siglip.momentum). None: off."
+        },
+    )
+    teacher_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Momentum distillation: the teacher's weight ramps linearly from 0 over these optimizer "
+                  "steps (ALBEF: the first epoch)."},
+    )
     loss_config: dict | str | None = field(
         default=None,
         metadata={
@@ -106,6 +119,13 @@ class SiglipTrainingArguments(TrainingArguments):
         # a SiglipLossConfig from a mapping (recipe), JSON (flag) or itself; a bad setting fails here, not at step 1
         self.loss_config = SiglipLossConfig.from_value(self.loss_config, "loss_config")
         self._match_pairs_seen()
+        if self.teacher_momentum is not None:
+            if not 0.0 <= self.teacher_momentum < 1.0:
+                raise ValueError(f"teacher_momentum must be in [0, 1), got {self.teacher_momentum!r}")
+            if self.teacher_warmup_steps < 0:
+                raise ValueError(f"teacher_warmup_steps must be >= 0, got {self.teacher_warmup_steps!r}")
+            if self.gradient_accumulation_steps > 1:  # the embedding-cache step has no teacher pass (yet)
+                raise ValueError("teacher_momentum (momentum distillation) needs gradient_accumulation_steps = 1")
 
     def _match_pairs_seen(self):
         """SigLIP 4.8's 'matching total pairs seen': a masked run trains longer by the factor of pairs it drops."""

@@ -71,13 +71,22 @@ def run_recipe(name, tmp_path, **overrides) -> Path:
 
 def test_every_recipe_is_tested_and_documents_its_paper():
     tested = {"siglip_from_scratch", "siglit_locked_image_tower", "finetune_pretrained", "msiglip_bottleneck",
-              "fff_multi_positive", "diht_cat_hard_negatives", "blip_capfilt", "siglip_label_noise"}
+              "fff_multi_positive", "diht_cat_hard_negatives", "blip_capfilt", "siglip_label_noise",
+              "albef_momentum_distillation"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
     for path in RECIPES.glob("*.yaml"):
         text = path.read_text()
         assert "section" in text and "hf-siglip train --config" in text, path.name
         assert isinstance(yaml.safe_load(text), dict)
     assert len(list((RECIPES / "accelerate_configs").glob("*.yaml"))) == 5
+
+
+def test_albef_momentum_distillation_keeps_a_teacher(tmp_path):
+    output_dir = run_recipe("albef_momentum_distillation", tmp_path, teacher_warmup_steps=1, save_strategy="steps",
+                            save_steps=1)
+    assert (output_dir / "checkpoint-2" / "momentum_teacher.safetensors").exists()
+    card = (output_dir / "README.md").read_text()
+    assert '"teacher_momentum": 0.995' in card  # the card's loss options name the distillation
 
 
 def test_siglip_from_scratch_then_eval(tmp_path):

@@ -1,0 +1,88 @@
+"""ALBEF momentum distillation in SiglipTrainer: the teacher is the EMA of the model, its targets change the loss
+(ramped in by the warm-up), and it is saved with checkpoints so a resumed run goes on with the same teacher."""
+
+import pytest
+import torch
+from conftest import tiny_training_setup
+from transformers import TrainerCallback
+
+import hf_siglip as hs
+from hf_siglip.momentum import WEIGHTS_NAME
+
+
+def training_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_steps=2, optim="sgd",
+        learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
+    )
+    values.update(overrides)
+    return hs.SiglipTrainingArguments(**values)
+
+
+class RecordParameters(TrainerCallback):
+    def __init__(self):
+        self.after_step = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after_step.append({name: p.detach().clone() for name, p in model.named_parameters()})
+
+
+def train(tmp_path, **overrides):
+    model, _, collator, dataset = tiny_training_setup()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    recorder = RecordParameters()
+    trainer = hs.SiglipTrainer(model=model, args=training_args(tmp_path, **overrides), data_collator=collator,
+                               train_dataset=dataset["train"], callbacks=[recorder])
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, initial, recorder.after_step, losses
+
+
+def test_teacher_is_the_moving_average_of_the_model(tmp_path):
+    trainer, initial, after_step, _ = train(tmp_path, teacher_momentum=0.5)
+    teacher = dict(trainer._momentum_teacher.model.named_parameters())
+    moved = 0
+    for name, start in initial.items():
+        # two updates with m = 0.5: 0.25 initial + 0.25 after step 1 + 0.5 after step 2
+        want = 0.25 * start + 0.25 * after_step[0][name] + 0.5 * after_step[1][name]
+        assert torch.allclose(teacher[name], want, atol=1e-6), name
+        moved += not torch.equal(teacher[name], start)
+    assert moved > len(initial) // 2  # the teacher's weights moved after the optimizer steps
+    assert not any(p.requires_grad for p in teacher.values())
+
+
+def test_teacher_targets_change_the_loss_after_the_warm_up(tmp_path):
+    _, _, _, plain = train(tmp_path / "plain")
+    _, _, _, weightless = train(tmp_path / "weightless", teacher_momentum=0.9, loss_config={"teacher_weight": 0.0})
+    _, _, _, distilled = train(tmp_path / "distilled", teacher_momentum=0.9, loss_config={"teacher_weight": 0.6})
+    _, _, _, ramped = train(tmp_path / "ramped", teacher_momentum=0.9, teacher_warmup_steps=2,
+                            loss_config={"teacher_weight": 0.6})
+    assert weightless == pytest.approx(plain, rel=1e-6)  # with weight 0 the targets are the ids' alone
+    assert distilled[0] != pytest.approx(plain[0], abs=1e-3)  # soft targets from the teacher change the loss
+    assert ramped[0] == pytest.approx(plain[0], rel=1e-6)  # step 0 of the ramp: weight 0
+    assert ramped[1] != pytest.approx(distilled[1], abs=1e-4)  # step 1: weight 0.3, not 0.6
+
+
+def test_resumed_run_goes_on_with_the_saved_teacher(tmp_path):
+    common = dict(teacher_momentum=0.8, max_steps=4, save_strategy="steps", save_steps=2)
+    full, _, _, full_losses = train(tmp_path, **common)
+    assert (tmp_path / "out" / "checkpoint-2" / WEIGHTS_NAME).exists()
+    model, _, collator, dataset = tiny_training_setup()
+    resumed = hs.SiglipTrainer(model=model, args=training_args(tmp_path, **common), data_collator=collator,
+                               train_dataset=dataset["train"])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+    assert losses[-2:] == pytest.approx(full_losses[2:], abs=1e-5)
+    teacher, want = resumed._momentum_teacher.model.state_dict(), full._momentum_teacher.model.state_dict()
+    for name, value in want.items():
+        assert torch.allclose(teacher[name], value, atol=1e-5), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"teacher_momentum": 1.0}, "teacher_momentum must be in"),
+    ({"teacher_momentum": 0.9, "gradient_accumulation_steps": 2}, "gradient_accumulation_steps = 1"),
+])
+def test_bad_teacher_settings_fail_when_the_arguments_are_built(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        training_args(tmp_path, **overrides)

@@ -207,3 +207,19 @@ def test_dataloader_workers_give_the_same_pixel_values(images):
     loader = torch.utils.data.DataLoader(rows, batch_size=4, num_workers=1, collate_fn=collator)
     from_worker = torch.cat([batch["pixel_values"] for batch in loader])
     assert torch.equal(from_worker, collator(rows)["pixel_values"])
+
+
+def test_pixels_are_read_with_or_without_pillows_arrow_view():
+    """Pillow exports an image's pixels to Arrow without a copy unless it keeps them in several memory blocks (over
+    16 MB); both ways give the same pixels to resize."""
+    from transformers import SiglipImageProcessorPil
+
+    from hf_siglip.data.image_preprocessing import _pixels
+
+    rng = np.random.default_rng(3)
+    fast = FixedSizeImagePreprocessing.from_image_processor(SiglipImageProcessorPil(size={"height": 32, "width": 32}))
+    for side in (300, 2100):  # 2100 x 2100 RGB is 17.6 MB in Pillow: no Arrow view
+        image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        assert np.array_equal(_pixels(image)[..., :3], np.asarray(image))
+        expected = np.asarray(image.resize((32, 32), Image.BICUBIC)).transpose(2, 0, 1).astype(int)
+        assert np.abs(fast.resize(image).astype(int) - expected).max() <= 2

@@ -63,9 +63,11 @@ def _pixels(image: Image.Image) -> np.ndarray:
         try:
             import pyarrow
 
-            buffer = pyarrow.array(image).buffers()[-1]
-            return np.frombuffer(buffer, dtype=np.uint8).reshape(image.height, image.width, -1)
-        except (ImportError, ValueError, TypeError):  # Pillow splits very large images into several blocks
+            array = pyarrow.array(image)  # fixed_size_list<uint8>[4] for RGB: Pillow keeps a padding byte
+            channels = array.type.list_size
+            pixels = np.frombuffer(array.buffers()[-1], dtype=np.uint8, count=image.height * image.width * channels)
+            return pixels.reshape(image.height, image.width, channels)
+        except (ImportError, AttributeError, ValueError, TypeError):  # e.g. an image Pillow keeps in several blocks
             pass
     return np.asarray(image)
 

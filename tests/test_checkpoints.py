@@ -93,7 +93,9 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(tmp_path):
         print("MAXDIFF", (got - io["expected"]).abs().max().item(), type(model).__module__)
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"})
+                         # the parent's thread count: another count sums in another order (1e-6 apart)
+                         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin",
+                              "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith("MAXDIFF"))
     assert float(line.split()[1]) == 0.0

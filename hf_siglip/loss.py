@@ -61,6 +61,7 @@ class LossStatistics:
     """What the loss saw in the global batch (for logging)."""
 
     positives_per_image: float  # positive pairs per image, mined ones included
+    mined_positives_per_image: float  # of which mining added (0 without mining)
     logit_positive_mean: float  # mean logit of positive pairs (nan without any)
     logit_negative_mean: float  # mean logit of the other pairs (nan without any)
     pairs_per_image: float  # pairs in the loss per image (fewer than the texts under negative masking)
@@ -299,9 +300,10 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
 
 
 def _statistics(totals, n_images, n_texts):
-    positives, positive_logits, all_logits, pairs = totals.tolist()
+    positives, positive_logits, all_logits, pairs, id_positives = totals.tolist()
     negatives = n_images * n_texts - positives
     return LossStatistics(positives_per_image=positives / n_images,
+                          mined_positives_per_image=(positives - id_positives) / n_images,
                           logit_positive_mean=positive_logits / positives if positives else math.nan,
                           logit_negative_mean=(all_logits - positive_logits) / negatives if negatives else math.nan,
                           pairs_per_image=pairs / n_images)

@@ -50,6 +50,9 @@ class SiglipLossConfig:
         "FFF positive mining: image i also matches the texts of images i' with cos(x_i, x_i') >= this.")})
     mine_text_text: float | None = field(default=None, metadata={"help": (
         "FFF positive mining: text j also matches the images of texts j' with cos(y_j', y_j) >= this.")})
+    mining_start_step: int = field(default=0, metadata={"help": (
+        "SiglipTrainer turns the mining rules on at this optimizer step (the loss function itself does not count "
+        "steps). From a random init every cosine is near 1, so mining from step 0 makes every pair a positive.")})
     sigmoid_hard_negative_beta: float | None = field(default=None, metadata={"help": (
         "Sigmoid adaptation of HN-NCE: constant weights on negatives, proportional to exp(beta * cos), mean 1 "
         "over each row's negatives (None: off).")})
@@ -81,6 +84,8 @@ class SiglipLossConfig:
             value = getattr(self, name)
             if value is not None and not -1.0 <= float(value) <= 1.0:
                 raise ValueError(f"loss_config.{name} is a cosine threshold in [-1, 1] or None, got {value!r}")
+        if not (isinstance(self.mining_start_step, int) and self.mining_start_step >= 0):
+            raise ValueError(f"loss_config.mining_start_step must be an int >= 0, got {self.mining_start_step!r}")
         if not 0.0 <= float(self.teacher_weight) <= 1.0:
             raise ValueError(f"loss_config.teacher_weight must be in [0, 1], got {self.teacher_weight!r}")
         if not float(self.hn_nce_alpha) >= 0.0:
@@ -129,6 +134,12 @@ class SiglipLossConfig:
         if not self.match_pairs_seen:
             return 1.0
         return max(1.0, images_per_step / (1.0 + self.negative_ratio))
+
+    def at_step(self, step: int) -> "SiglipLossConfig":
+        """The settings that hold at optimizer step `step`: mining stays off before mining_start_step."""
+        if step >= self.mining_start_step or not self.mining:
+            return self
+        return dataclasses.replace(self, **{name: None for name in self.mining})
 
     @property
     def mining(self) -> dict:

@@ -284,11 +284,15 @@ class Engine:
                     col_stats[stat.name] = col_running[stat.name]
         return row_stats, col_stats
 
+    def row_id_positives(self):
+        """Per local image: the texts of the global batch that carry its id."""
+        all_text_ids = self.ring.all_gather_padded(self.text_ids, self.text_sizes)
+        return row_positive_counts(self.image_ids, all_text_ids)
+
     def count_by_ids(self, stat, row_stats, col_stats):
         dtype = self.x.dtype
         if _COUNTED_BY_IDS[stat.name] == "row":
-            all_text_ids = self.ring.all_gather_padded(self.text_ids, self.text_sizes)
-            row_stats[stat.name] = row_positive_counts(self.image_ids, all_text_ids).to(dtype)
+            row_stats[stat.name] = self.row_id_positives().to(dtype)
         else:
             all_image_ids = self.ring.all_gather_padded(self.image_ids, self.image_sizes)
             col_stats[stat.name] = row_positive_counts(self.text_ids, all_image_ids).to(dtype)
@@ -336,8 +340,9 @@ class Engine:
         config, ring, x, t = self.config, self.ring, self.x, self.t
         needs_grads = self.needs_grads
         grad_x = torch.zeros_like(x)  # sum_j coef_ij y_j (without t and the final scale)
-        # loss, d loss / d b, then the statistics: positives, their logits' sum, all logits' sum, weighted pairs
-        totals = torch.zeros(6, dtype=torch.float64, device=x.device)
+        # loss, d loss / d b, then the statistics: positives, their logits' sum, all logits' sum, weighted pairs,
+        # positives by ids alone
+        totals = torch.zeros(7, dtype=torch.float64, device=x.device)
         block = self.text_block(col_stats)
         chain = ()
         if statistic_grads is not None:
@@ -345,6 +350,8 @@ class Engine:
             block.update(col_grads)
             chain = self.terms.differentiable
         statistics = self.wants_statistics
+        if statistics and self.config.mining:
+            totals[6] = self.row_id_positives().sum().double()
 
         def on_tile(rows, cols, tile, block, travel):
             with torch.set_grad_enabled(needs_grads):
@@ -381,5 +388,6 @@ class Engine:
         bias_grad = (totals[1] * scale).to(x.dtype) if self.terms.uses_bias else torch.zeros((), dtype=x.dtype,
                                                                                                device=x.device)
         grads = (grad_x * (t * scale), grad_y * (t * scale), ((x * grad_x).sum() * scale), bias_grad)
-        statistics = totals[2:] if self.wants_statistics else None
-        return loss, grads, statistics
+        if statistics and not self.config.mining:
+            totals[6] = totals[2]  # every positive is one by ids
+        return loss, grads, (totals[2:] if statistics else None)

@@ -187,7 +187,7 @@ class SiglipTrainer(Trainer):
     _loss_statistics = None  # what the last loss call saw in the global batch (hf_siglip.loss.LossStatistics)
 
     def _loss(self, image_embeds, text_embeds, logit_scale, logit_bias, inputs):
-        config, teacher = self.args.loss_config, None
+        config, teacher = self.args.loss_config.at_step(self.state.global_step), None
         if self.args.teacher_momentum is not None:  # ALBEF momentum distillation (hf_siglip.momentum)
             config, teacher = teacher_targets(self, inputs, config)
         loss, self._loss_statistics = sigmoid_loss(
@@ -207,7 +207,10 @@ class SiglipTrainer(Trainer):
         self._metrics["t"].append(outputs.logit_scale.float().mean().item())
         self._metrics["b"].append(outputs.logit_bias.float().mean().item())
         statistics = self._loss_statistics  # global batch; positives by the loss's own rule (ids and mined pairs)
-        for name in ("positives_per_image", "logit_positive_mean", "logit_negative_mean", "pairs_per_image"):
+        names = ["positives_per_image", "logit_positive_mean", "logit_negative_mean", "pairs_per_image"]
+        if self.args.loss_config.mining:
+            names.append("mined_positives_per_image")
+        for name in names:
             value = getattr(statistics, name)
             if not math.isnan(value):
                 self._metrics[name].append(value)

@@ -219,6 +219,8 @@ def test_loss_returns_its_statistics(options):
     positive = positive_pairs(image_ids, text_ids, x, y, **SiglipLossConfig(**options).mining)
     logits = t * x @ y.T + b
     assert statistics.positives_per_image == pytest.approx(positive.sum().item() / 10, abs=FP64_TOLERANCE)
+    by_ids = (image_ids[:, None] == text_ids[None, :]).sum().item()
+    assert statistics.mined_positives_per_image == pytest.approx((positive.sum().item() - by_ids) / 10)
     assert statistics.logit_positive_mean == pytest.approx(logits[positive].mean().item(), abs=FP64_TOLERANCE)
     assert statistics.logit_negative_mean == pytest.approx(logits[~positive].mean().item(), abs=FP64_TOLERANCE)
     if "negative_ratio" in options:  # per row: its positives and twice as many negatives
@@ -234,6 +236,7 @@ def test_mined_positives_count_in_the_statistics():
     _, plain = sigmoid_loss(x, y, t, b, return_statistics=True)
     _, mined = sigmoid_loss(x, y, t, b, return_statistics=True, mine_image_text=-1.0)
     assert plain.positives_per_image == 1.0 and mined.positives_per_image == 6.0
+    assert plain.mined_positives_per_image == 0.0 and mined.mined_positives_per_image == 5.0
     assert math.isnan(mined.logit_negative_mean)
 
 
@@ -362,6 +365,12 @@ def test_renamed_option_points_to_its_successors():
     x, y, t, b = [leaf.detach() for leaf in _leaves(4, 4)]
     with pytest.raises(ValueError, match="hard_negative_beta.*sigmoid_hard_negative_beta.*hn_nce_beta"):
         sigmoid_loss(x, y, t, b, hard_negative_beta=0.5)
+
+
+def test_mining_waits_for_its_start_step():
+    config = SiglipLossConfig(mine_image_text=0.9, mine_text_text=0.8, mining_start_step=100)
+    assert config.at_step(99).mining == {} and config.at_step(99).normalize == config.normalize
+    assert config.at_step(100) == config
 
 
 def test_config_from_a_recipe_mapping_or_json():

@@ -180,6 +180,9 @@ def _check_parity(name, rank, world, group, SigLipLoss):
     positive = positive_pairs(*global_ids, x, y, **settings.mining)
     logits = t * x @ y.T + (b if settings.loss_type == "sigmoid" else 0.0)
     errors["positives_per_image"] = abs(statistics.positives_per_image - positive.sum().item() / len(x))
+    by_ids = (global_ids[0][:, None] == global_ids[1][None, :]).sum().item()
+    errors["mined_positives_per_image"] = abs(statistics.mined_positives_per_image
+                                              - (positive.sum().item() - by_ids) / len(x))
     errors["logit_positive_mean"] = abs(statistics.logit_positive_mean - logits[positive].mean().item())
     errors["logit_negative_mean"] = abs(statistics.logit_negative_mean - logits[~positive].mean().item())
     for key, err in errors.items():

@@ -98,16 +98,18 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path):
     assert {"eval_i2t_recall@1", "eval_t2i_recall@10"} <= set(after)
 
 
-def test_logged_positives_include_mined_pairs(tmp_path):
+def test_logged_positives_include_mined_pairs_once_mining_starts(tmp_path):
     """positives_per_image is what the loss saw: a mining threshold every pair passes makes every text of the
-    global batch a positive of every image (the ids alone give 2)."""
+    global batch a positive of every image (the ids alone give 2), from mining_start_step on."""
     model, _, collator, dataset = tiny_training_setup()
-    args = training_args(tmp_path, max_steps=1, loss_config={"mine_image_text": -1.0})
+    args = training_args(tmp_path, max_steps=2, loss_config={"mine_image_text": -1.0, "mining_start_step": 1})
     trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"])
     trainer.train()
-    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
-    assert logged["positives_per_image"] == pytest.approx(32.0)  # 16 images, 2 captions each
-    assert "logit_negative_mean" not in logged  # no pair is a negative
+    before, after = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert (before["positives_per_image"], before["mined_positives_per_image"]) == (2.0, 0.0)
+    assert after["positives_per_image"] == pytest.approx(32.0)  # 16 images, 2 captions each
+    assert after["mined_positives_per_image"] == pytest.approx(30.0)
+    assert "logit_negative_mean" in before and "logit_negative_mean" not in after  # no pair is a negative
 
 
 def test_hard_masking_matching_pairs_seen_sees_as_many_pairs(tmp_path):

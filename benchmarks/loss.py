@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/loss.py --batches 1024  # quick look
 
 Compared, at world size 2 (gloo, CPU, one thread per process), d = 512:
-  hf_siglip   hf_siglip.sigmoid_loss (ring, tiles of 1024 x 1024, closed-form gradients)
+  hf_siglip   hf_siglip.sigmoid_loss (ring, tiles of 1024 x 1024, each tile's gradient by autograd in the forward)
   open_clip   open_clip SigLipLoss(dist_impl="bidir") (loaded from its loss.py; import open_clip needs torchvision)
   all-gather  the naive loss: torch.distributed.nn.all_gather of the texts, then the local x global logits
 

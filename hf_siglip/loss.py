@@ -40,11 +40,27 @@ import torch
 
 from .loss_config import NEGATIVE_SELECTIONS, NORMALIZATIONS, SiglipLossConfig
 from .loss_ring import Engine, RingContext, _RingLoss
-from .loss_terms import Tile, finish, initial_value, reduce_tile, select_terms, tensor_inputs, tile_loss
+from .loss_terms import (
+    Tile,
+    finish,
+    initial_value,
+    reduce_tile,
+    select_terms,
+    tensor_inputs,
+    tile_loss,
+)
 from .positives import positive_pairs
 
-__all__ = ["LossStatistics", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig", "SigmoidLoss", "Teacher",
-           "dense_sigmoid_loss", "sigmoid_loss"]
+__all__ = [
+    "NEGATIVE_SELECTIONS",
+    "NORMALIZATIONS",
+    "LossStatistics",
+    "SiglipLossConfig",
+    "SigmoidLoss",
+    "Teacher",
+    "dense_sigmoid_loss",
+    "sigmoid_loss",
+]
 
 
 class Teacher(NamedTuple):

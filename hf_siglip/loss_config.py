@@ -112,7 +112,7 @@ class SiglipLossConfig:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error}): {value!r}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping of loss settings, got {value!r}")
+            raise TypeError(f"{where} must be a mapping of loss settings, got {value!r}")
         cls.check_names(value, where)
         return cls(**value)
 

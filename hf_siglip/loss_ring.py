@@ -20,7 +20,14 @@ Imports torch only (copied beside the modeling file for `trust_remote_code` load
 import torch
 import torch.distributed as dist
 
-from .loss_terms import Tile, finish, initial_value, reduce_tile, statistic_gradient, tile_loss
+from .loss_terms import (
+    Tile,
+    finish,
+    initial_value,
+    reduce_tile,
+    statistic_gradient,
+    tile_loss,
+)
 from .positives import id_pairs, pairs_in_tile, similar_pairs
 
 _COUNTED_BY_IDS = {"positives": "row", "col_positives": "col"}  # without mining, ids alone give these counts
@@ -248,41 +255,45 @@ class Engine:
 
     def compute_statistics(self, pairs_of):
         """Row statistics of the local images and column statistics of the local texts, stage by stage."""
-        config, dtype, device = self.config, self.x.dtype, self.x.device
         row_stats, col_stats = {}, {}
         for stage in self.terms.statistics:
             pending = []
             for stat in stage:
-                if stat.name in _COUNTED_BY_IDS and not config.mining:
+                if stat.name in _COUNTED_BY_IDS and not self.config.mining:
                     self.count_by_ids(stat, row_stats, col_stats)
                 else:
                     pending.append(stat)
-            if not pending:
-                continue
-            kept = {stat.name: stat.k(row_stats, config) for stat in pending if stat.reduce == "top_k"}
-            row_running = {stat.name: initial_value(stat, self.x.shape[0], dtype, device,
-                                                    max(1, min(int(kept[stat.name].max()), self.n_texts))
-                                                    if stat.name in kept else 1)
-                           for stat in pending if stat.axis == "row"}
-            col_running = {stat.name: initial_value(stat, self.y.shape[0], dtype, device)
-                           for stat in pending if stat.axis == "col"}
-
-            def on_tile(rows, cols, tile, block, travel):
-                for stat in pending:
-                    values = stat.values(tile, config)
-                    if stat.axis == "row":
-                        row_running[stat.name][rows] = reduce_tile(stat, row_running[stat.name][rows], values)
-                    else:
-                        travel[stat.name][cols] = reduce_tile(stat, travel[stat.name][cols], values)
-
-            col_running = self.ring_pass(self.text_block(col_stats), col_running,
-                                         self.visit_tiles(pairs_of, row_stats, on_tile))
-            for stat in pending:
-                if stat.axis == "row":
-                    row_stats[stat.name] = finish(stat, row_running[stat.name], kept.get(stat.name))
-                else:
-                    col_stats[stat.name] = col_running[stat.name]
+            if pending:
+                self.statistics_pass(pending, pairs_of, row_stats, col_stats)
         return row_stats, col_stats
+
+    def statistics_pass(self, pending, pairs_of, row_stats, col_stats):
+        """One ring pass reducing the `pending` statistics into `row_stats` / `col_stats` (which hold the earlier
+        stages' ones, that these may read)."""
+        config, dtype, device = self.config, self.x.dtype, self.x.device
+        kept = {stat.name: stat.k(row_stats, config) for stat in pending if stat.reduce == "top_k"}
+        row_running = {stat.name: initial_value(stat, self.x.shape[0], dtype, device,
+                                                max(1, min(int(kept[stat.name].max()), self.n_texts))
+                                                if stat.name in kept else 1)
+                       for stat in pending if stat.axis == "row"}
+        col_running = {stat.name: initial_value(stat, self.y.shape[0], dtype, device)
+                       for stat in pending if stat.axis == "col"}
+
+        def on_tile(rows, cols, tile, block, travel):
+            for stat in pending:
+                values = stat.values(tile, config)
+                if stat.axis == "row":
+                    row_running[stat.name][rows] = reduce_tile(stat, row_running[stat.name][rows], values)
+                else:
+                    travel[stat.name][cols] = reduce_tile(stat, travel[stat.name][cols], values)
+
+        col_running = self.ring_pass(self.text_block(col_stats), col_running,
+                                     self.visit_tiles(pairs_of, row_stats, on_tile))
+        for stat in pending:
+            if stat.axis == "row":
+                row_stats[stat.name] = finish(stat, row_running[stat.name], kept.get(stat.name))
+            else:
+                col_stats[stat.name] = col_running[stat.name]
 
     def row_id_positives(self):
         """Per local image: the texts of the global batch that carry its id."""

@@ -19,8 +19,8 @@ Imports torch only (copied beside the modeling file for `trust_remote_code` load
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -398,4 +398,4 @@ def softmax(tile, target, weight, config):
     return row_loss + col_loss
 
 
-__all__ = ["ActiveTerms", "STATISTICS", "Statistic", "TERMS", "Term", "Tile", "select_terms", "tensor_inputs", "tile_loss"]
+__all__ = ["STATISTICS", "TERMS", "ActiveTerms", "Statistic", "Term", "Tile", "select_terms", "tensor_inputs", "tile_loss"]

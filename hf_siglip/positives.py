@@ -87,8 +87,8 @@ def positive_pairs(image_ids, text_ids, image_embeds=None, text_embeds=None, *, 
 
     Embeddings (L2-normalised) are needed only for the mining rules that are on; the ids are integers, one per row.
     """
-    thresholds = dict(mine_image_text=mine_image_text, mine_image_image=mine_image_image,
-                      mine_text_text=mine_text_text)
+    thresholds = {"mine_image_text": mine_image_text, "mine_image_image": mine_image_image,
+                  "mine_text_text": mine_text_text}
     needs = {"mine_image_text": (image_embeds, text_embeds), "mine_image_image": (image_embeds,),
              "mine_text_text": (text_embeds,)}
     for rule, threshold in thresholds.items():

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import open_clip_siglip_loss_class
 
 from hf_siglip import sigmoid_loss

@@ -11,11 +11,12 @@ from hf_siglip.momentum import WEIGHTS_NAME
 
 
 def training_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_steps=2, optim="sgd",
-        learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True, max_grad_norm=0.0,
-    )
+    values = {
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 16, "max_steps": 2, "optim": "sgd",
+        "learning_rate": 0.5, "lr_scheduler_type": "constant", "weight_decay": 0.0, "logging_steps": 1,
+        "report_to": [], "save_strategy": "no", "use_cpu": True, "seed": 0, "dataloader_drop_last": True,
+        "max_grad_norm": 0.0,
+    }
     values.update(overrides)
     return hs.SiglipTrainingArguments(**values)
 
@@ -65,7 +66,7 @@ def test_teacher_targets_change_the_loss_after_the_warm_up(tmp_path):
 
 
 def test_resumed_run_goes_on_with_the_saved_teacher(tmp_path):
-    common = dict(teacher_momentum=0.8, max_steps=4, save_strategy="steps", save_steps=2)
+    common = {"teacher_momentum": 0.8, "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     full, _, _, full_losses = train(tmp_path, **common)
     assert (tmp_path / "out" / "checkpoint-2" / WEIGHTS_NAME).exists()
     model, _, collator, dataset = tiny_training_setup()

@@ -8,6 +8,8 @@
 4. Fine-tuning a pretrained tower with vs without weight decay (SigLIP section 4.5): a model pretrained on
    the embedded demo is fine-tuned on scikit-learn's digits; we report digit zero-shot accuracy and how
    much demo zero-shot accuracy the model keeps.
+5. FFF's in-batch mining switched on half-way through training (loss_config.mining_start_step) instead of from
+   the random init, against the same run without mining.
 
 Every run is `hf_siglip.scripts.train.run_train` with the same small model and data; only the named
 setting changes. Results go to stdout as one table and to OUTPUT_DIR/results.json. Figures from the last
@@ -16,6 +18,7 @@ run are in docs/EXPERIMENTS.md.
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -54,7 +57,7 @@ def main():
     parser.add_argument("--small-batch-epochs", type=float, default=8, help="epochs at batch 32")
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--output-dir", default="outputs/experiments")
-    parser.add_argument("--parts", default="1234", help="which claims to run (4 needs 2's checkpoint on disk)")
+    parser.add_argument("--parts", default="12345", help="which claims to run (4 needs 2's checkpoint on disk)")
     args = parser.parse_args()
     demo = dict(demo_train_size=args.train_size, demo_test_size=500, max_length=12)
     small_batch = dict(num_train_epochs=args.small_batch_epochs, per_device_train_batch_size=32)
@@ -76,6 +79,9 @@ def main():
                                      {"logit_bias_init_value": 0.0}, training=batch)
     if "4" in args.parts:
         run_weight_decay_on_pretrained(results, args.output_dir, demo)
+    if "5" in args.parts:  # mining from the middle of the run: 128 images per step
+        run_mining_after_warm_up(results, args.output_dir, demo, batch,
+                                 start_step=int(args.epochs * math.ceil(args.train_size / 128)) // 2)
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(results_path, "w") as file:
@@ -101,6 +107,15 @@ def run_multi_positive(results, output_dir, demo, batch):
     results["4 captions + mining"] = run(
         "k4_mining", output_dir, {**demo, "data_steps": [{"caption_sampling": {"k": 4}}]},
         training={**batch, "loss_config": {"mine_image_image": 0.98, "mine_text_text": 0.98}})
+
+
+def run_mining_after_warm_up(results, output_dir, demo, batch, start_step):
+    k4 = {**demo, "data_steps": [{"caption_sampling": {"k": 4}}]}
+    if "4 captions per image" not in results:
+        results["4 captions per image"] = run("k4_positives", output_dir, k4, training=batch)
+    mining = {"mine_image_image": 0.98, "mine_text_text": 0.98, "mining_start_step": start_step}
+    results[f"4 captions + mining from step {start_step}"] = run("k4_mining_after_warm_up", output_dir, k4,
+                                                                 training={**batch, "loss_config": mining})
 
 
 def run_weight_decay_on_pretrained(results, output_dir, demo):

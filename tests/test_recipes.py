@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,22 @@ def run_recipe(name, tmp_path, **overrides) -> Path:
     assert "\ni2t_recall@1 " in card and "\nzero_shot_top1 " in card  # retrieval and zero-shot both reach the card
     metrics = json.loads((output_dir / "eval_results.json").read_text())["metrics"]
     assert 0.0 <= metrics["eval_i2t_recall@1"] <= 1.0
+    check_example_card(name, card)
     return output_dir
+
+
+EXAMPLE_CARDS = RECIPES.parent / "model_cards" / "examples"
+
+
+def check_example_card(name: str, card: str) -> None:
+    """model_cards/examples/<recipe>.md shows what the recipe's saved card looks like (written by this test at tiny
+    scale with HF_SIGLIP_WRITE_EXAMPLE_CARDS=1); it must keep the sections the card has now."""
+    example = EXAMPLE_CARDS / f"{name}.md"
+    if os.environ.get("HF_SIGLIP_WRITE_EXAMPLE_CARDS"):
+        example.write_text(re.sub(r"/[^\s'\"()]*pytest-\d+/[^\s'\"()]*", "<local folder>", card))
+    assert example.exists(), f"no {example}: HF_SIGLIP_WRITE_EXAMPLE_CARDS=1 pytest tests/test_recipes.py writes it"
+    headings = [[line for line in text.splitlines() if line.startswith("#")] for text in (example.read_text(), card)]
+    assert headings[0] == headings[1], f"{example} is out of date: regenerate it (HF_SIGLIP_WRITE_EXAMPLE_CARDS=1)"
 
 
 def test_every_recipe_is_tested_and_documents_its_paper():

@@ -200,6 +200,16 @@ def imagefolder_loading(folder: str, files: int, workers=(0, 1, 2), image_size: 
         for count in workers:
             collator = collator_class(processor=processor, max_length=16, image_fast_path=fast_path)
             results.append((f"imagefolder, {route}", count, *dataloader_throughput(dataset, collator, count)))
+    # the same files as webdataset tar shards (8, so 2 workers get 4 each), streamed
+    from hf_siglip.data.shards import load_webdataset_shards, write_webdataset_shards
+
+    write_webdataset_shards(dataset, os.path.join(folder, "shards"), rows_per_shard=max(files // 8, 1))
+    shards = load_webdataset_shards(os.path.join(folder, "shards"))
+    collator_class, fast_path = IMAGE_ROUTES["draft decode + fast path, torch resize (default)"]
+    for count in workers:
+        collator = collator_class(processor=processor, max_length=16, image_fast_path=fast_path)
+        results.append(("tar shards (streamed), draft decode + fast path (default)", count,
+                        *dataloader_throughput(shards, collator, count)))
     return results
 
 
@@ -210,7 +220,7 @@ def print_image_tables(routes: dict[str, dict[str, float]], loading: list[tuple]
     print("|---|" + "---|" * len(columns))
     for route, rates in routes.items():
         print(f"| {route} | " + " | ".join(f"{rates[c]:,.0f}" for c in columns) + " |")
-    print("\n| DataLoader (batch 256), 500x375 q90 JPEG imagefolder | workers | images | wall s | images/s | "
+    print("\n| DataLoader (batch 256), 500x375 q90 JPEGs | workers | images | wall s | images/s | "
           "images per CPU-second |")
     print("|---|---|---|---|---|---|")
     for route, workers, images, wall, cpu in loading:

@@ -150,7 +150,8 @@ def image_routes(images: int = 512, batch_size: int = 256, image_size: int = 224
             _, cpu = timed(lambda collator=collator, rows=rows: [collator(rows[i:i + batch_size])
                                                                  for i in range(0, images, batch_size)])
             table.setdefault(route, {})[column] = images / cpu
-        _, cpu = timed(lambda rows=rows: [decode_image(row["image"], min_size=(image_size, image_size)) for row in rows])
+        _, cpu = timed(lambda rows=rows: [decode_image(row["image"], min_size=(image_size, image_size))
+                                          for row in rows])
         table.setdefault("JPEG draft decoding alone (floor)", {})[column] = images / cpu
     return table
 

@@ -64,7 +64,8 @@ def processor(request):
 
 
 def _collate(processor, encoded: list[bytes], **options) -> torch.Tensor:
-    rows = [{"image": {"bytes": data, "path": None}, "caption": "a cat", "image_id": i} for i, data in enumerate(encoded)]
+    rows = [{"image": {"bytes": data, "path": None}, "caption": "a cat", "image_id": i}
+            for i, data in enumerate(encoded)]
     return SiglipDataCollator(processor=processor, max_length=8, **options)(rows)["pixel_values"]
 
 

@@ -251,7 +251,8 @@ class SiglipDataCollator:
         fast = FixedSizeImagePreprocessing.from_image_processor(self.image_processor, resize=self.image_fast_path)
         if fast is None and not self._fast_path_reason_logged:
             self._fast_path_reason_logged = True
-            logger.info("image fast path off, calling the image processor: %s", unsupported_reason(self.image_processor))
+            logger.info("image fast path off, calling the image processor: %s",
+                        unsupported_reason(self.image_processor))
         return fast
 
     def _image_inputs(self, images: list) -> dict[str, torch.Tensor]:

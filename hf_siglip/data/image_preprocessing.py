@@ -5,11 +5,12 @@ returns a pipeline that gives the same ``pixel_values`` (see below for how close
 understand the processor. It understands a processor only when both hold:
 
 * its code is ``transformers``' generic PIL pipeline: an instance of ``PilBackend`` that overrides none of the
-  methods the pipeline runs (``SiglipImageProcessorPil``, ``BlipImageProcessorPil``, ``ViTImageProcessorPil``...;
-  not the NaFlex ``Siglip2ImageProcessorPil``, whose ``preprocess`` returns patches and ``spatial_shapes``);
+  methods the pipeline runs (``SiglipImageProcessorPil``, ``BlipImageProcessorPil``...; not the NaFlex
+  ``Siglip2ImageProcessorPil``, whose ``preprocess`` returns patches and ``spatial_shapes``);
 * its settings make that pipeline "resize to a fixed (H, W), rescale, normalise": ``do_resize`` with
   ``size = {"height", "width"}`` (not ``shortest_edge``/``longest_edge``/``max_height``), no ``do_center_crop``
-  (CLIP's shortest-edge resize + crop is refused), no ``do_pad``, ``do_convert_rgb`` set, a PIL ``resample`` filter,
+  (CLIP's shortest-edge resize + crop is refused), no ``do_pad``, ``do_convert_rgb`` on (``ViTImageProcessorPil``
+  leaves it unset: refused), a PIL ``resample`` filter,
   and a scalar or 3-channel ``image_mean``/``image_std``.
 
 The work per image is one resize straight to (H, W) with the processor's filter (none when the image already has
@@ -21,8 +22,8 @@ into a single multiply-add per channel (``x * rescale / std - mean / std``).
 the two axes in the order Pillow 13 does (vertical first when the height shrinks more than twice as much as the
 width), and differs from Pillow by fixed-point rounding only: at most 2 of 255 levels (0.016 in SigLIP's [-1, 1]
 inputs), on a small fraction of the pixels, on photo-like images and on high-contrast noise patterns alike
-(``tests/test_data_fast_images.py``). Other filters (nearest, box, hamming, lanczos) use Pillow. ``resize="pil"`` uses Pillow for every filter and matches the
-processor to float rounding (< 1e-6).
+(``tests/test_data_fast_images.py``). Other filters (nearest, box, hamming, lanczos) use Pillow. ``resize="pil"``
+uses Pillow for every filter and matches the processor to float rounding (< 1e-6).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class FixedSizeImagePreprocessing:
             pixels = torch.from_numpy(_pixels(image)).permute(2, 0, 1)[None]  # channels-last (1, C, h, w)
         width, height = image.size
         if height - self.height > 0 and height - self.height > 2 * (width - self.width):
-            # Pillow's order: the vertical pass first when the height shrinks much more (clipping happens between passes)
+            # Pillow's order: vertical pass first when the height shrinks much more (it clips between passes)
             pixels = torch.nn.functional.interpolate(pixels, size=(self.height, width), mode=mode, antialias=True)
         pixels = torch.nn.functional.interpolate(pixels, size=(self.height, self.width), mode=mode, antialias=True)
         return np.ascontiguousarray(pixels[0, :3].numpy())

@@ -19,15 +19,16 @@ into a single multiply-add per channel (``x * rescale / std - mean / std``).
 
 ``resize="torch"`` resizes bilinear and bicubic with ``torch.nn.functional.interpolate(antialias=True)`` on
 ``uint8`` (the AVX kernel ported from Pillow-SIMD; ~7x faster than Pillow's own resize on one core). It passes over
-the two axes in the order Pillow 13 does (vertical first when the height shrinks more than twice as much as the
-width), and differs from Pillow by fixed-point rounding only: at most 2 of 255 levels (0.016 in SigLIP's [-1, 1]
-inputs), on a small fraction of the pixels, on photo-like images and on high-contrast noise patterns alike
-(``tests/test_data_fast_images.py``). Other filters (nearest, box, hamming, lanczos) use Pillow. ``resize="pil"``
+the two axes in the order Pillow does (Pillow 13: vertical first when the height shrinks more than twice as much as
+the width; found out once with a probe, as Pillow versions differ), and differs from Pillow by fixed-point rounding
+only: at most 2 of 255 levels (0.016 in SigLIP's [-1, 1] inputs), on a small fraction of the pixels, on photo-like
+images and on high-contrast noise patterns alike (``tests/test_data_fast_images.py``). Other filters (nearest, box, hamming, lanczos) use Pillow. ``resize="pil"``
 uses Pillow for every filter and matches the processor to float rounding (< 1e-6).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -71,6 +72,16 @@ def _pixels(image: Image.Image) -> np.ndarray:
         except (ImportError, AttributeError, ValueError, TypeError):  # e.g. an image Pillow keeps in several blocks
             pass
     return np.asarray(image)
+
+
+@functools.cache
+def _pillow_resizes_vertically_first() -> bool:
+    """Whether this Pillow runs the vertical pass first when the height shrinks more than twice as much as the width
+    (Pillow 13 does; its Resample.c once always began with the horizontal one): a 9 x 64 probe that tells them apart."""
+    probe = Image.fromarray((np.random.default_rng(0).integers(0, 2, (64, 9)) * 255).astype(np.uint8))
+    resized = np.asarray(probe.resize((8, 8), Image.Resampling.BICUBIC))
+    vertical_first = probe.resize((9, 8), Image.Resampling.BICUBIC).resize((8, 8), Image.Resampling.BICUBIC)
+    return np.array_equal(resized, np.asarray(vertical_first))
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -167,8 +178,9 @@ class FixedSizeImagePreprocessing:
             warnings.simplefilter("ignore", UserWarning)
             pixels = torch.from_numpy(_pixels(image)).permute(2, 0, 1)[None]  # channels-last (1, C, h, w)
         width, height = image.size
-        if height - self.height > 0 and height - self.height > 2 * (width - self.width):
-            # Pillow's order: vertical pass first when the height shrinks much more (it clips between passes)
+        if height - self.height > 0 and height - self.height > 2 * (width - self.width) \
+                and _pillow_resizes_vertically_first():
+            # Pillow's order matters: it clips to 0..255 between the passes
             pixels = torch.nn.functional.interpolate(pixels, size=(self.height, width), mode=mode, antialias=True)
         pixels = torch.nn.functional.interpolate(pixels, size=(self.height, self.width), mode=mode, antialias=True)
         return np.ascontiguousarray(pixels[0, :3].numpy())

@@ -22,8 +22,9 @@ into a single multiply-add per channel (``x * rescale / std - mean / std``).
 the two axes in the order Pillow does (Pillow 13: vertical first when the height shrinks more than twice as much as
 the width; found out once with a probe, as Pillow versions differ), and differs from Pillow by fixed-point rounding
 only: at most 2 of 255 levels (0.016 in SigLIP's [-1, 1] inputs), on a small fraction of the pixels, on photo-like
-images and on high-contrast noise patterns alike (``tests/test_data_fast_images.py``). Other filters (nearest, box, hamming, lanczos) use Pillow. ``resize="pil"``
-uses Pillow for every filter and matches the processor to float rounding (< 1e-6).
+images and on high-contrast noise patterns alike (``tests/test_data_fast_images.py``). Other filters (nearest, box,
+hamming, lanczos) use Pillow. ``resize="pil"`` uses Pillow for every filter and matches the processor to float
+rounding (< 1e-6).
 """
 
 from __future__ import annotations

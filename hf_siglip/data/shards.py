@@ -178,7 +178,7 @@ def write_webdataset_shards(dataset, output_dir, rows_per_shard: int = 1000, ima
             data = _encoded_bytes(row[image_column], row_number)
             try:
                 extension = (Image.open(io.BytesIO(data)).format or "jpeg").lower()
-            except Exception:  # broken bytes travel as they are: the collator counts and skips them
+            except (OSError, ValueError):  # broken bytes travel as they are: the collator counts and skips them
                 extension = "jpg"
             extension = {"jpeg": "jpg", "tiff": "tif"}.get(extension, extension)
             captions, _ = normalize_captions(row[caption_column], row=row_number)

@@ -199,13 +199,13 @@ class SiglipTrainer(Trainer):
         outputs = self._embed(model, inputs)
         loss = self._loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, outputs.logit_bias, inputs)
         if model.training:
-            self._record_metrics(outputs, inputs)
+            self._record_metrics(outputs.logit_scale, outputs.logit_bias)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record_metrics(self, outputs, inputs) -> None:
-        self._metrics["t"].append(outputs.logit_scale.float().mean().item())
-        self._metrics["b"].append(outputs.logit_bias.float().mean().item())
+    def _record_metrics(self, logit_scale, logit_bias) -> None:
+        self._metrics["t"].append(logit_scale.float().mean().item())
+        self._metrics["b"].append(logit_bias.float().mean().item())
         statistics = self._loss_statistics  # global batch; positives by the loss's own rule (ids and mined pairs)
         names = ["positives_per_image", "logit_positive_mean", "logit_negative_mean", "pairs_per_image"]
         if self.args.loss_config.mining:
@@ -353,7 +353,7 @@ class SiglipTrainer(Trainer):
         with self.compute_loss_context_manager():
             loss = self._loss(image_embeds, text_embeds, logit_scale, logit_bias, merged)
         loss.backward()
-        self._record_metrics(_CachedOutputs(image_embeds, text_embeds, logit_scale, logit_bias), merged)
+        self._record_metrics(logit_scale, logit_bias)
 
         image_grads = image_embeds.grad.split([len(part) for part in image_parts])
         text_grads = text_embeds.grad.split([len(part) for part in text_parts])
@@ -539,14 +539,6 @@ def _loss_options(args: SiglipTrainingArguments) -> dict:
 
 def _locked_towers(args: SiglipTrainingArguments) -> list[str]:
     return [tower for tower in ("text", "vision") if getattr(args, f"lock_{tower}_tower")]
-
-
-class _CachedOutputs:
-    """The fields `_record_metrics` reads, for the embedding-cache path (no model output object there); the
-    embeddings are not needed (the loss reports its statistics itself)."""
-
-    def __init__(self, image_embeds, text_embeds, logit_scale, logit_bias):
-        self.logit_scale, self.logit_bias = logit_scale.detach(), logit_bias.detach()
 
 
 def _rng_state():

@@ -141,9 +141,8 @@ def _canonical(raw, source: str):
     metadata_columns = tuple(name for name in (metadata if isinstance(metadata, dict) else {})
                              if name not in ("caption", "captions", *features))
     features.update({name: metadata[name] for name in metadata_columns})
-    raw = raw.cast_column(image_columns[0], datasets.Image(decode=False)) if len(image_columns) == 1 else raw.cast(
-        datasets.Features({name: datasets.Image(decode=False) if name in image_columns else feature
-                           for name, feature in raw.features.items()}))
+    for name in image_columns:
+        raw = raw.cast_column(name, datasets.Image(decode=False))
     return raw.map(_canonical_rows, batched=True, remove_columns=names, features=features,
                    fn_kwargs={"metadata_columns": metadata_columns})
 

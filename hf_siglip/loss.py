@@ -188,9 +188,18 @@ def _prepare(caller, config, settings, image_embeds, text_embeds, logit_scale, l
         teacher = Teacher(*teacher)
     problem = _local_problem(image_embeds, text_embeds, logit_scale, logit_bias, image_ids, text_ids,
                              positive_targets, teacher)
-    if problem is None and teacher is not None and config.loss_type != "sigmoid":
+    if problem is None and teacher is not None and config.loss_type != "sigmoid" and config.teacher_weight > 0:
         problem = "teacher (momentum distillation) targets are sigmoid probabilities: loss_type='sigmoid' only"
+    if problem is None and teacher is None and config.mining and config.mine_with == "teacher":
+        problem = "loss_config.mine_with='teacher' mines with the teacher's embeddings: pass `teacher`"
     return config, logit_bias, teacher, problem
+
+
+def _mining_embeddings(config, teacher, dtype):
+    """The (image, text) embeddings the mining rules compare when they are the teacher's (None: the inputs)."""
+    if not (config.mining and config.mine_with == "teacher"):
+        return None
+    return teacher.image_embeds.detach().to(dtype), teacher.text_embeds.detach().to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +231,8 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     cosine = x @ y.T
     logits = t * cosine + b if terms.uses_bias else t * cosine
     with torch.no_grad():
-        positive = positive_pairs(image_ids, text_ids, x, y, **config.mining)
+        positive = positive_pairs(image_ids, text_ids, *(_mining_embeddings(config, teacher, dtype) or (x, y)),
+                                  **config.mining)
     tile = Tile(logits, tuple(positive.nonzero().unbind(1)), torch.arange(n_i, device=device),
                 torch.arange(n_t, device=device), n_i, n_t, images=images, texts=texts, constants=constants,
                 cosine=cosine.detach(), positive=positive)
@@ -308,7 +318,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
     embeddings = (image_embeds.detach().to(dtype), text_embeds.detach().to(dtype),
                   logit_scale.detach().to(dtype).reshape(()), logit_bias.detach().to(dtype).reshape(()))
     engine = Engine(ring, config, terms, image_sizes, text_sizes, image_ids.to(device, torch.long),
-                    text_ids.to(device, torch.long), embeddings, inputs, needs_grads, return_statistics)
+                    text_ids.to(device, torch.long), embeddings, inputs, needs_grads, return_statistics,
+                    _mining_embeddings(config, teacher, dtype))
     loss = _RingLoss.apply(*leaves, engine)
     if not return_statistics:
         return loss

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 LOSS_TYPES = ("sigmoid", "softmax")
 NORMALIZATIONS = ("image", "text", "row")
 NEGATIVE_SELECTIONS = ("random", "hard", "easy")
+MINING_EMBEDDINGS = ("model", "teacher")
 DEFAULT_TILE = 1024
 
 # Settings of earlier releases: a recipe or call using one is told what replaced it.
@@ -50,6 +51,11 @@ class SiglipLossConfig:
         "FFF positive mining: image i also matches the texts of images i' with cos(x_i, x_i') >= this.")})
     mine_text_text: float | None = field(default=None, metadata={"help": (
         "FFF positive mining: text j also matches the images of texts j' with cos(y_j', y_j) >= this.")})
+    mine_with: str = field(default="model", metadata={"help": (
+        "Whose embeddings the mining rules compare: 'model' (the ones being trained) or 'teacher' (the momentum "
+        "teacher's: SiglipTrainer with teacher_momentum, sigmoid_loss's `teacher` argument). Mining with the "
+        "model's own similarities feeds back (mined pairs are pulled together, so more pairs cross the threshold); "
+        "a slowly moving teacher damps that loop.")})
     mining_start_step: int = field(default=0, metadata={"help": (
         "SiglipTrainer turns the mining rules on at this optimizer step (the loss function itself does not count "
         "steps). From a random init every cosine is near 1, so mining from step 0 makes every pair a positive.")})
@@ -75,6 +81,7 @@ class SiglipLossConfig:
         choice("loss_type", LOSS_TYPES)
         choice("normalize", NORMALIZATIONS)
         choice("negative_selection", NEGATIVE_SELECTIONS)
+        choice("mine_with", MINING_EMBEDDINGS)
         if not (isinstance(self.tile_size, int) and self.tile_size > 0):
             raise ValueError(f"loss_config.tile_size must be a positive int, got {self.tile_size!r}")
         if self.negative_ratio is not None and not self.negative_ratio > 0:
@@ -158,4 +165,4 @@ class SiglipLossConfig:
         return zlib.crc32(repr(sorted(self.changed().items())).encode())
 
 
-__all__ = ["LOSS_TYPES", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig"]
+__all__ = ["LOSS_TYPES", "MINING_EMBEDDINGS", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig"]

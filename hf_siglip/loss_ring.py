@@ -129,7 +129,7 @@ class Engine:
     """
 
     def __init__(self, ring, config, terms, image_sizes, text_sizes, image_ids, text_ids, embeddings, inputs,
-                 needs_grads, wants_statistics):
+                 needs_grads, wants_statistics, mining_embeddings=None):
         self.ring, self.config, self.terms = ring, config, terms
         self.image_sizes, self.text_sizes = image_sizes, text_sizes
         self.image_offsets = [sum(image_sizes[:r]) for r in range(ring.world)]
@@ -140,6 +140,9 @@ class Engine:
         if not terms.uses_bias:
             self.b = torch.zeros_like(self.b)
         self.x_scaled = self.x * self.t
+        # what the mining rules compare: these embeddings, or the teacher's (loss_config.mine_with)
+        self.mining_x, self.mining_y = mining_embeddings if mining_embeddings is not None else (self.x, self.y)
+        self.mines_elsewhere = mining_embeddings is not None
         self.image_inputs, self.text_inputs, self.constants = inputs
         self.global_rows = torch.arange(self.x.shape[0], device=self.x.device) + self.image_offsets[ring.rank]
         self.needs_grads, self.wants_statistics = needs_grads, wants_statistics
@@ -179,8 +182,11 @@ class Engine:
 
     def text_block(self, col_stats=None):
         """The local texts as a travelling block: embeddings, ids, per-text inputs and column statistics."""
-        return {"embeds": self.y, "ids": self.text_ids, **self.text_inputs,
-                **{f"col/{name}": value for name, value in (col_stats or {}).items()}}
+        block = {"embeds": self.y, "ids": self.text_ids, **self.text_inputs,
+                 **{f"col/{name}": value for name, value in (col_stats or {}).items()}}
+        if self.mines_elsewhere and self.config.mine_image_text is not None:
+            block["mining_embeds"] = self.mining_y
+        return block
 
     def tile(self, rows, cols, src, block, pairs, row_stats, requires_grad=False):
         y_tile = block["embeds"][cols]
@@ -197,7 +203,9 @@ class Engine:
                     col={name[4:]: value[None, cols] for name, value in block.items() if name.startswith("col/")},
                     images={name: value[rows] for name, value in self.image_inputs.items()},
                     texts={name: block[name][cols] for name in self.text_inputs},
-                    constants=self.constants, cosine=cosine, mine_image_text=self.config.mine_image_text)
+                    constants=self.constants, cosine=cosine, mine_image_text=self.config.mine_image_text,
+                    mining_cosine=(self.mining_x[rows] @ block["mining_embeds"][cols].T
+                                   if "mining_embeds" in block else None))
 
     def visit_tiles(self, pairs_of, row_stats, on_tile, requires_grad=False):
         """A ring-pass visit calling on_tile(rows, cols, tile, block, travel) for every tile of the local images
@@ -231,10 +239,10 @@ class Engine:
 
             def visit(src, block, travel):
                 for rows, cols in self.tiles(self.x.shape[0], block["embeds"].shape[0]):
-                    row, other = similar_pairs(self.x[rows], block["embeds"][cols], config.mine_image_image)
+                    row, other = similar_pairs(self.mining_x[rows], block["embeds"][cols], config.mine_image_image)
                     found.append(torch.stack([row + rows.start, block["ids"][cols][other]], 1))
 
-            self.ring_pass({"embeds": self.x, "ids": self.image_ids}, {}, visit, sizes=self.image_sizes)
+            self.ring_pass({"embeds": self.mining_x, "ids": self.image_ids}, {}, visit, sizes=self.image_sizes)
             pairs = torch.unique(torch.cat(found), dim=0)
             image_mined = (pairs[:, 0], pairs[:, 1])
         if config.mine_text_text is not None:
@@ -242,11 +250,11 @@ class Engine:
 
             def visit(src, block, travel):
                 for rows, cols in self.tiles(self.y.shape[0], block["embeds"].shape[0]):
-                    row, other = similar_pairs(self.y[rows], block["embeds"][cols], config.mine_text_text)
+                    row, other = similar_pairs(self.mining_y[rows], block["embeds"][cols], config.mine_text_text)
                     found.append(torch.stack([self.text_ids[rows][row],
                                               other + cols.start + self.text_offsets[src]], 1))
 
-            self.ring_pass({"embeds": self.y}, {}, visit)
+            self.ring_pass({"embeds": self.mining_y}, {}, visit)
             local = torch.unique(torch.cat(found), dim=0)
             counts = self.ring.all_gather_ints([local.shape[0]], self.x.device)[:, 0].tolist()
             every = [self.ring.all_gather_padded(local[:, k].contiguous(), counts) for k in range(2)]

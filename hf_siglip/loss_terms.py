@@ -38,7 +38,7 @@ class Tile:
     gather the positives' logits, `positive_logits`)."""
 
     def __init__(self, logits, positive_index, rows, cols, n_images, n_texts, row=None, col=None, images=None,
-                 texts=None, constants=None, cosine=None, mine_image_text=None, positive=None,
+                 texts=None, constants=None, cosine=None, mine_image_text=None, mining_cosine=None, positive=None,
                  positive_logits_leaf=False):
         self.logits = logits  # (r, c) t x.y + b; the softmax loss has b = 0
         self.rows, self.cols = rows, cols  # global image / text indices (long)
@@ -49,6 +49,7 @@ class Tile:
         self.cosine = cosine  # (r, c) x.y, constant; only when an active term uses it
         self._pairs = positive_index  # tile-local (rows, cols) of positives by ids and mined lists
         self._mine_image_text = mine_image_text
+        self._mining_cosine = cosine if mining_cosine is None else mining_cosine  # the teacher's, with mine_with
         self._positive = positive  # given whole by the dense reference
         self._positive_logits_leaf = positive_logits_leaf
         self.positive_logits_leaf = None  # set when a term reads `positive_logits` as a leaf of its own
@@ -57,7 +58,8 @@ class Tile:
     def positive(self):
         """(r, c) bool: positive pairs (ids, mining)."""
         if self._positive is None:
-            self._positive = tile_mask(self.logits.shape, self._pairs, self.cosine, self._mine_image_text)
+            self._positive = tile_mask(self.logits.shape, self._pairs, self._mining_cosine,
+                                            self._mine_image_text)
         return self._positive
 
     @property
@@ -166,7 +168,7 @@ def select_terms(config, inputs=()) -> ActiveTerms:
         targets=tuple(t for t in chosen if t.kind == "target"), weights=tuple(t for t in chosen if t.kind == "weight"),
         loss=loss, statistics=stages,
         uses_cosine=any(t.uses_cosine for t in chosen) or any(STATISTICS[n].uses_cosine for n in stage_of)
-        or config.mine_image_text is not None,
+        or (config.mine_image_text is not None and config.mine_with == "model"),
         uses_bias=loss.uses_bias)
 
 
@@ -298,7 +300,7 @@ def positive_targets(tile, target, config):
     return (tile.hard_targets() if target is None else target) * tile.texts["positive_targets"][None, :]
 
 
-@term("target", lambda config, inputs: "teacher_text_embeds" in inputs)
+@term("target", lambda config, inputs: "teacher_text_embeds" in inputs and config.teacher_weight > 0)
 def teacher(tile, target, config):
     """ALBEF momentum distillation: (1 - w) target + w sigmoid(teacher logit), w = teacher_weight; the teacher's
     image embeddings come scaled by its t."""

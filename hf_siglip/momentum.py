@@ -7,6 +7,10 @@ targets, `sigmoid(teacher logit)` per pair, which the loss mixes with the ids' h
 ramped up linearly over `teacher_warmup_steps` optimizer steps (ALBEF: over the first epoch). Under DDP each process
 holds the same teacher (the same updates of the same weights); the teacher's text embeddings travel the loss's ring
 with the student's. The teacher's weights are saved beside each checkpoint and read back on resume.
+
+The teacher's embeddings can also be what FFF's mining rules compare (`loss_config.mine_with = "teacher"`): a model
+that moves slowly does not pull in its own mined pairs as fast as the student does. With gradient accumulation the
+teacher embeds each micro-batch of the accumulation window; the targets are those of the whole batch.
 """
 
 import copy
@@ -62,10 +66,12 @@ class MomentumTeacher(TrainerCallback):
         return full_weight * min(1.0, step / self.warmup_steps)
 
 
-def teacher_targets(trainer, inputs, config):
-    """(loss config, Teacher) for this training step of `trainer` (a SiglipTrainer with `teacher_momentum` set): the
-    teacher is created from the model at the first step (or read from the checkpoint a run resumes from), and
-    its weight follows the warm-up ramp. Evaluation gets no teacher: its loss stays the plain one."""
+def teacher_targets(trainer, micro_batches, config):
+    """(loss config, Teacher) for this step of `trainer` (a SiglipTrainer with `teacher_momentum` set): the teacher's
+    outputs for the step's micro-batches (one, or the gradient-accumulation window), concatenated as the loss sees
+    the batch. The teacher is created from the model at the first step (or read from the checkpoint a run resumes
+    from), and its weight follows the warm-up ramp. Evaluation gets the plain loss: no soft targets, and a teacher
+    only to mine with (loss_config.mine_with = "teacher")."""
     teacher = getattr(trainer, "_momentum_teacher", None)
     if teacher is None:
         teacher = MomentumTeacher(trainer.accelerator.unwrap_model(trainer.model), trainer.args.teacher_momentum,
@@ -76,13 +82,19 @@ def teacher_targets(trainer, inputs, config):
                 raise ValueError(f"resuming momentum distillation needs {WEIGHTS_NAME} in {checkpoint}")
         trainer._momentum_teacher = teacher
         trainer.add_callback(teacher)
-    if not trainer.model.training:
+    mines = bool(config.mining) and config.mine_with == "teacher"
+    if trainer.model.training:
+        weight = teacher.weight(trainer.state.global_step, config.teacher_weight)
+    elif mines:
+        weight = 0.0
+    else:
         return config, None
     with torch.no_grad():
-        outputs = trainer._embed(teacher.model, inputs)
-    weight = teacher.weight(trainer.state.global_step, config.teacher_weight)
+        outputs = [trainer._embed(teacher.model, batch) for batch in micro_batches]
+    image_embeds = torch.cat([output.image_embeds for output in outputs])
+    text_embeds = torch.cat([output.text_embeds for output in outputs])
     return dataclasses.replace(config, teacher_weight=weight), Teacher(
-        outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, outputs.logit_bias)
+        image_embeds, text_embeds, outputs[0].logit_scale, outputs[0].logit_bias)
 
 
 __all__ = ["MomentumTeacher", "teacher_targets"]

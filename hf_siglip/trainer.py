@@ -186,10 +186,12 @@ class SiglipTrainer(Trainer):
 
     _loss_statistics = None  # what the last loss call saw in the global batch (hf_siglip.loss.LossStatistics)
 
-    def _loss(self, image_embeds, text_embeds, logit_scale, logit_bias, inputs):
+    def _loss(self, image_embeds, text_embeds, logit_scale, logit_bias, inputs, micro_batches=None):
+        """The loss of a batch: `inputs` holds its ids; `micro_batches` the model inputs when the embeddings were
+        made in parts (gradient accumulation), for a teacher to embed the same rows."""
         config, teacher = self.args.loss_config.at_step(self.state.global_step), None
         if self.args.teacher_momentum is not None:  # ALBEF momentum distillation (hf_siglip.momentum)
-            config, teacher = teacher_targets(self, inputs, config)
+            config, teacher = teacher_targets(self, micro_batches or [inputs], config)
         loss, self._loss_statistics = sigmoid_loss(
             image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"), inputs.get("text_ids"),
             config=config, teacher=teacher, return_statistics=True)
@@ -351,7 +353,7 @@ class SiglipTrainer(Trainer):
         logit_scale, logit_bias = unwrapped.logit_scale.detach().exp().requires_grad_(True), \
             unwrapped.logit_bias.detach().clone().requires_grad_(True)
         with self.compute_loss_context_manager():
-            loss = self._loss(image_embeds, text_embeds, logit_scale, logit_bias, merged)
+            loss = self._loss(image_embeds, text_embeds, logit_scale, logit_bias, merged, micro_batches)
         loss.backward()
         self._record_metrics(logit_scale, logit_bias)
 

@@ -124,8 +124,9 @@ class SiglipTrainingArguments(TrainingArguments):
                 raise ValueError(f"teacher_momentum must be in [0, 1), got {self.teacher_momentum!r}")
             if self.teacher_warmup_steps < 0:
                 raise ValueError(f"teacher_warmup_steps must be >= 0, got {self.teacher_warmup_steps!r}")
-            if self.gradient_accumulation_steps > 1:  # the embedding-cache step has no teacher pass (yet)
-                raise ValueError("teacher_momentum (momentum distillation) needs gradient_accumulation_steps = 1")
+        if self.loss_config.mine_with == "teacher" and self.teacher_momentum is None:
+            raise ValueError("loss_config.mine_with='teacher' mines with the momentum teacher: set teacher_momentum "
+                             "(e.g. 0.995; loss_config.teacher_weight: 0 for mining without its soft targets)")
 
     def _match_pairs_seen(self):
         """SigLIP 4.8's 'matching total pairs seen': a masked run trains longer by the factor of pairs it drops."""

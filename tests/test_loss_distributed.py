@@ -97,6 +97,11 @@ _OPTION_CASES = {
     "duplicates_weights_targets_random": {"sigmoid_hard_negative_beta": 2.0, "positive_targets": True,
                                           "negative_ratio": 4, "seed": 1},
     "duplicates_teacher": {"teacher": True, "teacher_weight": 0.6, "normalize": "row"},
+    # mining on the teacher's embeddings (another width), with and without its soft targets
+    "duplicates_teacher_mining": {"teacher": True, "teacher_weight": 0.0, "mine_with": "teacher",
+                                  "mine_image_text": 0.5, "mine_image_image": 0.5, "mine_text_text": 0.5},
+    "duplicates_teacher_mining_distilled": {"teacher": True, "teacher_weight": 0.4, "mine_with": "teacher",
+                                            "mine_image_text": 0.5, "normalize": "row"},
     "duplicates_softmax": {"loss_type": "softmax"},
     "duplicates_softmax_targets_mining": {"loss_type": "softmax", "positive_targets": True,
                                           "mine_image_image": 0.4, "mine_text_text": 0.4},
@@ -177,7 +182,8 @@ def _check_parity(name, rank, world, group, SigLipLoss):
     }
     settings = SiglipLossConfig(**{k: v for k, v in options.items() if k not in ("positive_targets", "teacher")})
     global_ids = (image_ids, text_ids) if image_ids is not None else (torch.arange(len(x)), torch.arange(len(y)))
-    positive = positive_pairs(*global_ids, x, y, **settings.mining)
+    mined_with = (options["teacher"][0], options["teacher"][1]) if settings.mine_with == "teacher" else (x, y)
+    positive = positive_pairs(*global_ids, *mined_with, **settings.mining)
     logits = t * x @ y.T + (b if settings.loss_type == "sigmoid" else 0.0)
     errors["positives_per_image"] = abs(statistics.positives_per_image - positive.sum().item() / len(x))
     by_ids = (global_ids[0][:, None] == global_ids[1][None, :]).sum().item()

@@ -80,9 +80,65 @@ def test_resumed_run_goes_on_with_the_saved_teacher(tmp_path):
         assert torch.allclose(teacher[name], value, atol=1e-5), name
 
 
+def test_accumulated_batches_get_the_teacher_targets_of_the_large_batch(tmp_path):
+    """8 x 2 accumulated with the embedding cache = 16 at once: the teacher embeds each micro-batch of the window."""
+    runs = {}
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        trainer, _, _, losses = train(tmp_path / f"acc{accumulation}", teacher_momentum=0.7, max_steps=3,
+                                      per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                      learning_rate=0.1, loss_config={"teacher_weight": 0.5})
+        runs[accumulation] = (losses, dict(trainer.model.named_parameters()),
+                              dict(trainer._momentum_teacher.model.named_parameters()))
+    (losses, student, teacher), (acc_losses, acc_student, acc_teacher) = runs[1], runs[2]
+    assert acc_losses == pytest.approx(losses, rel=1e-5)
+    assert losses[2] != pytest.approx(losses[0], rel=1e-3)  # the steps changed the model
+    for name, value in student.items():
+        assert torch.allclose(acc_student[name], value, atol=1e-5), name
+        assert torch.allclose(acc_teacher[name], teacher[name], atol=1e-5), name
+
+
+class RecordStatistics(TrainerCallback):
+    def __init__(self, trainer_box):
+        self.trainer_box, self.mined = trainer_box, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.mined.append(self.trainer_box[0]._loss_statistics.mined_positives_per_image)
+
+
+def test_mining_with_the_teacher_uses_the_teachers_similarities(tmp_path):
+    """mine_with='teacher': the mined pairs are those the teacher's embeddings put above the threshold. A teacher
+    (momentum ~1: it stays as set) that maps every image to one vector mines every pair by image-image similarity,
+    while the student's own similarities mine (almost) none: the statistics tell which one decided."""
+    model, _, collator, dataset = tiny_training_setup()
+    args = training_args(tmp_path, teacher_momentum=0.999999, max_steps=2,
+                         loss_config={"teacher_weight": 0.0, "mine_with": "teacher", "mine_image_image": 0.99})
+    box = []
+    recorder = RecordStatistics(box)
+    trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"],
+                               callbacks=[recorder])
+    box.append(trainer)
+    from hf_siglip.momentum import MomentumTeacher
+
+    teacher = MomentumTeacher(model, 0.999999)
+    with torch.no_grad():  # a teacher that maps every image and every text to (almost) one direction
+        for name, parameter in teacher.model.named_parameters():
+            if name.endswith(("post_layernorm.weight", "final_layer_norm.weight")):
+                parameter.zero_()
+            if name.endswith(("post_layernorm.bias", "final_layer_norm.bias")):
+                parameter.fill_(1.0)
+    trainer._momentum_teacher = teacher
+    trainer.add_callback(teacher)
+    trainer.train()
+    n_texts = 2 * 16  # two captions per image, 16 images per batch
+    assert recorder.mined[0] == pytest.approx(n_texts - 2)  # every text of the batch, less the two by ids
+    plain = train(tmp_path / "own", max_steps=1, loss_config={"mine_image_image": 0.99})[0]
+    assert plain._loss_statistics.mined_positives_per_image < 1  # the student's own similarities: (almost) none
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"teacher_momentum": 1.0}, "teacher_momentum must be in"),
-    ({"teacher_momentum": 0.9, "gradient_accumulation_steps": 2}, "gradient_accumulation_steps = 1"),
+    ({"loss_config": {"mine_with": "teacher", "mine_text_text": 0.9}}, "set teacher_momentum"),
+    ({"loss_config": {"mine_with": "student"}}, "mine_with must be one of"),
 ])
 def test_bad_teacher_settings_fail_when_the_arguments_are_built(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

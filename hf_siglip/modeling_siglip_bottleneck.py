@@ -399,8 +399,12 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
 
         with torch.device("meta"):
             native = SiglipModel(self.config.to_siglip_config())
+        # what this object leaves out of its saves (a trainer's training-only head) stays out of the native save too
+        ignored = set(self._keys_to_ignore_on_save or ())
+        native._keys_to_ignore_on_save = {*(native._keys_to_ignore_on_save or ()), *ignored}
         # the same tensors, no copy: weight names are SiglipModel's already
-        native.load_state_dict(self.state_dict(), strict=True, assign=True)
+        native.load_state_dict({key: value for key, value in self.state_dict().items() if key not in ignored},
+                               strict=True, assign=True)
         native.to(next(self.parameters()).dtype)
         config_logger = logging.getLogger("transformers.configuration_utils")
         config_logger.addFilter(_default_siglip_token_id_notice)

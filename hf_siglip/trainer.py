@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .concept_distillation import COLUMN as CONCEPT_TARGETS
+from .concept_distillation import ConceptDistillation
 from .data.collator import SiglipDataCollator, collator_epoch_callback
 from .dual_encoders import as_dual_encoder, restore_config_parameters, tower_modules, tower_prefixes
 from .evaluation import retrieval_metrics
@@ -116,7 +118,8 @@ class SiglipTrainer(Trainer):
         Other arguments are those of `transformers.Trainer`.
 
     Logged each `logging_steps`: the global loss, `t`, `b` and what the loss saw in the global batch:
-    `positives_per_image` (mined pairs included), `logit_positive_mean` / `logit_negative_mean`, `pairs_per_image`.
+    `positives_per_image` (mined pairs included), `logit_positive_mean` / `logit_negative_mean`, `pairs_per_image`;
+    with DiHT concept distillation on, `concept_distillation_loss` (hf_siglip.concept_distillation).
     `evaluate()` reports the loss and retrieval recall@1/5/10 both ways on the evaluation set.
 
     Bad rows: the collator's per-batch drop counts (`dropped_rows`) are summed in `data_counts`. A step in
@@ -141,6 +144,9 @@ class SiglipTrainer(Trainer):
                 module.requires_grad_(False)
         if _is_stream(train_dataset):
             train_dataset = _prepare_stream(train_dataset, args)
+        # DiHT concept distillation: its head joins the model before Trainer wraps it (hf_siglip.concept_distillation)
+        self.concept_distillation = (ConceptDistillation(model, args, train_dataset)
+                                     if args.concept_distillation_weight > 0 else None)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         fsdp_ignored = fsdp_request_ignored(self.accelerator.distributed_type)
@@ -159,6 +165,8 @@ class SiglipTrainer(Trainer):
             self.add_callback(collator_epoch_callback(self.data_collator))
         if _is_stream(self.train_dataset):
             self.add_callback(StreamPosition())  # saved in checkpoints: where a resumed stream picks up
+        if self.concept_distillation is not None:
+            self.add_callback(self.concept_distillation)  # writes the head into each checkpoint
         self.card_info = {}  # extra model card fields (datasets, recipe, training_curve, ...) for create_model_card
 
     def pretrained_towers(self) -> set[str]:
@@ -202,7 +210,27 @@ class SiglipTrainer(Trainer):
         loss = self._loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, outputs.logit_bias, inputs)
         if model.training:
             self._record_metrics(outputs.logit_scale, outputs.logit_bias)
+        if model.training and self.concept_distillation is not None:  # DiHT concept distillation
+            losses = self.concept_distillation.losses(outputs.image_embeds, inputs)
+            loss = loss + self._concept_factor(losses) * losses.sum()
         return (loss, outputs) if return_outputs else loss
+
+    def _concept_factor(self, losses: torch.Tensor) -> float:
+        """Concept distillation: the factor on this process's sum of per-image losses (weight * processes / global
+        image count, hf_siglip.concept_distillation); the global mean loss goes to the logs."""
+        factor, mean = self.concept_distillation.scale(self.accelerator, losses.sum(), len(losses))
+        self._metrics["concept_distillation_loss"].append(mean)
+        return factor
+
+    def _concept_window(self, image_embeds: torch.Tensor, inputs) -> tuple[float | None, float]:
+        """Concept distillation over an accumulation window: (the factor each micro-batch's re-forward puts on its
+        images' loss sum, the weighted term for the reported loss); (None, 0.0) when it is off."""
+        if self.concept_distillation is None:
+            return None, 0.0
+        with torch.no_grad():
+            losses = self.concept_distillation.losses(image_embeds, inputs)
+        factor = self._concept_factor(losses)
+        return factor, factor * losses.sum().item()
 
     @torch.no_grad()
     def _record_metrics(self, logit_scale, logit_bias) -> None:
@@ -260,6 +288,8 @@ class SiglipTrainer(Trainer):
         return dataloader
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self.concept_distillation is not None:  # before any batch: 'auto' follows the data step's report
+            self.concept_distillation.resolve_loss(self.args, self.data_steps_report)
         if resume_from_checkpoint and _is_stream(self.train_dataset):
             if resume_from_checkpoint is True:
                 from transformers.trainer_utils import get_last_checkpoint
@@ -347,7 +377,7 @@ class SiglipTrainer(Trainer):
         image_embeds = torch.cat(image_parts).detach().requires_grad_(True)
         text_embeds = torch.cat(text_parts).detach().requires_grad_(True)
         merged = {key: torch.cat([batch[key] for batch in micro_batches])
-                  for key in ("image_ids", "text_ids") if key in micro_batches[0]}
+                  for key in ("image_ids", "text_ids", CONCEPT_TARGETS) if key in micro_batches[0]}
 
         unwrapped = self.accelerator.unwrap_model(model)
         logit_scale, logit_bias = unwrapped.logit_scale.detach().exp().requires_grad_(True), \
@@ -356,6 +386,7 @@ class SiglipTrainer(Trainer):
             loss = self._loss(image_embeds, text_embeds, logit_scale, logit_bias, merged, micro_batches)
         loss.backward()
         self._record_metrics(logit_scale, logit_bias)
+        concept_factor, concept_term = self._concept_window(image_embeds.detach(), merged)  # DiHT concept distillation
 
         image_grads = image_embeds.grad.split([len(part) for part in image_parts])
         text_grads = text_embeds.grad.split([len(part) for part in text_parts])
@@ -369,8 +400,11 @@ class SiglipTrainer(Trainer):
                 if index == last:  # t and b enter the graph once, with their whole-batch gradients
                     surrogate = surrogate + (outputs.logit_scale * logit_scale.grad).sum() + \
                         (outputs.logit_bias * logit_bias.grad).sum()
+                if concept_factor is not None:  # per image: each micro-batch adds its own images' concept loss
+                    surrogate = surrogate + concept_factor * self.concept_distillation.losses(outputs.image_embeds,
+                                                                                              batch).sum()
                 self.accelerator.backward(surrogate)
-        return loss.detach()
+        return loss.detach() + concept_term
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
@@ -379,6 +413,8 @@ class SiglipTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         restore_config_parameters(model or self.model, resume_from_checkpoint)  # CLIP's b is in config.json
+        if self.concept_distillation is not None:  # the head is saved beside the weights, not in them
+            self.concept_distillation.load(resume_from_checkpoint)
 
     def _load_best_model(self):
         super()._load_best_model()
@@ -531,11 +567,16 @@ def _prepare_stream(dataset, args: SiglipTrainingArguments):
 
 
 def _loss_options(args: SiglipTrainingArguments) -> dict:
-    """The loss settings that differ from the defaults, with momentum distillation's when it is on."""
+    """The loss settings that differ from the defaults, with momentum and concept distillation's when they are on."""
     options = args.loss_config.changed()
     if args.teacher_momentum is not None:
         options.update(teacher_momentum=args.teacher_momentum, teacher_warmup_steps=args.teacher_warmup_steps,
                        teacher_weight=args.loss_config.teacher_weight)
+    if args.concept_distillation_weight > 0:
+        options.update(concept_distillation_weight=args.concept_distillation_weight,
+                       concept_distillation_loss=args.concept_distillation_loss)
+        if args.concept_distillation_loss != "cosine":
+            options.update(concept_distillation_temperature=args.concept_distillation_temperature)
     return options
 
 

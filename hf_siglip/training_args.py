@@ -12,6 +12,7 @@ from .loss_config import SiglipLossConfig
 logger = logging.getLogger(__name__)
 
 TOWERS = ("text", "vision")
+CONCEPT_DISTILLATION_LOSSES = ("auto", "kl", "cosine")
 
 
 @dataclass
@@ -93,6 +94,25 @@ class SiglipTrainingArguments(TrainingArguments):
         metadata={"help": "Momentum distillation: the teacher's weight ramps linearly from 0 over these optimizer "
                   "steps (ALBEF: the first epoch)."},
     )
+    concept_distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "DiHT concept distillation (section 3.3): weight of the loss of a linear head on the image "
+            "embedding that learns a frozen teacher's outputs, stored per row by the concept_targets data step "
+            "(hf_siglip.concept_distillation). 0: off."
+        },
+    )
+    concept_distillation_loss: str = field(
+        default="auto",
+        metadata={"help": "Concept distillation loss: 'kl' (a classifier teacher's logits, softened by the "
+                  "temperature), 'cosine' (a feature teacher's vectors), or 'auto' (what the concept_targets step "
+                  "recorded: kl for logits, cosine for features)."},
+    )
+    concept_distillation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Concept distillation, kl loss: softmax temperature T for teacher and head (the loss is "
+                  "scaled by T^2 so its gradients keep their size)."},
+    )
     loss_config: dict | str | None = field(
         default=None,
         metadata={
@@ -127,6 +147,20 @@ class SiglipTrainingArguments(TrainingArguments):
         if self.loss_config.mine_with == "teacher" and self.teacher_momentum is None:
             raise ValueError("loss_config.mine_with='teacher' mines with the momentum teacher: set teacher_momentum "
                              "(e.g. 0.995; loss_config.teacher_weight: 0 for mining without its soft targets)")
+        self._check_concept_distillation()
+
+    def _check_concept_distillation(self):
+        if not self.concept_distillation_weight >= 0:  # also refuses nan
+            raise ValueError(f"concept_distillation_weight must be >= 0 (0: off), got "
+                             f"{self.concept_distillation_weight!r}")
+        if self.concept_distillation_loss not in CONCEPT_DISTILLATION_LOSSES:
+            raise ValueError(f"concept_distillation_loss must be one of {CONCEPT_DISTILLATION_LOSSES}, got "
+                             f"{self.concept_distillation_loss!r}")
+        if not self.concept_distillation_temperature > 0:
+            raise ValueError(f"concept_distillation_temperature must be > 0, got "
+                             f"{self.concept_distillation_temperature!r}")
+        if self.concept_distillation_loss == "cosine" and self.concept_distillation_temperature != 1.0:
+            raise ValueError("concept_distillation_temperature applies to the kl loss only (cosine has none)")
 
     def _match_pairs_seen(self):
         """SigLIP 4.8's 'matching total pairs seen': a masked run trains longer by the factor of pairs it drops."""

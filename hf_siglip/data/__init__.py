@@ -9,6 +9,7 @@ Each step's functional core is here too (``add_pseudo_captions``, ``cat_filter``
 
 from .captions import CaptionSampler, add_sampled_captions
 from .collator import SiglipDataCollator, collator_epoch_callback
+from .concept_targets import add_concept_targets, load_concept_teacher
 from .demo import (DEMO_CLASSES, DEMO_TEMPLATES, DIGITS_CLASSES, DIGITS_TEMPLATES, demo_vocabulary,
                    make_demo_dataset, make_digits_dataset)
 from .embedding import add_image_embeddings, embed_images, embed_texts
@@ -31,6 +32,7 @@ __all__ = [
     "ImageDecodeError",
     "SiglipDataCollator",
     "UnionFind",
+    "add_concept_targets",
     "add_image_embeddings",
     "add_image_ids",
     "add_pseudo_captions",
@@ -49,6 +51,7 @@ __all__ = [
     "embed_texts",
     "group_size_stats",
     "load_captioner",
+    "load_concept_teacher",
     "load_image_text_dataset",
     "load_spacy",
     "make_demo_dataset",

@@ -8,7 +8,9 @@ Output (all ``torch.Tensor``):
 * ``input_ids`` ``(T, max_length)`` long, padded to ``max_length`` and truncated (as SigLIP was
   trained: no attention mask is needed; pass ``return_attention_mask=True`` if your text tower wants one);
 * ``image_ids`` ``(B,)`` long and ``text_ids`` ``(T,)`` long: image i and text j are a positive pair iff
-  their ids are equal. The k captions of one row become k texts with that row's id.
+  their ids are equal. The k captions of one row become k texts with that row's id;
+* ``concept_targets`` ``(B, C)`` float when rows carry that column (a teacher's logits or features for DiHT's
+  concept distillation: the ``concept_targets`` data step), one row per kept image.
 
 Ids: ``id_column="auto"`` uses ``group_id`` if the row has it, else ``image_id``. A row without either
 gets a fallback id that cannot collide across processes or DataLoader workers:
@@ -24,6 +26,7 @@ Bad rows (policies; counts in ``collator.stats`` and a ``logging`` warning per a
 * None/empty/whitespace captions inside a list: caption **dropped**, counted, the rest kept;
 * an image that fails to decode (truncated, garbage, None), or a ``None`` cached ``image_embeds``:
   row **dropped**, counted;
+* ``None`` ``concept_targets`` (the teacher could not decode the image): row **dropped**, counted;
 * grey-scale / RGBA / 16-bit / palette images: **converted** to RGB (see :mod:`hf_siglip.data.images`);
 * a configured column missing from a row: **raises** ``KeyError`` naming the column and the row's columns;
 * a non-string caption: **raises** ``TypeError`` naming the row.
@@ -97,6 +100,7 @@ class SiglipDataCollator:
             (always fallback ids).
         image_embeds_column: if a row has this column, its vector is emitted as ``image_embeds``
             instead of decoding the image.
+        concept_targets_column: if a row has this column, its vectors are emitted as ``concept_targets``.
         caption_sampler: optional :class:`CaptionSampler`; if set, each row's texts are its k sampled
             captions for the current epoch (``set_epoch``) instead of the whole caption column.
         image_transform: optional training augmentation, called as ``image_transform(image, (height, width),
@@ -115,6 +119,7 @@ class SiglipDataCollator:
     caption_column: str = "caption"
     id_column: Optional[str] = "auto"
     image_embeds_column: str = "image_embeds"
+    concept_targets_column: str = "concept_targets"
     caption_sampler: Optional[CaptionSampler] = None
     image_transform: Optional[Any] = None
     image_fast_path: Optional[str] = "torch"
@@ -170,7 +175,8 @@ class SiglipDataCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         use_embeds = bool(rows) and self.image_embeds_column in rows[0]
-        images, embeds, image_ids, texts, text_ids = [], [], [], [], []
+        use_targets = bool(rows) and self.concept_targets_column in rows[0]
+        images, embeds, image_ids, texts, text_ids, targets = [], [], [], [], [], []
         dropped = Counter()
         for row in rows:
             row_id = self._row_id(row)
@@ -179,6 +185,9 @@ class SiglipDataCollator:
                 dropped["empty_captions_dropped"] += unusable
             if not captions:
                 dropped["rows_without_caption"] += 1
+                continue
+            if use_targets and row[self.concept_targets_column] is None:  # before decoding: no work for a lost row
+                dropped["rows_without_concept_targets"] += 1
                 continue
             if use_embeds:
                 if row[self.image_embeds_column] is None:  # cached tower could not decode this image
@@ -197,6 +206,8 @@ class SiglipDataCollator:
                 if self.image_transform is not None:
                     image = self.image_transform(image, self._image_size(), row_id, self.epoch)
                 images.append(image)
+            if use_targets:
+                targets.append(np.asarray(row[self.concept_targets_column], dtype=np.float32))
             image_ids.append(row_id)
             texts.extend(captions)
             text_ids.extend([row_id] * len(captions))
@@ -214,6 +225,8 @@ class SiglipDataCollator:
             batch["image_embeds"] = torch.from_numpy(np.stack(embeds)) if embeds else torch.zeros(0, 0)
         else:
             batch.update(self._image_inputs(images))
+        if use_targets:
+            batch["concept_targets"] = torch.from_numpy(np.stack(targets)) if targets else torch.zeros(0, 0)
         batch.update(self._tokenize(texts))
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)
         batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)

@@ -63,7 +63,7 @@ class _LockedImageTower:
 
 
 def add_image_embeddings(dataset, model, processor, column: str = "image_embeds", image_column: str = "image",
-                         normalize: bool = False, batch_size: int = 64):
+                         normalize: bool = False, batch_size: int = 64, length: int = -1):
     """Cache a locked image tower's output (SigLiT): add ``column`` with one float vector per row.
 
     The collator then emits ``image_embeds`` instead of ``pixel_values``. Raw tower outputs are stored
@@ -71,7 +71,8 @@ def add_image_embeddings(dataset, model, processor, column: str = "image_embeds"
     with ``get_locked_image_features`` the vectors come before its trainable head, so cached and uncached runs
     train the same parameters.
     A row whose image does not decode gets ``None`` (the collator drops it, counted). Only the image
-    column is read; the vectors are joined column-wise (images are not copied).
+    column is read; the vectors are joined column-wise (images are not copied). ``length`` > 0 declares the
+    vectors' length in the column's feature (readable without a row, also for streams).
     """
     import datasets
 
@@ -90,4 +91,4 @@ def add_image_embeddings(dataset, model, processor, column: str = "image_embeds"
 
     return with_encoded_images(dataset, image_column, lambda reader: map_new_columns(
         reader, embed_batch, [image_column], [column], batch_size=batch_size, desc="image embeddings",
-        features=datasets.Features({column: datasets.List(datasets.Value("float32"))})))
+        features=datasets.Features({column: datasets.List(datasets.Value("float32"), length=length)})))

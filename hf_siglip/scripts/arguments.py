@@ -71,8 +71,8 @@ class SiglipScriptArguments:
     data_steps: list[dict[str, Any]] | str | None = field(default=None, metadata={
         "help": "The data steps, in order: a list of {step: settings} (JSON on the command line), e.g. "
                 "'[{\"cat_filter\": {\"min_complexity\": 2}}, {\"caption_sampling\": {\"k\": 5}}]'. Steps: "
-                "pseudo_captions, cat_filter, capfilt, positive_groups, label_noise, image_embedding_cache, "
-                "caption_sampling, image_augmentation (README: Data steps)."})
+                "pseudo_captions, cat_filter, capfilt, positive_groups, label_noise, concept_targets, "
+                "image_embedding_cache, caption_sampling, image_augmentation (README: Data steps)."})
     zero_shot_classes: list[str] | None = field(default=None, metadata={
         "help": "Class names for zero-shot evaluation (demo: its 30 colour-shape classes)."})
     zero_shot_templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with '{}'."})
@@ -182,10 +182,13 @@ def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipMod
         problems.append("the image_embedding_cache data step needs lock_vision_tower: a trained tower's embeddings "
                         "change")
     if "image_embedding_cache" in step_names and step_names[-1] != "image_embedding_cache" and any(
-            name in ("pseudo_captions", "capfilt", "positive_groups", "cat_filter") for name in
+            name in ("pseudo_captions", "capfilt", "positive_groups", "cat_filter", "concept_targets") for name in
             step_names[step_names.index("image_embedding_cache"):]):
         problems.append("image_embedding_cache drops the images: steps that read them (pseudo_captions, capfilt, "
-                        "positive_groups, cat_filter) must come before it")
+                        "positive_groups, cat_filter, concept_targets) must come before it")
+    if training_args.concept_distillation_weight > 0 and "concept_targets" not in step_names:
+        problems.append("concept_distillation_weight > 0 needs the concept_targets data step, which stores the "
+                        "teacher's outputs per row (data_steps: [{concept_targets: {model: TEACHER}}])")
     for name in ("image_column", "caption_column", "train_split"):
         if not getattr(script_args, name):
             problems.append(f"{name} must be a non-empty string")

@@ -48,7 +48,7 @@ class DataStep:
 
 DATA_STEPS: dict[str, DataStep] = {}
 # One module per step; importing it registers it. A new step: its module here plus its name in this tuple.
-_STEP_MODULES = ("pseudo_captions", "cat_filter", "capfilt", "positive_groups", "label_noise",
+_STEP_MODULES = ("pseudo_captions", "cat_filter", "capfilt", "positive_groups", "label_noise", "concept_targets",
                  "image_embedding_cache", "caption_sampling", "image_augmentation")
 
 
@@ -80,7 +80,7 @@ class DataContext:
     seed: int = 0
     max_length: int = 64
     training_model: Callable[[Any], tuple[Any, Any]] | None = None
-    main_process_first: Callable[..., Any] = contextlib.nullcontext
+    main_process_first: Callable[..., Any] = lambda **kwargs: contextlib.nullcontext()  # takes TrainingArguments' desc=
     report: dict[str, Counter] = field(default_factory=dict)
     caption_sampler: Any = None  # set by the caption_sampling step
     image_transform: Any = None  # set by the image_augmentation step

@@ -76,8 +76,8 @@ class Teacher(NamedTuple):
 class LossStatistics:
     """What the loss saw in the global batch (for logging)."""
 
-    positives_per_image: float  # positive pairs per image, mined ones included
-    mined_positives_per_image: float  # of which mining added (0 without mining)
+    positives_per_image: float  # positive pairs per image, mined ones included (unless mined_pairs='ignore')
+    mined_positives_per_image: float  # pairs mining added beyond the ids' (positives, or ignored: mined_pairs)
     logit_positive_mean: float  # mean logit of positive pairs (nan without any)
     logit_negative_mean: float  # mean logit of the other pairs (nan without any)
     pairs_per_image: float  # pairs in the loss per image (fewer than the texts under negative masking)
@@ -231,11 +231,15 @@ def dense_sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image
     cosine = x @ y.T
     logits = t * cosine + b if terms.uses_bias else t * cosine
     with torch.no_grad():
-        positive = positive_pairs(image_ids, text_ids, *(_mining_embeddings(config, teacher, dtype) or (x, y)),
-                                  **config.mining)
+        found = positive_pairs(image_ids, text_ids, *(_mining_embeddings(config, teacher, dtype) or (x, y)),
+                               **config.mining)
+        positive, mined = found, None
+        if config.ignores_mined_pairs:
+            positive = positive_pairs(image_ids, text_ids)
+            mined = found & ~positive
     tile = Tile(logits, tuple(positive.nonzero().unbind(1)), torch.arange(n_i, device=device),
                 torch.arange(n_t, device=device), n_i, n_t, images=images, texts=texts, constants=constants,
-                cosine=cosine.detach(), positive=positive)
+                cosine=cosine.detach(), positive=positive, mined=mined)
     row_values = {}
     for stage in terms.statistics:
         for stat in stage:
@@ -327,10 +331,10 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
 
 
 def _statistics(totals, n_images, n_texts):
-    positives, positive_logits, all_logits, pairs, id_positives = totals.tolist()
+    positives, positive_logits, all_logits, pairs, _, mined = totals.tolist()
     negatives = n_images * n_texts - positives
     return LossStatistics(positives_per_image=positives / n_images,
-                          mined_positives_per_image=(positives - id_positives) / n_images,
+                          mined_positives_per_image=mined / n_images,
                           logit_positive_mean=positive_logits / positives if positives else math.nan,
                           logit_negative_mean=(all_logits - positive_logits) / negatives if negatives else math.nan,
                           pairs_per_image=pairs / n_images)

@@ -14,6 +14,7 @@ LOSS_TYPES = ("sigmoid", "softmax")
 NORMALIZATIONS = ("image", "text", "row")
 NEGATIVE_SELECTIONS = ("random", "hard", "easy")
 MINING_EMBEDDINGS = ("model", "teacher")
+MINED_PAIRS = ("positive", "ignore")
 DEFAULT_TILE = 1024
 
 # Settings of earlier releases: a recipe or call using one is told what replaced it.
@@ -56,6 +57,10 @@ class SiglipLossConfig:
         "teacher's: SiglipTrainer with teacher_momentum, sigmoid_loss's `teacher` argument). Mining with the "
         "model's own similarities feeds back (mined pairs are pulled together, so more pairs cross the threshold); "
         "a slowly moving teacher damps that loop.")})
+    mined_pairs: str = field(default="positive", metadata={"help": (
+        "What a pair that only mining found becomes: 'positive' (FFF: pulled together) or 'ignore' (left out of the "
+        "loss, neither pulled together nor pushed apart: false-negative elimination, Huynh et al. 2022). A wrong "
+        "mined pair then costs one negative instead of teaching a false positive. Sigmoid loss only.")})
     mining_start_step: int = field(default=0, metadata={"help": (
         "SiglipTrainer turns the mining rules on at this optimizer step (the loss function itself does not count "
         "steps). From a random init every cosine is near 1, so mining from step 0 makes every pair a positive.")})
@@ -82,6 +87,7 @@ class SiglipLossConfig:
         choice("normalize", NORMALIZATIONS)
         choice("negative_selection", NEGATIVE_SELECTIONS)
         choice("mine_with", MINING_EMBEDDINGS)
+        choice("mined_pairs", MINED_PAIRS)
         if not (isinstance(self.tile_size, int) and self.tile_size > 0):
             raise ValueError(f"loss_config.tile_size must be a positive int, got {self.tile_size!r}")
         if self.negative_ratio is not None and not self.negative_ratio > 0:
@@ -99,7 +105,8 @@ class SiglipLossConfig:
             raise ValueError(f"loss_config.hn_nce_alpha must be >= 0, got {self.hn_nce_alpha!r}")
         if self.match_pairs_seen and self.negative_ratio is None:
             raise ValueError("loss_config.match_pairs_seen needs negative_ratio (without masking every pair is seen)")
-        sigmoid_only = {"negative_ratio": None, "sigmoid_hard_negative_beta": None, "normalize": "image"}
+        sigmoid_only = {"negative_ratio": None, "sigmoid_hard_negative_beta": None, "normalize": "image",
+                        "mined_pairs": "positive"}
         softmax_only = {"hn_nce_alpha": 1.0, "hn_nce_beta": 0.0}
         wrong = softmax_only if self.loss_type == "sigmoid" else sigmoid_only
         changed = [name for name, default in wrong.items() if getattr(self, name) != default]
@@ -149,6 +156,11 @@ class SiglipLossConfig:
         return dataclasses.replace(self, **{name: None for name in self.mining})
 
     @property
+    def ignores_mined_pairs(self) -> bool:
+        """Mining is on and what it finds leaves the loss instead of becoming positive."""
+        return bool(self.mining) and self.mined_pairs == "ignore"
+
+    @property
     def mining(self) -> dict:
         """The positive-mining thresholds that are on, by name (keyword arguments of `positive_pairs`)."""
         return {name: getattr(self, name) for name in ("mine_image_text", "mine_image_image", "mine_text_text")
@@ -165,4 +177,4 @@ class SiglipLossConfig:
         return zlib.crc32(repr(sorted(self.changed().items())).encode())
 
 
-__all__ = ["LOSS_TYPES", "MINING_EMBEDDINGS", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig"]
+__all__ = ["LOSS_TYPES", "MINED_PAIRS", "MINING_EMBEDDINGS", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig"]

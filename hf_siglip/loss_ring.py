@@ -143,6 +143,7 @@ class Engine:
         # what the mining rules compare: these embeddings, or the teacher's (loss_config.mine_with)
         self.mining_x, self.mining_y = mining_embeddings if mining_embeddings is not None else (self.x, self.y)
         self.mines_elsewhere = mining_embeddings is not None
+        self.mines_positives = bool(config.mining) and not config.ignores_mined_pairs
         self.image_inputs, self.text_inputs, self.constants = inputs
         self.global_rows = torch.arange(self.x.shape[0], device=self.x.device) + self.image_offsets[ring.rank]
         self.needs_grads, self.wants_statistics = needs_grads, wants_statistics
@@ -188,7 +189,8 @@ class Engine:
             block["mining_embeds"] = self.mining_y
         return block
 
-    def tile(self, rows, cols, src, block, pairs, row_stats, requires_grad=False):
+    def tile(self, rows, cols, src, block, pairs_and_mined, row_stats, requires_grad=False):
+        pairs, mined = pairs_and_mined  # positive pairs of the block; mined_pairs="ignore": the mined ones apart
         y_tile = block["embeds"][cols]
         cosine = None
         if self.terms.uses_cosine:
@@ -203,9 +205,12 @@ class Engine:
                     col={name[4:]: value[None, cols] for name, value in block.items() if name.startswith("col/")},
                     images={name: value[rows] for name, value in self.image_inputs.items()},
                     texts={name: block[name][cols] for name in self.text_inputs},
-                    constants=self.constants, cosine=cosine, mine_image_text=self.config.mine_image_text,
+                    constants=self.constants, cosine=cosine,
+                    mine_image_text=self.config.mine_image_text if mined is None else None,
                     mining_cosine=(self.mining_x[rows] @ block["mining_embeds"][cols].T
-                                   if "mining_embeds" in block else None))
+                                   if "mining_embeds" in block else None),
+                    mined_index=None if mined is None else pairs_in_tile(rows, cols, mined),
+                    mined_image_text=self.config.mine_image_text)
 
     def visit_tiles(self, pairs_of, row_stats, on_tile, requires_grad=False):
         """A ring-pass visit calling on_tile(rows, cols, tile, block, travel) for every tile of the local images
@@ -222,7 +227,11 @@ class Engine:
             image_mined, text_mined = self.mine()
 
             def pairs_of(src, ids_block):
-                return id_pairs(self.image_ids, ids_block, image_mined, text_mined, self.text_offsets[src])
+                """(positive pairs, pairs mining found or None) of the local images and a text block."""
+                found = id_pairs(self.image_ids, ids_block, image_mined, text_mined, self.text_offsets[src])
+                if self.config.ignores_mined_pairs:
+                    return id_pairs(self.image_ids, ids_block), found
+                return found, None
 
             row_stats, col_stats = self.compute_statistics(pairs_of)
             statistic_grads = None
@@ -267,7 +276,7 @@ class Engine:
         for stage in self.terms.statistics:
             pending = []
             for stat in stage:
-                if stat.name in _COUNTED_BY_IDS and not self.config.mining:
+                if stat.name in _COUNTED_BY_IDS and not self.mines_positives:
                     self.count_by_ids(stat, row_stats, col_stats)
                 else:
                     pending.append(stat)
@@ -360,8 +369,8 @@ class Engine:
         needs_grads = self.needs_grads
         grad_x = torch.zeros_like(x)  # sum_j coef_ij y_j (without t and the final scale)
         # loss, d loss / d b, then the statistics: positives, their logits' sum, all logits' sum, weighted pairs,
-        # positives by ids alone
-        totals = torch.zeros(7, dtype=torch.float64, device=x.device)
+        # positives by ids alone, pairs mining added beyond the ids'
+        totals = torch.zeros(8, dtype=torch.float64, device=x.device)
         block = self.text_block(col_stats)
         chain = ()
         if statistic_grads is not None:
@@ -383,6 +392,8 @@ class Engine:
                 totals[4] += (t * (x[rows].sum(0) @ y_tile.sum(0)) + self.b * tile.logits.numel()).double()
                 totals[5] += (tile.logits.numel() if isinstance(weight, float)
                               else torch.count_nonzero(weight.expand(tile.logits.shape)))
+                if self.config.ignores_mined_pairs:
+                    totals[7] += tile.mined.sum()
             if not needs_grads:
                 return
             outputs, grad_outputs = [loss], [torch.ones_like(loss)]
@@ -409,4 +420,6 @@ class Engine:
         grads = (grad_x * (t * scale), grad_y * (t * scale), ((x * grad_x).sum() * scale), bias_grad)
         if statistics and not self.config.mining:
             totals[6] = totals[2]  # every positive is one by ids
+        if statistics and not self.config.ignores_mined_pairs:
+            totals[7] = totals[2] - totals[6]  # the mined pairs are the positives beyond the ids'
         return loss, grads, (totals[2:] if statistics else None)

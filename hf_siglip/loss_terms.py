@@ -39,7 +39,7 @@ class Tile:
 
     def __init__(self, logits, positive_index, rows, cols, n_images, n_texts, row=None, col=None, images=None,
                  texts=None, constants=None, cosine=None, mine_image_text=None, mining_cosine=None, positive=None,
-                 positive_logits_leaf=False):
+                 positive_logits_leaf=False, mined_index=None, mined_image_text=None, mined=None):
         self.logits = logits  # (r, c) t x.y + b; the softmax loss has b = 0
         self.rows, self.cols = rows, cols  # global image / text indices (long)
         self.n_images, self.n_texts = n_images, n_texts  # global batch sizes
@@ -51,6 +51,8 @@ class Tile:
         self._mine_image_text = mine_image_text
         self._mining_cosine = cosine if mining_cosine is None else mining_cosine  # the teacher's, with mine_with
         self._positive = positive  # given whole by the dense reference
+        # mined_pairs="ignore": positives are the ids' alone; the pairs mining finds are kept apart (`mined`)
+        self._mined_index, self._mined_image_text, self._mined = mined_index, mined_image_text, mined
         self._positive_logits_leaf = positive_logits_leaf
         self.positive_logits_leaf = None  # set when a term reads `positive_logits` as a leaf of its own
 
@@ -61,6 +63,14 @@ class Tile:
             self._positive = tile_mask(self.logits.shape, self._pairs, self._mining_cosine,
                                             self._mine_image_text)
         return self._positive
+
+    @property
+    def mined(self):
+        """(r, c) bool, with mined_pairs="ignore": the pairs mining found that the ids do not make positive."""
+        if self._mined is None:
+            found = tile_mask(self.logits.shape, self._mined_index, self._mining_cosine, self._mined_image_text)
+            self._mined = found & ~self.positive
+        return self._mined
 
     @property
     def positive_index(self):
@@ -333,6 +343,12 @@ def normalize(tile, config):
 def row_normalize(tile, config):
     """normalize="row": each image row also divided by its positive count (several positives weigh as one)."""
     return 1.0 / tile.row["positives"].clamp(min=1)
+
+
+@term("weight", lambda config, inputs: config.ignores_mined_pairs)
+def ignore_mined(tile, config):
+    """mined_pairs="ignore": the pairs mining found leave the loss (weight 0), neither positive nor negative."""
+    return (~tile.mined).to(tile.logits.dtype)
 
 
 @term("weight", lambda config, inputs: config.sigmoid_hard_negative_beta is not None,

@@ -102,6 +102,12 @@ _OPTION_CASES = {
                                   "mine_image_text": 0.5, "mine_image_image": 0.5, "mine_text_text": 0.5},
     "duplicates_teacher_mining_distilled": {"teacher": True, "teacher_weight": 0.4, "mine_with": "teacher",
                                             "mine_image_text": 0.5, "normalize": "row"},
+    # mined pairs left out of the loss (false-negative elimination), by the model's or the teacher's similarities
+    "duplicates_ignore_mined": {"mine_image_text": 0.45, "mine_image_image": 0.4, "mine_text_text": 0.4,
+                                "mined_pairs": "ignore", "normalize": "row"},
+    "duplicates_teacher_ignore_mined_hard": {"teacher": True, "teacher_weight": 0.3, "mine_with": "teacher",
+                                             "mine_image_image": 0.5, "mine_text_text": 0.5, "mined_pairs": "ignore",
+                                             "negative_ratio": 2, "negative_selection": "hard"},
     "duplicates_softmax": {"loss_type": "softmax"},
     "duplicates_softmax_targets_mining": {"loss_type": "softmax", "positive_targets": True,
                                           "mine_image_image": 0.4, "mine_text_text": 0.4},
@@ -183,12 +189,13 @@ def _check_parity(name, rank, world, group, SigLipLoss):
     settings = SiglipLossConfig(**{k: v for k, v in options.items() if k not in ("positive_targets", "teacher")})
     global_ids = (image_ids, text_ids) if image_ids is not None else (torch.arange(len(x)), torch.arange(len(y)))
     mined_with = (options["teacher"][0], options["teacher"][1]) if settings.mine_with == "teacher" else (x, y)
-    positive = positive_pairs(*global_ids, *mined_with, **settings.mining)
+    found = positive_pairs(*global_ids, *mined_with, **settings.mining)
+    by_ids = global_ids[0][:, None] == global_ids[1][None, :]
+    positive = by_ids if settings.mined_pairs == "ignore" else found
     logits = t * x @ y.T + (b if settings.loss_type == "sigmoid" else 0.0)
     errors["positives_per_image"] = abs(statistics.positives_per_image - positive.sum().item() / len(x))
-    by_ids = (global_ids[0][:, None] == global_ids[1][None, :]).sum().item()
     errors["mined_positives_per_image"] = abs(statistics.mined_positives_per_image
-                                              - (positive.sum().item() - by_ids) / len(x))
+                                              - (found & ~by_ids).sum().item() / len(x))
     errors["logit_positive_mean"] = abs(statistics.logit_positive_mean - logits[positive].mean().item())
     errors["logit_negative_mean"] = abs(statistics.logit_negative_mean - logits[~positive].mean().item())
     for key, err in errors.items():

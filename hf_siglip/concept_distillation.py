@@ -1,4 +1,4 @@
-"""DiHT's concept distillation (Radenovic et al., CVPR 2023, arXiv 2301.02280, section 3.3) for `SiglipTrainer`.
+"""DiHT's concept distillation (Radenovic et al., CVPR 2023, arXiv 2301.02280, section 3) for `SiglipTrainer`.
 
 A frozen teacher image model (an ImageNet-style classifier, or any image-feature model) sees every training image
 once, before training: the `concept_targets` data step stores its class logits or its feature vector per row. A
@@ -127,6 +127,9 @@ class ConceptDistillation(TrainerCallback):
                                  "which this run did not record: set it to 'kl' (teacher logits) or 'cosine' "
                                  "(teacher features)")
             self.kind = OUTPUT_LOSSES[output]
+            if self.kind == "cosine" and self.temperature != 1.0:
+                raise ValueError("concept_distillation_temperature applies to the kl loss only, and 'auto' chose "
+                                 "cosine (the concept_targets step stored features)")
         args.concept_distillation_loss = self.kind
         return self.kind
 

@@ -97,7 +97,7 @@ class SiglipTrainingArguments(TrainingArguments):
     concept_distillation_weight: float = field(
         default=0.0,
         metadata={
-            "help": "DiHT concept distillation (section 3.3): weight of the loss of a linear head on the image "
+            "help": "DiHT concept distillation (section 3): weight of the loss of a linear head on the image "
             "embedding that learns a frozen teacher's outputs, stored per row by the concept_targets data step "
             "(hf_siglip.concept_distillation). 0: off."
         },

@@ -71,6 +71,25 @@ def save_tiny_blip_captioner(path) -> str:
     return str(path)
 
 
+def save_tiny_vit_teacher(path, classifier: bool = True, num_labels: int = 10, seed: int = 0) -> str:
+    """Save a randomly initialised 1-layer ViT (16 px) with its image processor to ``path``, as a concept
+    distillation teacher: an image classifier (logits scaled up so they differ from image to image) or, with
+    ``classifier=False``, a feature model (``ViTModel``, pooler included)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
+
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                       num_attention_heads=2, num_labels=num_labels)
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(config) if classifier else ViTModel(config)
+    if classifier:
+        with torch.no_grad():
+            model.classifier.weight.mul_(20.0)
+    model.save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
 def random_rgb(rng, size=16):
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from cli_helpers import REPO, cli_env, launcher_binary
 from conftest import tiny_training_setup
-from transformers import AutoModel, ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
+from data_fixtures import save_tiny_vit_teacher
+from transformers import AutoModel
 
 import hf_siglip as hs
 from hf_siglip.concept_distillation import WEIGHTS_NAME, distillation_losses
@@ -20,30 +21,16 @@ from hf_siglip.scripts.arguments import SiglipModelArguments, SiglipScriptArgume
 
 SCRIPT = REPO / "tests" / "scripts" / "train_concept_tiny.py"
 N_CLASSES = 10
-TINY_VIT = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                num_attention_heads=2)
-
-
-def save_teacher(path, model):
-    model.save_pretrained(path)
-    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def classifier_teacher(tmp_path_factory):
-    """A tiny random ViT classifier whose (scaled-up) logits differ from image to image."""
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(num_labels=N_CLASSES, **TINY_VIT))
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)
-    return save_teacher(tmp_path_factory.mktemp("vit_classifier"), model)
+    return save_tiny_vit_teacher(tmp_path_factory.mktemp("vit_classifier"), num_labels=N_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def feature_teacher(tmp_path_factory):
-    torch.manual_seed(1)
-    return save_teacher(tmp_path_factory.mktemp("vit_features"), ViTModel(ViTConfig(**TINY_VIT)))
+    return save_tiny_vit_teacher(tmp_path_factory.mktemp("vit_features"), classifier=False, seed=1)
 
 
 def with_targets(dataset, teacher, **settings):
@@ -108,6 +95,15 @@ def test_distillation_loss_goes_down(tmp_path, classifier_teacher):
     concept = logged(trainer, "concept_distillation_loss")
     assert len(concept) == 16
     assert concept[-1] < 0.5 * concept[0], concept
+
+
+def test_auto_takes_cosine_for_a_feature_teacher(tmp_path, feature_teacher):
+    trainer = train(tmp_path, feature_teacher, max_steps=1, concept_distillation_loss="auto")
+    assert trainer.args.concept_distillation_loss == "cosine"  # resolved from the step's report, named in the card
+    assert trainer.concept_distillation.head.out_features == 16  # the teacher ViT's width
+    assert 0.0 < logged(trainer, "concept_distillation_loss")[0] < 2.0  # 1 - cos lies in [0, 2]
+    with pytest.raises(ValueError, match="applies to the kl loss only, and 'auto' chose cosine"):
+        train(tmp_path / "hot", feature_teacher, concept_distillation_loss="auto", concept_distillation_temperature=2.0)
 
 
 def test_saved_model_is_native_and_a_resumed_run_continues_with_the_head(tmp_path, classifier_teacher):
@@ -209,7 +205,7 @@ def test_data_step_counts_broken_images_and_the_collator_passes_targets(classifi
 
     with_features, report = with_targets(rows, feature_teacher)
     assert report["concept_targets"]["output"] == "features"
-    assert with_features.features["concept_targets"].length == TINY_VIT["hidden_size"]
+    assert with_features.features["concept_targets"].length == 16  # the ViT's width
     with pytest.raises(ValueError, match="at random"):  # a classifier's untrained pooler would give noise
         with_targets(rows, classifier_teacher, output="features")
 

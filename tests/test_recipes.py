@@ -15,7 +15,7 @@ import torch
 import yaml
 from cli_helpers import RECIPES, TINY, flags, warning_lines
 from conftest import tiny_training_setup
-from data_fixtures import save_tiny_blip_captioner
+from data_fixtures import save_tiny_blip_captioner, save_tiny_vit_teacher
 from huggingface_hub import ModelCard
 from transformers import SiglipModel
 
@@ -88,7 +88,7 @@ def check_example_card(name: str, card: str) -> None:
 def test_every_recipe_is_tested_and_documents_its_paper():
     tested = {"siglip_from_scratch", "siglit_locked_image_tower", "finetune_pretrained", "msiglip_bottleneck",
               "fff_multi_positive", "diht_cat_hard_negatives", "blip_capfilt", "siglip_label_noise",
-              "albef_momentum_distillation"}
+              "albef_momentum_distillation", "diht_concept_distillation"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
     for path in RECIPES.glob("*.yaml"):
         text = path.read_text()
@@ -103,6 +103,20 @@ def test_albef_momentum_distillation_keeps_a_teacher(tmp_path):
     assert (output_dir / "checkpoint-2" / "momentum_teacher.safetensors").exists()
     card = (output_dir / "README.md").read_text()
     assert '"teacher_momentum": 0.995' in card  # the card's loss options name the distillation
+
+
+def test_diht_concept_distillation_with_a_classifier_teacher(tmp_path):
+    teacher = save_tiny_vit_teacher(tmp_path / "vit")  # the recipe names google/vit-base-patch16-224
+    output_dir = run_recipe("diht_concept_distillation", tmp_path, save_strategy="steps", save_steps=1,
+                            data_steps=recipe_steps("diht_concept_distillation", concept_targets=teacher))
+    assert data_report(output_dir)["concept_targets"] == {"output": "logits", "undecodable_images": 0, "rows_in": 32,
+                                                          "rows_out": 32}
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["concept_distillation_loss"] > 0 for entry in history if "loss" in entry] == [True, True]
+    assert (output_dir / "checkpoint-2" / "concept_head.safetensors").exists()  # the head travels with checkpoints
+    model, loading = SiglipModel.from_pretrained(output_dir, output_loading_info=True)  # not with the model
+    assert loading["unexpected_keys"] == set() and loading["missing_keys"] == set(), loading
+    assert '"concept_distillation_loss": "kl"' in (output_dir / "README.md").read_text()  # 'auto' resolved
 
 
 def test_siglip_from_scratch_then_eval(tmp_path):

@@ -1,4 +1,4 @@
-"""Step ``concept_targets``: DiHT's concept distillation (section 3.3). A frozen teacher (an image classifier, or any
+"""Step ``concept_targets``: DiHT's concept distillation (section 3). A frozen teacher (an image classifier, or any
 image-feature model) sees every image once; rows then carry its logits or features in ``concept_targets``, which the
 trainer's head learns with ``concept_distillation_weight`` (see :mod:`hf_siglip.data.concept_targets`). Counted:
 ``undecodable_images`` (their rows get no targets; the collator drops them, counted again per batch). ``output``

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
+from .checkpoint_files import save_beside_checkpoint
 from .data.embedding import _features
 
 HEAD_NAME = "concept_head"
@@ -152,12 +153,8 @@ class ConceptDistillation(TrainerCallback):
         return self.weight * accelerator.num_processes / images, total / images
 
     def on_save(self, args, state, control, **kwargs):
-        weights = {name: _full(value).detach().contiguous().cpu() for name, value in self.head.state_dict().items()}
-        if state.is_world_process_zero:
-            from safetensors.torch import save_file
-
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_file(weights, os.path.join(folder, WEIGHTS_NAME))
+        weights = {name: _full(value).detach().cpu() for name, value in self.head.state_dict().items()}
+        save_beside_checkpoint(weights, args, state, WEIGHTS_NAME)
 
     def load(self, checkpoint_folder: str) -> None:
         """Take the head saved with a checkpoint (a checkpoint of a run without concept distillation has none)."""

@@ -20,6 +20,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from .checkpoint_files import save_beside_checkpoint
 from .loss import Teacher
 
 WEIGHTS_NAME = "momentum_teacher.safetensors"
@@ -42,12 +43,7 @@ class MomentumTeacher(TrainerCallback):
             teacher_buffers[name].copy_(buffer)
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            from safetensors.torch import save_file
-
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_file({name: value.contiguous() for name, value in self.model.state_dict().items()},
-                      os.path.join(folder, WEIGHTS_NAME))
+        save_beside_checkpoint(self.model.state_dict(), args, state, WEIGHTS_NAME)
 
     def load(self, checkpoint_folder: str) -> bool:
         """Take the teacher's weights saved with a checkpoint; False when it holds none."""

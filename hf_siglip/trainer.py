@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .checkpoint_files import match_umask
 from .concept_distillation import COLUMN as CONCEPT_TARGETS
 from .concept_distillation import ConceptDistillation
 from .data.collator import SiglipDataCollator, collator_epoch_callback
@@ -408,7 +409,7 @@ class SiglipTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
-        _match_umask(output_dir or self.args.output_dir, "*.safetensors")
+        match_umask(output_dir or self.args.output_dir, "*.safetensors")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -514,17 +515,6 @@ class SiglipTrainer(Trainer):
             return tensor
         flat = self._gather_ragged(tensor.reshape(len(tensor), -1).flatten())
         return flat.view(-1, *tensor.shape[1:])
-
-
-def _match_umask(folder: str, pattern: str) -> None:
-    """safetensors writes weights with mode 0600 while every other saved file follows the umask (0644 usually):
-    give the weights the same mode, so a checkpoint shared on a team disk is readable as a whole."""
-    from pathlib import Path
-
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in Path(folder).glob(pattern):
-        path.chmod(0o666 & ~umask)
 
 
 def _batch_rows(batch) -> int:

@@ -100,7 +100,9 @@ def test_every_recipe_is_tested_and_documents_its_paper():
 def test_albef_momentum_distillation_keeps_a_teacher(tmp_path):
     output_dir = run_recipe("albef_momentum_distillation", tmp_path, teacher_warmup_steps=1, save_strategy="steps",
                             save_steps=1)
-    assert (output_dir / "checkpoint-2" / "momentum_teacher.safetensors").exists()
+    checkpoint = output_dir / "checkpoint-2"
+    # the teacher's weights are as readable as the rest of the checkpoint (safetensors alone writes 0600)
+    assert (checkpoint / "momentum_teacher.safetensors").stat().st_mode == (checkpoint / "config.json").stat().st_mode
     card = (output_dir / "README.md").read_text()
     assert '"teacher_momentum": 0.995' in card  # the card's loss options name the distillation
 
@@ -113,7 +115,8 @@ def test_diht_concept_distillation_with_a_classifier_teacher(tmp_path):
                                                           "rows_out": 32}
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     assert [entry["concept_distillation_loss"] > 0 for entry in history if "loss" in entry] == [True, True]
-    assert (output_dir / "checkpoint-2" / "concept_head.safetensors").exists()  # the head travels with checkpoints
+    head = output_dir / "checkpoint-2" / "concept_head.safetensors"  # the head travels with checkpoints,
+    assert head.stat().st_mode == (output_dir / "checkpoint-2" / "config.json").stat().st_mode  # as readable
     model, loading = SiglipModel.from_pretrained(output_dir, output_loading_info=True)  # not with the model
     assert loading["unexpected_keys"] == set() and loading["missing_keys"] == set(), loading
     assert '"concept_distillation_loss": "kl"' in (output_dir / "README.md").read_text()  # 'auto' resolved

@@ -8,8 +8,9 @@
 4. Fine-tuning a pretrained tower with vs without weight decay (SigLIP section 4.5): a model pretrained on
    the embedded demo is fine-tuned on scikit-learn's digits; we report digit zero-shot accuracy and how
    much demo zero-shot accuracy the model keeps.
-5. FFF's in-batch mining switched on half-way through training (loss_config.mining_start_step) instead of from
-   the random init, against the same run without mining.
+5. FFF's in-batch mining: the FFF recipe (recipes/fff_multi_positive.yaml through `hf-siglip train`, the demo's own
+   4 captions instead of a captioner's) with its mining on vs off, over seeds 0, 1, 2; and the mining rules that
+   collapse (image-image and text-text at 0.98 from half-way, by the model's and by an EMA teacher's embeddings).
 
 Every run is `hf_siglip.scripts.train.run_train` with the same small model and data; only the named
 setting changes. Results go to stdout as one table and to OUTPUT_DIR/results.json. Figures from the last
@@ -82,6 +83,7 @@ def main():
     if "5" in args.parts:  # mining from the middle of the run: 128 images per step
         run_mining_after_warm_up(results, args.output_dir, demo, batch,
                                  start_step=int(args.epochs * math.ceil(args.train_size / 128)) // 2)
+        run_fff_recipe_mining(results, args.output_dir, seeds=(0, 1, 2))
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(results_path, "w") as file:
@@ -116,6 +118,34 @@ def run_mining_after_warm_up(results, output_dir, demo, batch, start_step):
     mining = {"mine_image_image": 0.98, "mine_text_text": 0.98, "mining_start_step": start_step}
     results[f"4 captions + mining from step {start_step}"] = run("k4_mining_after_warm_up", output_dir, k4,
                                                                  training={**batch, "loss_config": mining})
+    results[f"4 captions + mining from step {start_step} by an EMA teacher (0.99)"] = run(
+        "k4_teacher_mining_after_warm_up", output_dir, k4,
+        training={**batch, "teacher_momentum": 0.99,
+                  "loss_config": {**mining, "mine_with": "teacher", "teacher_weight": 0.0}})
+
+
+def run_fff_recipe_mining(results, output_dir, seeds):
+    """The FFF recipe through `hf-siglip train`, its data steps replaced by the demo's own 4 captions (no captioner is
+    downloaded here; no augmentation), on 2,000 images for 16 epochs (the recipe's ~250 steps); 'mining off' keeps
+    everything but the mining settings."""
+    from hf_siglip.cli import main as cli_main
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "fff_multi_positive.yaml")
+    steps = json.dumps([{"caption_sampling": {"k": 4}}])
+    for seed in seeds:
+        for mining in (False, True):
+            name = f"fff_recipe_mining_{'on' if mining else 'off'}_seed{seed}"
+            flags = ["train", "--config", recipe, "--data_steps", steps, "--demo_train_size", "2000",
+                     "--num_train_epochs", "16", "--seed", str(seed), "--disable_tqdm", "true",
+                     "--output_dir", os.path.join(output_dir, name)]
+            if not mining:
+                flags += ["--loss_config", json.dumps({"normalize": "row"})]
+            started = time.perf_counter()
+            assert cli_main(flags) == 0, name
+            with open(os.path.join(output_dir, name, "eval_results.json")) as file:
+                metrics = json.load(file)["metrics"]
+            metrics["seconds"] = time.perf_counter() - started
+            results[f"FFF recipe, mining {'on' if mining else 'off'}, seed {seed}"] = metrics
 
 
 def run_weight_decay_on_pretrained(results, output_dir, demo):

@@ -187,8 +187,15 @@ def test_msiglip_bottleneck(tmp_path, native_tiny_checkpoint):
 
 def test_fff_pseudo_captions_k_captions_and_augmentation(tmp_path):
     captioner = save_tiny_blip_captioner(tmp_path / "blip")
+    loss_config = yaml.safe_load((RECIPES / "fff_multi_positive.yaml").read_text())["loss_config"]
+    assert loss_config["mine_text_text"] is not None and loss_config["mining_start_step"] > 0  # mining is on
+    loss_config["mining_start_step"] = 1  # the tiny run's second step
     output_dir = run_recipe("fff_multi_positive", tmp_path,
-                            data_steps=recipe_steps("fff_multi_positive", pseudo_captions=captioner))
+                            data_steps=recipe_steps("fff_multi_positive", pseudo_captions=captioner),
+                            loss_config=json.dumps(loss_config))
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    mined = [entry["mined_positives_per_image"] for entry in history if "mined_positives_per_image" in entry]
+    assert mined[0] == 0 and mined[1] > 0  # off at step 0, on from step 1 (a random text tower: cosines near 1)
     report = data_report(output_dir)
     assert report["pseudo_captions"]["rows"] == 32 and report["pseudo_captions"]["rows_out"] == 32
     assert report["caption_sampling"] == {"k": 5} and "image_augmentation" in report

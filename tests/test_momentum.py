@@ -143,3 +143,34 @@ def test_mining_with_the_teacher_uses_the_teachers_similarities(tmp_path):
 def test_bad_teacher_settings_fail_when_the_arguments_are_built(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         training_args(tmp_path, **overrides)
+
+
+def test_command_line_teacher_mining_on_two_processes_with_accumulation_equals_one_process(tmp_path):
+    """`hf-siglip train` with the momentum teacher distilling and mining (mined pairs ignored), 2 torchrun processes
+    x 4 images x 2 accumulated micro-batches against 1 process x 16 images: the same global batch, so the same
+    losses, mined-pair counts and weights (the teacher's text embeddings travel the ring with the student's)."""
+    import json
+
+    from cli_helpers import TINY, launcher_binary, run_train
+    from safetensors.torch import load_file
+
+    settings = {**TINY, "use_cpu": "false", "max_steps": 3, "eval_split": "None", "disable_tqdm": "true",
+                "teacher_momentum": 0.5, "loss_config": json.dumps({
+                    "teacher_weight": 0.3, "mine_with": "teacher", "mine_text_text": 0.999, "mined_pairs": "ignore"})}
+    torchrun = [launcher_binary("torchrun"), "--nproc_per_node", "2", "--master_port", "29651"]
+    two = run_train({**settings, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                     "output_dir": tmp_path / "two"}, torchrun)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_train({**settings, "per_device_train_batch_size": 16, "output_dir": tmp_path / "one"})
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def logged(run, key):
+        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        return [entry[key] for entry in history if key in entry and "train_loss" not in entry]
+
+    assert logged("two", "loss") == pytest.approx(logged("one", "loss"), rel=1e-4)
+    mined = logged("one", "mined_positives_per_image")
+    assert logged("two", "mined_positives_per_image") == pytest.approx(mined, rel=1e-5)
+    assert max(mined) > 0  # the teacher found pairs to leave out
+    two_weights, one_weights = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("two", "one"))
+    assert max((two_weights[k] - one_weights[k]).abs().max().item() for k in one_weights) < 2e-3

@@ -107,6 +107,8 @@ CONFIGURATION_MISTAKES = [
     ({"data_steps": '[{"image_embedding_cache": {}}]'}, ValueError,
      "the image_embedding_cache data step needs lock_vision_tower"),
     ({"label_noise": 0.2}, ValueError, r"\['label_noise'\] are data steps now.*label_noise -> data_steps entry"),
+    ({"image_fast_path": "cv2"}, ValueError, r"image_fast_path is one of \('torch', 'pil'\) or None, got 'cv2'"),
+    ({"loss_config": '{"mine_with": "teacher", "mine_text_text": 0.99}'}, ValueError, "set teacher_momentum"),
 ]
 
 
@@ -164,3 +166,19 @@ def test_weights_save_as_safetensors_and_a_legacy_bin_loads_with_weights_only(tm
     loaded = hs.SiglipBottleneckModel.from_pretrained(tmp_path / "legacy")
     for (name, expected), actual in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(expected, actual), name
+
+
+def test_image_fast_path_flag_reaches_the_collator(tmp_path):
+    """--image_fast_path pil / None / torch: the first step's loss (the initial weights on the same batch) is the
+    processor's to float rounding with Pillow's resize, and a little further off with torch's uint8 resize (within
+    2/255 of it). The demo's 24 px images are resized to the model's 16."""
+    first_loss = {}
+    for path in ("pil", "None", "torch"):
+        output_dir = tmp_path / path
+        assert cli_main(["train", *flags({**TINY, "demo_image_size": 24, "output_dir": output_dir,
+                                          "eval_split": "None", "image_fast_path": path, "max_steps": 1})]) == 0
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        first_loss[path] = history[0]["loss"]
+    assert first_loss["pil"] == pytest.approx(first_loss["None"], rel=1e-6)
+    assert first_loss["torch"] != first_loss["None"]
+    assert first_loss["torch"] == pytest.approx(first_loss["None"], rel=1e-2)

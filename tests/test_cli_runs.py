@@ -168,3 +168,35 @@ def test_two_processes_skip_empty_batches_together(tmp_path):
     assert report["train/rows_with_undecodable_image"] == 28  # both processes' counts, 2 epochs
     assert report["train/empty_batches_skipped"] >= 6
     assert report["train/rows_skipped_with_another_process_empty_batch"] >= 1  # a good batch beside an empty one
+
+
+def test_run_with_a_momentum_teacher_and_concept_distillation_resumes_bit_for_bit(tmp_path):
+    """The training signals that keep state beside the model (the EMA teacher, the concept-distillation head) come
+    back from a checkpoint: a fresh output folder holding only the uninterrupted run's checkpoint-3 (what a kill
+    after it leaves; the kill itself is tested above), resumed from the command line, ends as the uninterrupted run
+    (losses, the distillation loss, the weights)."""
+    from data_fixtures import save_tiny_vit_teacher
+
+    teacher = save_tiny_vit_teacher(tmp_path / "vit")
+    settings = {**TINY, "demo_train_size": 48, "max_steps": 6, "save_strategy": "steps", "save_steps": 3,
+                "eval_split": "None", "disable_tqdm": "true", "seed": 5, "teacher_momentum": 0.8,
+                "concept_distillation_weight": 0.5,
+                "data_steps": json.dumps([{"concept_targets": {"model": teacher}}, {"caption_sampling": {"k": 2}}]),
+                "loss_config": json.dumps({"teacher_weight": 0.3})}
+    straight = run_train({**settings, "output_dir": tmp_path / "straight"})
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / "momentum_teacher.safetensors").exists() and (checkpoint / "concept_head.safetensors").exists()
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
+
+    resumed = run_train({**settings, "output_dir": tmp_path / "resumed", "resume_from_checkpoint": "true"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def logged(output_dir, key):
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        return [entry[key] for entry in history if key in entry and "train_loss" not in entry]
+
+    for key in ("loss", "concept_distillation_loss"):
+        assert logged(tmp_path / "resumed", key) == logged(tmp_path / "straight", key), key
+    assert len(logged(tmp_path / "resumed", "loss")) == 6
+    assert_same_weights(tmp_path / "resumed", tmp_path / "straight")

@@ -73,6 +73,11 @@ class SiglipScriptArguments:
                 "'[{\"cat_filter\": {\"min_complexity\": 2}}, {\"caption_sampling\": {\"k\": 5}}]'. Steps: "
                 "pseudo_captions, cat_filter, capfilt, positive_groups, label_noise, concept_targets, "
                 "image_embedding_cache, caption_sampling, image_augmentation (README: Data steps)."})
+    image_fast_path: str | None = field(default="torch", metadata={
+        "help": "How the collator makes pixel_values when the processor only resizes and normalises: 'torch' "
+                "(antialiased uint8 resize, within 2/255 of the processor, several times faster), 'pil' (Pillow's "
+                "resize, equal to the processor up to float rounding) or None (the processor itself). Other "
+                "processors (CLIP's crop, NaFlex) always use the processor."})
     zero_shot_classes: list[str] | None = field(default=None, metadata={
         "help": "Class names for zero-shot evaluation (demo: its 30 colour-shape classes)."})
     zero_shot_templates: list[str] | None = field(default=None, metadata={"help": "Prompt templates with '{}'."})
@@ -86,6 +91,7 @@ class SiglipScriptArguments:
         from ..data.steps import parse_data_steps
 
         self.eval_split = _none_if_spelled_none(self.eval_split)
+        self.image_fast_path = _none_if_spelled_none(self.image_fast_path)
         if isinstance(self.data_steps, str):  # JSON from the command line
             try:
                 self.data_steps = json.loads(self.data_steps) if self.data_steps.strip() not in ("", "None") else None
@@ -189,6 +195,10 @@ def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipMod
     if training_args.concept_distillation_weight > 0 and "concept_targets" not in step_names:
         problems.append("concept_distillation_weight > 0 needs the concept_targets data step, which stores the "
                         "teacher's outputs per row (data_steps: [{concept_targets: {model: TEACHER}}])")
+    from ..data.image_preprocessing import RESIZE_BACKENDS
+
+    if script_args.image_fast_path not in (*RESIZE_BACKENDS, None):
+        problems.append(f"image_fast_path is one of {RESIZE_BACKENDS} or None, got {script_args.image_fast_path!r}")
     for name in ("image_column", "caption_column", "train_split"):
         if not getattr(script_args, name):
             problems.append(f"{name} must be a non-empty string")

@@ -265,7 +265,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     model, processor = training_model(train)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
     collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
-                                  caption_sampler=context.caption_sampler, image_transform=context.image_transform)
+                                  caption_sampler=context.caption_sampler, image_transform=context.image_transform,
+                                  image_fast_path=script_args.image_fast_path)
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,
                             eval_dataset=evaluation, processing_class=processor)
     trainer.data_steps_report = context.report  # logged with the first training log, and in the model card

@@ -158,3 +158,24 @@ def test_a_resumed_stream_continues_mid_epoch_like_the_uninterrupted_run(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "straight")
     assert_same_weights(tmp_path / "resumed", tmp_path / "straight")
+
+
+def test_shards_stream_through_concept_distillation_and_teacher_mining(tmp_path):
+    """Tar shards streamed through the concept_targets step (computed lazily as rows are read), with the momentum
+    teacher mining: the distillation loss and the mined pairs are logged, and the saved model has no head."""
+    from data_fixtures import save_tiny_vit_teacher
+    from safetensors.torch import load_file
+
+    shards = make_shards(tmp_path, n_train=48, n_test=16, rows_per_shard=16)
+    teacher = save_tiny_vit_teacher(tmp_path / "vit")
+    run = run_train({**SHARD_TRAINING, "dataset": shards, "max_steps": 3, "output_dir": tmp_path / "out",
+                     "data_steps": json.dumps([{"concept_targets": {"model": teacher}}]),
+                     "concept_distillation_weight": 1.0, "teacher_momentum": 0.9,
+                     "loss_config": json.dumps({"mine_with": "teacher", "mine_text_text": 0.999,
+                                                "mined_pairs": "ignore"})})
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry and "train_loss" not in entry]
+    assert len(logged) == 3
+    assert all(entry["concept_distillation_loss"] > 0 and "mined_positives_per_image" in entry for entry in logged)
+    assert not any(name.startswith("concept_head") for name in load_file(str(tmp_path / "out" / "model.safetensors")))

@@ -177,4 +177,5 @@ class SiglipLossConfig:
         return zlib.crc32(repr(sorted(self.changed().items())).encode())
 
 
-__all__ = ["LOSS_TYPES", "MINED_PAIRS", "MINING_EMBEDDINGS", "NEGATIVE_SELECTIONS", "NORMALIZATIONS", "SiglipLossConfig"]
+__all__ = ["LOSS_TYPES", "MINED_PAIRS", "MINING_EMBEDDINGS", "NEGATIVE_SELECTIONS", "NORMALIZATIONS",
+           "SiglipLossConfig"]

@@ -23,6 +23,8 @@ import math
 import os
 import time
 
+import yaml
+
 from hf_siglip.data.demo import DIGITS_CLASSES, DIGITS_TEMPLATES, make_digits_dataset
 from hf_siglip.scripts.train import (
     DEMO_TRAINING_DEFAULTS,
@@ -31,6 +33,7 @@ from hf_siglip.scripts.train import (
     run_train,
 )
 from hf_siglip.training_args import SiglipTrainingArguments
+
 
 def save_digits_dataset(path: str) -> str:
     """scikit-learn's digits as an image-caption dataset on disk (what `hf-siglip train --dataset` reads)."""
@@ -133,19 +136,24 @@ def run_fff_recipe_mining(results, output_dir, seeds):
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "fff_multi_positive.yaml")
     steps = json.dumps([{"caption_sampling": {"k": 4}}])
     for seed in seeds:
-        for mining in (False, True):
-            name = f"fff_recipe_mining_{'on' if mining else 'off'}_seed{seed}"
+        for mining in ("off", "on", "on, by an EMA teacher"):
+            name = f"fff_recipe_mining_{mining.replace(', by an EMA teacher', '_teacher')}_seed{seed}"
             flags = ["train", "--config", recipe, "--data_steps", steps, "--demo_train_size", "2000",
                      "--num_train_epochs", "16", "--seed", str(seed), "--disable_tqdm", "true",
                      "--output_dir", os.path.join(output_dir, name)]
-            if not mining:
+            if mining == "off":
                 flags += ["--loss_config", json.dumps({"normalize": "row"})]
+            elif mining != "on":  # the recipe's rules on the teacher's embeddings, without its soft targets
+                with open(recipe) as file:
+                    loss_config = yaml.safe_load(file)["loss_config"]
+                flags += ["--teacher_momentum", "0.99", "--loss_config",
+                          json.dumps({**loss_config, "mine_with": "teacher", "teacher_weight": 0.0})]
             started = time.perf_counter()
             assert cli_main(flags) == 0, name
             with open(os.path.join(output_dir, name, "eval_results.json")) as file:
                 metrics = json.load(file)["metrics"]
             metrics["seconds"] = time.perf_counter() - started
-            results[f"FFF recipe, mining {'on' if mining else 'off'}, seed {seed}"] = metrics
+            results[f"FFF recipe, mining {mining}, seed {seed}"] = metrics
 
 
 def run_weight_decay_on_pretrained(results, output_dir, demo):

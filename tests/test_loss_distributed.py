@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -312,11 +313,16 @@ def _worker(rank, world, port, out_dir):
             subgroup = dist.new_group(members)
             if rank in members:
                 results["subgroup"] = _check_parity("unequal_plain", rank, len(members), subgroup, SigLipLoss)
+                dist.destroy_process_group(subgroup)
         dist.barrier()
+        # written before teardown: gloo's shutdown of a 3-process world with a sub-group has aborted once in CI
+        # ("terminate called without an active exception") after every check had run; see _results
+        temporary = os.path.join(out_dir, f"rank{rank}.json.tmp")
+        with open(temporary, "w") as handle:
+            json.dump(results, handle)
+        os.replace(temporary, os.path.join(out_dir, f"rank{rank}.json"))
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump(results, handle)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,10 +345,17 @@ def _results(world, tmp_path_factory):
         context = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
                                      start_method="spawn")
         deadline = time.monotonic() + LAUNCH_DEADLINE_S
+        result_files = [os.path.join(out_dir, f"rank{r}.json") for r in range(world)]
         try:
             while not context.join(timeout=1):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"world {world}: processes still running after {LAUNCH_DEADLINE_S}s")
+        except mp.ProcessExitedException as error:
+            # a crash before every process wrote its results fails; one in process-group teardown after them is
+            # torch's, not the loss's: reported, and the results are checked as usual
+            if not all(os.path.exists(path) for path in result_files):
+                raise
+            warnings.warn(f"world {world}: {error} after all results were written (process-group teardown)")
         finally:
             for process in context.processes:
                 if process.is_alive():

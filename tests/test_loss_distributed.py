@@ -315,8 +315,9 @@ def _worker(rank, world, port, out_dir):
                 results["subgroup"] = _check_parity("unequal_plain", rank, len(members), subgroup, SigLipLoss)
                 dist.destroy_process_group(subgroup)
         dist.barrier()
-        # written before teardown: gloo's shutdown of a 3-process world with a sub-group has aborted once in CI
-        # ("terminate called without an active exception") after every check had run; see _results
+        # written before teardown: a 3-process world aborted once in CI ("terminate called without an active
+        # exception", a C++ thread left running; where is unknown), and a crash after this point must not lose the
+        # results (see _results; a crash before it still fails the test)
         temporary = os.path.join(out_dir, f"rank{rank}.json.tmp")
         with open(temporary, "w") as handle:
             json.dump(results, handle)

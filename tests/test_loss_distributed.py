@@ -316,8 +316,9 @@ def _worker(rank, world, port, out_dir):
                 dist.destroy_process_group(subgroup)
         dist.barrier()
         # written before teardown: a 3-process world aborted once in CI ("terminate called without an active
-        # exception", a C++ thread left running; where is unknown), and a crash after this point must not lose the
-        # results (see _results; a crash before it still fails the test)
+        # exception", a C++ thread left running; where is unknown; Gloo's threads at interpreter exit are a known
+        # SIGABRT source, pytorch/pytorch#179291), and a crash after this point must not lose the results (see
+        # _results; a crash before it still fails the test)
         temporary = os.path.join(out_dir, f"rank{rank}.json.tmp")
         with open(temporary, "w") as handle:
             json.dump(results, handle)

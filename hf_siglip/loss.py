@@ -323,7 +323,7 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_ids=N
                   logit_scale.detach().to(dtype).reshape(()), logit_bias.detach().to(dtype).reshape(()))
     engine = Engine(ring, config, terms, image_sizes, text_sizes, image_ids.to(device, torch.long),
                     text_ids.to(device, torch.long), embeddings, inputs, needs_grads, return_statistics,
-                    _mining_embeddings(config, teacher, dtype))
+                    (_mining_embeddings(config, teacher, dtype) or (None,))[0])
     loss = _RingLoss.apply(*leaves, engine)
     if not return_statistics:
         return loss

@@ -129,7 +129,7 @@ class Engine:
     """
 
     def __init__(self, ring, config, terms, image_sizes, text_sizes, image_ids, text_ids, embeddings, inputs,
-                 needs_grads, wants_statistics, mining_embeddings=None):
+                 needs_grads, wants_statistics, mining_image_embeds=None):
         self.ring, self.config, self.terms = ring, config, terms
         self.image_sizes, self.text_sizes = image_sizes, text_sizes
         self.image_offsets = [sum(image_sizes[:r]) for r in range(ring.world)]
@@ -140,11 +140,14 @@ class Engine:
         if not terms.uses_bias:
             self.b = torch.zeros_like(self.b)
         self.x_scaled = self.x * self.t
-        # what the mining rules compare: these embeddings, or the teacher's (loss_config.mine_with)
-        self.mining_x, self.mining_y = mining_embeddings if mining_embeddings is not None else (self.x, self.y)
-        self.mines_elsewhere = mining_embeddings is not None
-        self.mines_positives = bool(config.mining) and not config.ignores_mined_pairs
         self.image_inputs, self.text_inputs, self.constants = inputs
+        # what the mining rules compare: these embeddings, or the teacher's (loss_config.mine_with), whose text
+        # embeddings already travel with each text block as the teacher's input
+        self.mines_elsewhere = mining_image_embeds is not None
+        self.mining_text_key = "teacher_text_embeds" if self.mines_elsewhere else "embeds"
+        self.mining_x = mining_image_embeds if self.mines_elsewhere else self.x
+        self.mining_y = self.text_inputs[self.mining_text_key] if self.mines_elsewhere else self.y
+        self.mines_positives = bool(config.mining) and not config.ignores_mined_pairs
         self.global_rows = torch.arange(self.x.shape[0], device=self.x.device) + self.image_offsets[ring.rank]
         self.needs_grads, self.wants_statistics = needs_grads, wants_statistics
         self.statistics = None  # set by the autograd Function after the run
@@ -183,11 +186,8 @@ class Engine:
 
     def text_block(self, col_stats=None):
         """The local texts as a travelling block: embeddings, ids, per-text inputs and column statistics."""
-        block = {"embeds": self.y, "ids": self.text_ids, **self.text_inputs,
-                 **{f"col/{name}": value for name, value in (col_stats or {}).items()}}
-        if self.mines_elsewhere and self.config.mine_image_text is not None:
-            block["mining_embeds"] = self.mining_y
-        return block
+        return {"embeds": self.y, "ids": self.text_ids, **self.text_inputs,
+                **{f"col/{name}": value for name, value in (col_stats or {}).items()}}
 
     def tile(self, rows, cols, src, block, pairs_and_mined, row_stats, requires_grad=False):
         pairs, mined = pairs_and_mined  # positive pairs of the block; mined_pairs="ignore": the mined ones apart
@@ -207,8 +207,8 @@ class Engine:
                     texts={name: block[name][cols] for name in self.text_inputs},
                     constants=self.constants, cosine=cosine,
                     mine_image_text=self.config.mine_image_text if mined is None else None,
-                    mining_cosine=(self.mining_x[rows] @ block["mining_embeds"][cols].T
-                                   if "mining_embeds" in block else None),
+                    mining_cosine=(self.mining_x[rows] @ block[self.mining_text_key][cols].T
+                                   if self.mines_elsewhere and self.config.mine_image_text is not None else None),
                     mined_index=None if mined is None else pairs_in_tile(rows, cols, mined),
                     mined_image_text=self.config.mine_image_text)
 

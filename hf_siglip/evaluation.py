@@ -8,6 +8,8 @@
 Batched, L2-normalised embeddings come from `hf_siglip.data.embedding` (also home of `add_image_embeddings`,
 the SigLiT embedding cache).
 
+Ties are neither hits nor misses: a query scores the expected hit under a random order of the tied candidates
+(DESIGN decision 12), so a collapsed model gets chance, and NaN embeddings raise instead of scoring.
 Everything returns plain dicts of floats; `to_json` writes them for papers' tables.
 """
 
@@ -36,21 +38,68 @@ def retrieval_metrics(
 
     image->text: an image scores a hit at k if any matching text is among its k most similar texts.
     text->image: a text scores a hit at k if any matching image is among its k most similar images.
-    Images or texts with no match are excluded from their direction (counted in `*_unmatched`).
+    Ties are neither hits nor misses: each query counts the probability of a hit when tied candidates come in a
+    random order (`expected_hits`), so a collapsed model (every score equal) gets chance recall, not 1.0, and a
+    duplicate caption of another image ties with, rather than loses to, the image's own caption.
+    `*_queries_with_ties`: queries whose best match ties with a non-matching candidate. Images or texts with no
+    match are excluded from their direction (counted in `*_unmatched`). Non-finite embeddings raise ValueError.
     """
-    similarity = image_embeds.float() @ text_embeds.float().T
+    check_finite_embeddings(image_embeds=image_embeds, text_embeds=text_embeds)
+    similarity = tie_exact_scores(image_embeds, text_embeds)
     matches = positive_pairs(image_ids, text_ids)
     metrics = {}
     for prefix, scores, positives in (("i2t", similarity, matches), ("t2i", similarity.T, matches.T)):
         has_match = positives.any(dim=1)
         scores, positives = scores[has_match], positives[has_match]
-        # rank of the best-ranked positive: number of candidates scoring strictly higher than it
         best_positive = scores.masked_fill(~positives, -math.inf).max(dim=1, keepdim=True).values
-        rank = (scores > best_positive).sum(dim=1)
+        hits, tied = expected_hits(scores, positives, best_positive, ks)
         for k in ks:
-            metrics[f"{prefix}_recall@{k}"] = (rank < k).float().mean().item() if len(rank) else float("nan")
+            metrics[f"{prefix}_recall@{k}"] = hits[k].mean().item() if len(scores) else float("nan")
         metrics[f"{prefix}_unmatched"] = int((~has_match).sum())
+        metrics[f"{prefix}_queries_with_ties"] = int(tied.sum())
     return metrics
+
+
+def check_finite_embeddings(**embeddings: torch.Tensor) -> None:
+    """ValueError naming the embeddings that hold NaN or infinity: a metric on them would mean nothing."""
+    for name, tensor in embeddings.items():
+        bad_rows = (~torch.isfinite(tensor.reshape(len(tensor), -1))).any(dim=1)
+        if bad_rows.any():
+            raise ValueError(f"{int(bad_rows.sum())} of {len(tensor)} {name.replace('_', ' ')} are not finite "
+                             f"(NaN or infinity; first at row {int(bad_rows.nonzero()[0])}): the model has diverged "
+                             "or its weights are corrupt, so it is not evaluated")
+
+
+def tie_exact_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """`queries @ candidates.T` in float32 where equal vectors get bit-identical scores (a matrix product may round
+    two equal columns differently, which would break a tie between duplicate captions by rounding noise)."""
+    unique_queries, query_index = torch.unique(queries.float(), dim=0, return_inverse=True)
+    unique_candidates, candidate_index = torch.unique(candidates.float(), dim=0, return_inverse=True)
+    return (unique_queries @ unique_candidates.T)[query_index][:, candidate_index]
+
+
+def expected_hits(scores: torch.Tensor, positives: torch.Tensor, target_score: torch.Tensor,
+                  ks: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per query, the probability that a positive is among the k best when ties are ordered at random.
+
+    `target_score` (queries, 1) is the score of the query's best positive. With `above` non-positives scoring
+    higher, and `q` positives and `a` non-positives tied at `target_score`, the first of the tied positives lands
+    within the first k unless the first r = k - above tied places all go to non-positives: probability
+    C(a, r) / C(a + q, r). Returns ({k: hit probabilities}, whether each query's target ties with a non-positive).
+    """
+    above = ((scores > target_score) & ~positives).sum(dim=1)
+    at_target = scores == target_score
+    tied_negatives = (at_target & ~positives).sum(dim=1).double()
+    tied_positives = (at_target & positives).sum(dim=1).double()
+    hits = {}
+    for k in ks:
+        places = k - above  # tied places left within the top k
+        all_negative = torch.ones_like(tied_negatives)
+        for i in range(max(k, 0)):
+            factor = (tied_negatives - i).clamp(min=0) / (tied_negatives + tied_positives - i).clamp(min=1)
+            all_negative = torch.where(places > i, all_negative * factor, all_negative)
+        hits[k] = torch.where(places > 0, 1.0 - all_negative, torch.zeros_like(all_negative))
+    return hits, tied_negatives > 0
 
 
 def chance_recall(n_candidates: int, n_positives: float, k: int) -> float:
@@ -72,16 +121,23 @@ def zero_shot_classifier(model, processor, class_names: Sequence[str], templates
 def zero_shot_metrics(image_embeds: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
                       ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy of classifying images by their most similar class embedding."""
-    return _topk_accuracy(image_embeds.float() @ classifier.float().T, labels, ks, prefix="zero_shot")
+    check_finite_embeddings(image_embeds=image_embeds, class_embeds=classifier)
+    return _topk_accuracy(tie_exact_scores(image_embeds, classifier), labels, ks, prefix="zero_shot")
 
 
 def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
-    labels = torch.as_tensor(labels)
-    ranking = scores.argsort(dim=1, descending=True)
-    metrics = {}
-    for k in ks:
-        if k <= scores.shape[1]:
-            metrics[f"{prefix}_top{k}"] = (ranking[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
+    """Top-k accuracy where a tie between the label and other classes counts as the chance of a random order
+    winning it (`expected_hits`), not as a hit; `<prefix>_ties`: images whose label ties with another class."""
+    labels = torch.as_tensor(labels, device=scores.device)
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{prefix}: scores are not finite (NaN or infinity): the embeddings or the classifier have "
+                         "diverged or come from corrupt weights, so they are not evaluated")
+    is_label = torch.zeros_like(scores, dtype=torch.bool)
+    is_label[torch.arange(len(labels)), labels] = True
+    ks = [k for k in ks if k <= scores.shape[1]]
+    hits, tied = expected_hits(scores, is_label, scores.gather(1, labels[:, None]), ks)
+    metrics = {f"{prefix}_top{k}": hits[k].mean().item() for k in ks}
+    metrics[f"{prefix}_ties"] = int(tied.sum())
     return metrics
 
 
@@ -132,7 +188,9 @@ def linear_probe(
 METRICS_LEGEND = (
     "recall@k: share of queries whose match is among their k most similar candidates (i2t: an image finds one of "
     "its captions among all captions; t2i: a caption finds its image); *_unmatched: queries without any match in "
-    "the set, left out of recall; zero_shot_top1/5: classification accuracy from class-name prompts; "
+    "the set, left out of recall; ties count as the chance that a random order of the tied candidates puts the match "
+    "first (never as sure hits); *_queries_with_ties / *_ties: queries whose match ties with another candidate; "
+    "zero_shot_top1/5: classification accuracy from class-name prompts; "
     "*chance*: the same metric for random embeddings."
 )
 
@@ -165,10 +223,13 @@ def to_json(metrics: dict, path=None) -> str:
 __all__ = [
     "METRICS_LEGEND",
     "chance_recall",
+    "check_finite_embeddings",
+    "expected_hits",
     "format_metrics",
     "few_shot_indices",
     "linear_probe",
     "retrieval_metrics",
+    "tie_exact_scores",
     "to_json",
     "zero_shot_classifier",
     "zero_shot_metrics",

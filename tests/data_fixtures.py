@@ -165,3 +165,66 @@ def photo_like(rng, width: int, height: int) -> Image.Image:
     pixels += (np.sin(x / rng.uniform(2, 6)) * np.cos(y / rng.uniform(2, 6)) * 12)[..., None]
     pixels += rng.normal(0, 5, pixels.shape)
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+PHOTO_CLASSES = ["pagoda", "hillside", "petals", "stem"]
+
+
+def write_photo_folder(root: Path, n_train: int = 24, n_test: int = 16, seed: int = 0,
+                       sizes: tuple[int, int] = (40, 300)) -> Path:
+    """An imagefolder (``train/`` and ``test/``, each with ``metadata.jsonl``) of real photos: crops of
+    scikit-learn's two sample photos (``china.jpg``, ``flower.jpg``, 640 x 427), each side drawn from ``sizes``,
+    re-encoded mostly as JPEG (quality 75-95; some greyscale) and some as PNG. Rows carry 2 captions (the first,
+    "a photo of the <class>", is shared by every image of its class: duplicate captions) and a ``label`` in
+    ``PHOTO_CLASSES`` (the photo and which half of it the crop's centre lies in)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    adjectives = ["bright", "dark", "small", "wide", "tall", "blurry"]
+    for split, count in (("train", n_train), ("test", n_test)):
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.jsonl", "w") as handle:
+            for index in range(count):
+                source = int(rng.integers(0, 2))
+                photo = photos[source]
+                height, width = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+                height, width = min(height, photo.shape[0]), min(width, photo.shape[1])
+                top = int(rng.integers(0, photo.shape[0] - height + 1))
+                left = int(rng.integers(0, photo.shape[1] - width + 1))
+                image = Image.fromarray(photo[top:top + height, left:left + width])
+                label = 2 * source + int(top + height / 2 > photo.shape[0] / 2)
+                kind = rng.choice(["jpeg", "jpeg", "jpeg", "grey", "png"])
+                name = f"{index:03d}.{'png' if kind == 'png' else 'jpg'}"
+                if kind == "grey":
+                    image = image.convert("L")
+                if kind == "png":
+                    image.save(folder / name)
+                else:
+                    image.save(folder / name, quality=int(rng.integers(75, 96)))
+                captions = [f"a photo of the {PHOTO_CLASSES[label]}",
+                            f"a {rng.choice(adjectives)} {PHOTO_CLASSES[label]}"]
+                handle.write(json.dumps({"file_name": name, "caption": captions, "label": label}) + "\n")
+    return root
+
+
+def write_captioned_splits(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """An imagefolder as users bring one: ``train/`` and ``test/``, 3 captions per row (one of them, "a circle",
+    shared by many rows: duplicate captions), a ``label`` column (0 circle, 1 square, 2 star), and images mixed
+    .jpg / .png / greyscale .png."""
+    rng = np.random.default_rng(seed)
+    words, shapes = ["red", "blue", "green", "small", "large"], ["circle", "square", "star"]
+    for split, count in (("train", n_train), ("test", n_test)):
+        folder = Path(root) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.jsonl", "w") as handle:
+            for index in range(count):
+                label = int(rng.integers(0, 3))
+                image = random_rgb(rng, 16)
+                name = f"{index:04d}." + ("jpg" if index % 3 == 0 else "png")
+                (image.convert("L") if index % 3 == 2 else image).save(folder / name)
+                captions = [f"a {rng.choice(words)} {shapes[label]}", f"a {shapes[label]}",
+                            f"{rng.choice(words)} {rng.choice(words)} {shapes[label]}"]
+                handle.write(json.dumps({"file_name": name, "caption": captions, "label": label}) + "\n")
+    return Path(root)

@@ -75,7 +75,7 @@ def test_augmentation_changes_with_the_epoch_repeats_with_the_seed_and_spares_ev
     second = collator(rows)["pixel_values"]
     again = augmented_collator(processor)(rows)["pixel_values"]
     other_seed = augmented_collator(processor, seed=1)(rows)["pixel_values"]
-    unaugmented = plain(rows)["pixel_values"]
+    unaugmented = plain.for_evaluation()(rows)["pixel_values"]  # evaluation: the processor's own pixels
     assert first.shape == unaugmented.shape
     for image in range(len(rows)):  # every image: a new crop each epoch, the same crop for the same seed
         assert not torch.equal(first[image], second[image]) and not torch.equal(first[image], other_seed[image])

@@ -46,7 +46,9 @@ image with the processor's filter, one vectorised multiply-add for the batch. ``
 default) resizes bilinear/bicubic with torch's antialiased ``uint8`` kernel, ~7x faster than Pillow's and within
 2 of 255 levels of it; ``"pil"`` uses Pillow's resize and matches the processor to float rounding; None always calls
 the processor. Any other processor (CLIP's shortest-edge resize + centre crop, Siglip2's NaFlex
-patches, torchvision-backend processors) is always called as it is.
+patches, torchvision-backend processors) is always called as it is. Both shortcuts are for training only:
+:meth:`SiglipDataCollator.for_evaluation` (what ``SiglipTrainer`` evaluates with) decodes in full and calls the
+processor, so evaluation sees the pixels the saved processor makes.
 
 Use with ``transformers.Trainer``: set ``remove_unused_columns=False`` (the image/caption columns are
 not arguments of the model's ``forward``). ``set_epoch`` changes this object; ``DataLoader`` workers
@@ -107,8 +109,13 @@ class SiglipDataCollator:
             row_id, epoch)`` (e.g. :class:`~hf_siglip.data.augmentation.ImageAugmentation`).
         image_fast_path: ``"torch"`` (default), ``"pil"`` or None: how ``pixel_values`` are made when the image
             processor is a plain fixed-size resize + rescale + normalise (see "Images" in the module docstring).
+        draft_decode: decode JPEGs at the smallest DCT scale that covers the output size (True, for training
+            speed) or in full (False: the pixels the saved processor sees; :meth:`for_evaluation` turns it off).
         return_attention_mask: also emit ``attention_mask``.
         return_drop_counts: also emit ``dropped_rows`` (this batch's drop counts by reason).
+        row_index_column: if a row has this column (its position in the dataset), also emit ``row_index`` (B,)
+            and ``text_row_index`` (T,): ``SiglipTrainer.evaluate`` recognises by them the rows a distributed
+            sampler repeats to even out the last batch, and counts each row once.
     """
 
     processor: Any = None
@@ -123,8 +130,10 @@ class SiglipDataCollator:
     caption_sampler: Optional[CaptionSampler] = None
     image_transform: Optional[Any] = None
     image_fast_path: Optional[str] = "torch"
+    draft_decode: bool = True
     return_attention_mask: bool = False
     return_drop_counts: bool = False
+    row_index_column: Optional[str] = None
     epoch: int = 0
     stats: Counter = field(default_factory=Counter, init=False)
     _fallback_counter: int = field(default=0, init=False, repr=False)
@@ -140,8 +149,11 @@ class SiglipDataCollator:
             raise ValueError(f"image_fast_path is one of {RESIZE_BACKENDS} or None, got {self.image_fast_path!r}")
 
     def for_evaluation(self) -> "SiglipDataCollator":
-        """A copy for evaluation: every caption of a row, no augmentation (deterministic batches)."""
-        return dataclasses.replace(self, caption_sampler=None, image_transform=None)
+        """A copy for evaluation: every caption of a row, no augmentation (deterministic batches), and the images
+        exactly as the saved processor makes them (full decoding, the processor itself: no draft JPEG decoding, no
+        fast resize), so the trainer's evaluation equals `hf-siglip eval`'s and any evaluator's on the same weights."""
+        return dataclasses.replace(self, caption_sampler=None, image_transform=None, image_fast_path=None,
+                                   draft_decode=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch used by ``caption_sampler`` (fresh, reproducible captions each epoch)."""
@@ -177,6 +189,8 @@ class SiglipDataCollator:
         use_embeds = bool(rows) and self.image_embeds_column in rows[0]
         use_targets = bool(rows) and self.concept_targets_column in rows[0]
         images, embeds, image_ids, texts, text_ids, targets = [], [], [], [], [], []
+        use_row_index = bool(rows) and self.row_index_column is not None and self.row_index_column in rows[0]
+        row_indices, text_row_indices = [], []
         dropped = Counter()
         for row in rows:
             row_id = self._row_id(row)
@@ -209,6 +223,9 @@ class SiglipDataCollator:
             if use_targets:
                 targets.append(np.asarray(row[self.concept_targets_column], dtype=np.float32))
             image_ids.append(row_id)
+            if use_row_index:
+                row_indices.append(int(row[self.row_index_column]))
+                text_row_indices.extend([row_indices[-1]] * len(captions))
             texts.extend(captions)
             text_ids.extend([row_id] * len(captions))
         if dropped:
@@ -230,12 +247,15 @@ class SiglipDataCollator:
         batch.update(self._tokenize(texts))
         batch["image_ids"] = torch.tensor(image_ids, dtype=torch.long)
         batch["text_ids"] = torch.tensor(text_ids, dtype=torch.long)
+        if use_row_index:
+            batch["row_index"] = torch.tensor(row_indices, dtype=torch.long)
+            batch["text_row_index"] = torch.tensor(text_row_indices, dtype=torch.long)
         return batch
 
     def _decode_size(self) -> tuple[int, int] | None:
         """Smallest decoded size that loses nothing: the processor's output size, or none when a crop augmentation
-        may zoom in (it then needs the pixels of the crop at full size)."""
-        if not all(self._image_size()):
+        may zoom in (it then needs the pixels of the crop at full size); none when draft decoding is off."""
+        if not self.draft_decode or not all(self._image_size()):
             return None  # no fixed output size (NaFlex keeps each image's own shape): decode in full
         if self.image_transform is not None:
             scale = getattr(self.image_transform, "crop_scale", (1.0, 1.0))[0]

@@ -2,9 +2,9 @@
 
     python experiments/paper_claims.py [--epochs 12] [--train-size 2000] [--output-dir outputs/experiments]
 
-1. Sigmoid vs softmax loss at a small batch (SigLIP section 4.1: sigmoid is better below ~16k).
+1. Sigmoid vs softmax loss at a small batch (SigLIP sections 4.1-4.2: sigmoid is better below ~16k).
 2. Several positives per image (k captions, plus in-batch mining) vs one caption per image (FFF).
-3. Bias initialised at -10 vs 0 (SigLIP section 3.3 / 4.3).
+3. Bias initialised at -10 vs 0 (SigLIP section 3.2; ablated in 4.9).
 4. Fine-tuning a pretrained tower with vs without weight decay (SigLIP section 4.5): a model pretrained on
    the embedded demo is fine-tuned on scikit-learn's digits; we report digit zero-shot accuracy and how
    much demo zero-shot accuracy the model keeps.

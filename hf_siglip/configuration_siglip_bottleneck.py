@@ -17,7 +17,7 @@ LOADABLE_MODEL_TYPES = ("siglip", "siglip_bottleneck")
 
 class SiglipBottleneckTextConfig(SiglipTextConfig):
     r"""
-    [`SiglipTextConfig`] plus an optional bottleneck for the token embedding (SigLIP paper, section 4.7).
+    [`SiglipTextConfig`] plus an optional bottleneck for the token embedding (SigLIP paper, section 4.3).
 
     Args:
         bottleneck_dim (`int`, *optional*):

@@ -37,7 +37,7 @@ class SiglipBottleneckOutput(SiglipOutput):
 
 
 class BottleneckTokenEmbedding(nn.Module):
-    """Token embedding factorised as an `N x K` table followed by a `K x W` projection (SigLIP section 4.7).
+    """Token embedding factorised as an `N x K` table followed by a `K x W` projection (SigLIP section 4.3).
 
     Holds `N*K + K*W` parameters instead of `N*W`; the full `N x W` table is never allocated.
     """

@@ -27,7 +27,7 @@ class SiglipTrainingArguments(TrainingArguments):
 
     adam_beta2: float = field(
         default=0.95,
-        metadata={"help": "Adam beta2. SigLIP (section 4.6) uses 0.95 instead of 0.999 to avoid loss spikes."},
+        metadata={"help": "Adam beta2. SigLIP (section 4.7) uses 0.95 instead of 0.999 to avoid loss spikes."},
     )
     dataloader_pin_memory: bool | None = field(
         default=None,

@@ -1,7 +1,7 @@
-"""Step ``image_embedding_cache``: SigLiT (section 3.2). The locked image tower of the model being trained embeds
-every image once; rows then carry ``image_embeds`` (the image column is dropped) and the collator passes the
-vectors instead of pixels. Needs ``lock_vision_tower``; a row whose image does not decode is dropped later by the
-collator, counted (``undecodable_images`` here)."""
+"""Step ``image_embedding_cache``: SigLiT (SigLIP sections 4.1, 4.4). The locked image tower of the model being
+trained embeds every image once; rows then carry ``image_embeds`` (the image column is dropped) and the collator
+passes the vectors instead of pixels. Needs ``lock_vision_tower``; a row whose image does not decode is dropped
+later by the collator, counted (``undecodable_images`` here)."""
 
 from dataclasses import dataclass
 

@@ -132,6 +132,9 @@ def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
     if not torch.isfinite(scores).all():
         raise ValueError(f"{prefix}: scores are not finite (NaN or infinity): the embeddings or the classifier have "
                          "diverged or come from corrupt weights, so they are not evaluated")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < scores.shape[1]:
+        raise ValueError(f"{prefix}: labels run from {int(labels.min())} to {int(labels.max())} but there are "
+                         f"{scores.shape[1]} classes (labels index the class list, from 0)")
     is_label = torch.zeros_like(scores, dtype=torch.bool)
     is_label[torch.arange(len(labels)), labels] = True
     ks = [k for k in ks if k <= scores.shape[1]]

@@ -155,6 +155,11 @@ class SiglipLossConfig:
             return self
         return dataclasses.replace(self, **{name: None for name in self.mining})
 
+    def for_evaluation(self) -> "SiglipLossConfig":
+        """The loss's form on the true pairs only, for evaluation: no mining, no negative masking."""
+        return dataclasses.replace(self, negative_ratio=None, match_pairs_seen=False,
+                                   **{name: None for name in self.mining})
+
     @property
     def ignores_mined_pairs(self) -> bool:
         """Mining is on and what it finds leaves the loss instead of becoming positive."""

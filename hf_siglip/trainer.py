@@ -23,6 +23,7 @@ import os
 import re
 from collections import Counter, defaultdict
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -35,7 +36,7 @@ from .dual_encoders import as_dual_encoder, restore_config_parameters, tower_mod
 from .evaluation import retrieval_metrics
 from .hub import build_model_card, check_hub_access
 from .launching import check_process_world, fsdp_request_ignored
-from .loss import sigmoid_loss
+from .loss import dense_sigmoid_loss, sigmoid_loss
 from .momentum import teacher_targets
 from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
@@ -50,6 +51,8 @@ MODEL_INPUTS = ("input_ids", "pixel_values", "image_embeds", "attention_mask", "
 NO_DECAY_NAME_PATTERN = re.compile(
     r"(\.bias$|^logit_scale$|^logit_bias$|position_embedding|\.probe$|cls_token|mask_token|register_tokens)"
 )
+# the column evaluation rows carry: their position in the evaluation set (SiglipTrainer.evaluate)
+EVALUATION_ROW = "_evaluation_row"
 NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 
@@ -275,6 +278,12 @@ class SiglipTrainer(Trainer):
         training_collator = self.data_collator
         if hasattr(training_collator, "for_evaluation"):
             self.data_collator = training_collator.for_evaluation()
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+            dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
+            if hasattr(self.data_collator, "row_index_column") and _is_map_style(dataset):
+                # each row carries its position: evaluate() counts the sampler's repeats once
+                self.data_collator.row_index_column = EVALUATION_ROW
+                eval_dataset = _NumberedRows(dataset)
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
@@ -477,7 +486,13 @@ class SiglipTrainer(Trainer):
     # --- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Loss and retrieval recall@k (both ways, all captions per image) over the evaluation set."""
+        """Retrieval recall@k (both ways, every caption of a row) and the loss over the whole evaluation set.
+
+        The same on any number of processes as on one: rows that the distributed sampler repeats to even out the
+        last batch are counted once (by their position in the set), and the loss is that of the whole set taken as
+        one batch (every image against every caption, with the training loss's form on the true pairs: no mining,
+        negative masking or teacher), so it depends neither on the batch size nor on the number of processes.
+        """
         drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
         try:  # retrieval ranks every held-out image against every caption: never drop a partial batch
             dataloader = self.get_eval_dataloader(eval_dataset)
@@ -485,7 +500,7 @@ class SiglipTrainer(Trainer):
             self.args.dataloader_drop_last = drop_last
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         model.eval()
-        losses, parts = [], defaultdict(list)
+        parts, outputs = defaultdict(list), None
         with torch.no_grad():
             for inputs in dataloader:
                 self._count_dropped_rows(inputs, "evaluation")
@@ -493,28 +508,83 @@ class SiglipTrainer(Trainer):
                     continue
                 inputs = self._prepare_inputs(inputs)
                 with self.compute_loss_context_manager():
-                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                losses.append(self._mean_across_processes(loss))
+                    outputs = self._embed(model, inputs)
                 parts["image_embeds"].append(outputs.image_embeds.float())
                 parts["text_embeds"].append(outputs.text_embeds.float())
-                parts["image_ids"].append(inputs["image_ids"])
-                parts["text_ids"].append(inputs["text_ids"])
-        if not parts:
+                for name in ("image_ids", "text_ids", "row_index", "text_row_index"):
+                    if name in inputs:
+                        parts[name].append(inputs[name])
+        if outputs is None:
             raise ValueError("The evaluation set is empty: nothing to evaluate.")
-        gathered = {name: self._gather_rows(torch.cat(values)) for name, values in parts.items()}
+        gathered = _count_rows_once({name: self._gather_rows(torch.cat(values)) for name, values in parts.items()})
         metrics = retrieval_metrics(gathered["image_embeds"], gathered["text_embeds"], gathered["image_ids"],
                                     gathered["text_ids"])
-        metrics["loss"] = sum(losses) / max(len(losses), 1)
+        metrics["loss"] = self._evaluation_loss(gathered, outputs.logit_scale, outputs.logit_bias)
+        metrics["images"], metrics["texts"] = len(gathered["image_ids"]), len(gathered["text_ids"])
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _evaluation_loss(self, gathered: dict, logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> float:
+        """The loss of the whole (gathered) evaluation set as one batch: each process takes a slice of the images
+        and of the texts round the ring, or, when there are fewer rows than processes, all of it densely."""
+        config = self.args.loss_config.for_evaluation()
+        images, texts = gathered["image_embeds"], gathered["text_embeds"]
+        image_ids, text_ids = gathered["image_ids"], gathered["text_ids"]
+        t, b = logit_scale.float().reshape(1), logit_bias.float().reshape(1)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world == 1 or min(len(images), len(texts)) < world:
+            return dense_sigmoid_loss(images, texts, t, b, image_ids, text_ids, config=config).item()
+        image_slice = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
+        text_slice = slice(rank * len(texts) // world, (rank + 1) * len(texts) // world)
+        share = sigmoid_loss(images[image_slice], texts[text_slice], t, b, image_ids[image_slice],
+                             text_ids[text_slice], config=config)
+        return self._mean_across_processes(share)  # the mean of the processes' values is the global loss
 
     def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
         flat = self._gather_ragged(tensor.reshape(len(tensor), -1).flatten())
         return flat.view(-1, *tensor.shape[1:])
+
+
+class _NumberedRows(torch.utils.data.Dataset):
+    """A map-style dataset whose rows also carry their position (`EVALUATION_ROW`), so that evaluation can tell a
+    row from the copies a distributed sampler adds to even out the last batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], EVALUATION_ROW: int(index)}
+
+    def __getitems__(self, indices):
+        rows = (self.dataset.__getitems__(indices) if hasattr(self.dataset, "__getitems__")
+                else [self.dataset[index] for index in indices])
+        return [{**row, EVALUATION_ROW: int(index)} for row, index in zip(rows, indices)]
+
+
+def _count_rows_once(gathered: dict) -> dict:
+    """Gathered evaluation tensors with each dataset row once: the first copy of a repeated row keeps its image and
+    its texts, later copies are dropped (without row positions, e.g. a custom collator, everything is kept)."""
+    if "row_index" not in gathered or len(gathered["row_index"]) == 0:
+        return gathered
+    rows, text_rows = gathered["row_index"].cpu().numpy(), gathered["text_row_index"].cpu().numpy()
+    keep_images = np.zeros(len(rows), dtype=bool)
+    keep_images[np.unique(rows, return_index=True)[1]] = True
+    # a row's texts come in copies of the same k texts, in order: keep its first k
+    order = np.argsort(text_rows, kind="stable")
+    rank_in_row = np.empty(len(text_rows), dtype=np.int64)
+    rank_in_row[order] = np.arange(len(text_rows)) - np.searchsorted(text_rows[order], text_rows[order])
+    texts_per_copy = np.bincount(text_rows) // np.maximum(np.bincount(rows, minlength=text_rows.max() + 1), 1)
+    keep_texts = rank_in_row < texts_per_copy[text_rows]
+    image_names = ("image_embeds", "image_ids", "row_index")
+    return {name: value[torch.from_numpy(keep_images if name in image_names else keep_texts).to(value.device)]
+            for name, value in gathered.items()}
 
 
 def _batch_rows(batch) -> int:
@@ -535,6 +605,11 @@ def _as_siglip_arguments(args) -> SiglipTrainingArguments:
     values["hub_token"] = args.hub_token  # to_dict masks tokens
     fields = {name for name, spec in SiglipTrainingArguments.__dataclass_fields__.items() if spec.init}
     return SiglipTrainingArguments(**{name: value for name, value in values.items() if name in fields})
+
+
+def _is_map_style(dataset) -> bool:
+    return (dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset) and not _is_stream(dataset)
+            and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))
 
 
 def _is_stream(dataset) -> bool:

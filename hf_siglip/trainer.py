@@ -528,13 +528,14 @@ class SiglipTrainer(Trainer):
 
     def _evaluation_loss(self, gathered: dict, logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> float:
         """The loss of the whole (gathered) evaluation set as one batch: each process takes a slice of the images
-        and of the texts round the ring, or, when there are fewer rows than processes, all of it densely."""
+        and of the texts round the ring (one process: all of it, tile by tile), or, when there are fewer rows than
+        processes, every process computes all of it densely."""
         config = self.args.loss_config.for_evaluation()
         images, texts = gathered["image_embeds"], gathered["text_embeds"]
         image_ids, text_ids = gathered["image_ids"], gathered["text_ids"]
         t, b = logit_scale.float().reshape(1), logit_bias.float().reshape(1)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if world == 1 or min(len(images), len(texts)) < world:
+        if world > 1 and min(len(images), len(texts)) < world:
             return dense_sigmoid_loss(images, texts, t, b, image_ids, text_ids, config=config).item()
         image_slice = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
         text_slice = slice(rank * len(texts) // world, (rank + 1) * len(texts) // world)

@@ -65,13 +65,17 @@ class SiglipLossConfig:
         "SiglipTrainer turns the mining rules on at this optimizer step (the loss function itself does not count "
         "steps). From a random init every cosine is near 1, so mining from step 0 makes every pair a positive.")})
     sigmoid_hard_negative_beta: float | None = field(default=None, metadata={"help": (
-        "Sigmoid adaptation of HN-NCE: constant weights on negatives, proportional to exp(beta * cos), mean 1 "
-        "over each row's negatives (None: off).")})
+        "Sigmoid adaptation of HN-NCE: each image row's negatives weigh n_neg * softmax(beta * cos) over that "
+        "row's negatives (mean 1), positives 1. beta scales the cosine x.y of the unit embeddings, not the logit "
+        "t x.y + b (an hn_nce_beta of B weighs negatives as a sigmoid_hard_negative_beta of B * t would at "
+        "temperature t); the weights are constants (no gradient flows through them). None: off.")})
     hn_nce_alpha: float = field(default=1.0, metadata={"help": (
         "HN-NCE (DiHT, loss_type softmax): weight of the positives in the softmax denominator.")})
     hn_nce_beta: float = field(default=0.0, metadata={"help": (
         "HN-NCE (DiHT, loss_type softmax): negatives weighted by n_negatives * softmax(beta * logit) over the "
-        "row's (or column's) negatives. alpha = 1, beta = 0 is InfoNCE.")})
+        "row's (or column's) negatives. beta scales the logit t x.y (the softmax has no bias), not the cosine as "
+        "sigmoid_hard_negative_beta does; the weights are part of the differentiated loss. alpha = 1, beta = 0 is "
+        "InfoNCE.")})
     teacher_weight: float = field(default=0.4, metadata={"help": (
         "Momentum distillation (ALBEF): weight of the teacher's probabilities in the targets, when a teacher is "
         "given.")})

@@ -355,7 +355,8 @@ def ignore_mined(tile, config):
       statistics=("positives", "hard_negative_lse"), uses_cosine=True)
 def sigmoid_hard_negative_weights(tile, config):
     """HN-NCE's importance weights adapted to the sigmoid loss: negatives weigh n_neg * softmax(beta cos) over
-    the row's negatives (mean 1), positives 1."""
+    the row's negatives (mean 1), positives 1. beta scales the cosine x.y (`tile.cosine`, detached: constant
+    weights), where HN-NCE's `hn_nce_beta` scales the logit t x.y."""
     negatives = tile.n_texts - tile.row["positives"]
     weights = negatives * torch.exp(config.sigmoid_hard_negative_beta * tile.cosine - tile.row["hard_negative_lse"])
     return torch.where(tile.positive, torch.ones_like(weights), weights)

@@ -87,7 +87,8 @@ def check_example_card(name: str, card: str) -> None:
 
 def test_every_recipe_is_tested_and_documents_its_paper():
     tested = {"siglip_from_scratch", "siglit_locked_image_tower", "finetune_pretrained", "msiglip_bottleneck",
-              "fff_multi_positive", "diht_cat_hard_negatives", "blip_capfilt", "siglip_label_noise",
+              "fff_multi_positive", "fff_multi_positive_safe", "diht_cat_hard_negatives", "blip_capfilt",
+              "siglip_label_noise",
               "albef_momentum_distillation", "diht_concept_distillation"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
     for path in RECIPES.glob("*.yaml"):
@@ -185,23 +186,48 @@ def test_msiglip_bottleneck(tmp_path, native_tiny_checkpoint):
     assert config["text_config"]["bottleneck_dim"] == 8
 
 
-def test_fff_pseudo_captions_k_captions_and_augmentation(tmp_path):
+def run_fff_recipe(name, tmp_path):
+    """The FFF recipe `name` through the command with a tiny local captioner, mining from the tiny run's second step;
+    returns its output folder, its loss settings and, per logged step, what the loss counted."""
     captioner = save_tiny_blip_captioner(tmp_path / "blip")
-    loss_config = yaml.safe_load((RECIPES / "fff_multi_positive.yaml").read_text())["loss_config"]
-    assert loss_config["mine_text_text"] is not None and loss_config["mining_start_step"] > 0  # mining is on
-    loss_config["mining_start_step"] = 1  # the tiny run's second step
-    output_dir = run_recipe("fff_multi_positive", tmp_path,
-                            data_steps=recipe_steps("fff_multi_positive", pseudo_captions=captioner),
-                            loss_config=json.dumps(loss_config))
+    loss_config = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())["loss_config"]
+    assert loss_config["mining_start_step"] > 0  # the recipe waits before mining (a random init mines everything)
+    output_dir = run_recipe(name, tmp_path, data_steps=recipe_steps(name, pseudo_captions=captioner),
+                            loss_config=json.dumps({**loss_config, "mining_start_step": 1}))
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    mined = [entry["mined_positives_per_image"] for entry in history if "mined_positives_per_image" in entry]
-    assert mined[0] == 0 and mined[1] > 0  # off at step 0, on from step 1 (a random text tower: cosines near 1)
+    logged = {key: [entry[key] for entry in history if key in entry]
+              for key in ("mined_positives_per_image", "positives_per_image", "pairs_per_image")}
+    assert all(len(values) == 2 for values in logged.values()), logged
+    return output_dir, loss_config, logged
+
+
+def test_fff_as_published_makes_mined_pairs_positive(tmp_path):
+    output_dir, loss_config, logged = run_fff_recipe("fff_multi_positive", tmp_path)
+    # FFF's method by default: every rule on, image-text included, and what they find becomes a positive
+    assert loss_config.get("mined_pairs", "positive") == "positive"
+    assert all(loss_config[rule] is not None for rule in ("mine_image_text", "mine_image_image", "mine_text_text"))
+    mined, positives, pairs = logged.values()
+    assert mined[0] == 0 and mined[1] > 0  # off at step 0, on from step 1 (a random model: cosines near 1)
+    assert positives[0] == 5  # k = 5 captions of its own per image
+    assert positives[1] == pytest.approx(positives[0] + mined[1])  # mined pairs count as positives
+    assert pairs[1] == pairs[0] == 16 * 5  # and every pair stays in the loss
     report = data_report(output_dir)
     assert report["pseudo_captions"]["rows"] == 32 and report["pseudo_captions"]["rows_out"] == 32
     assert report["caption_sampling"] == {"k": 5} and "image_augmentation" in report
-    logged = logged_data_counts(output_dir)
-    assert logged["data/pseudo_captions/rows_in"] == 32 and logged["data/caption_sampling/k"] == 5
+    logged_counts = logged_data_counts(output_dir)
+    assert logged_counts["data/pseudo_captions/rows_in"] == 32 and logged_counts["data/caption_sampling/k"] == 5
     assert "| pseudo_captions/rows_out | 32 |" in (output_dir / "README.md").read_text()
+
+
+def test_fff_safe_variant_leaves_mined_caption_pairs_out_of_the_loss(tmp_path):
+    output_dir, loss_config, logged = run_fff_recipe("fff_multi_positive_safe", tmp_path)
+    assert loss_config["mined_pairs"] == "ignore" and loss_config["mine_text_text"] is not None
+    assert loss_config.get("mine_image_text") is None and loss_config.get("mine_image_image") is None
+    mined, positives, pairs = logged.values()
+    assert mined[0] == 0 and mined[1] > 0
+    assert positives[1] == positives[0] == 5  # found pairs are not positives...
+    assert pairs[0] == 16 * 5 and pairs[1] == pytest.approx(pairs[0] - mined[1])  # ...and leave the loss
+    assert '"mined_pairs": "ignore"' in (output_dir / "README.md").read_text()  # the card names the setting
 
 
 def test_blip_capfilt_keeps_the_best_caption_per_image(tmp_path, native_tiny_checkpoint):

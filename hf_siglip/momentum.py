@@ -73,7 +73,8 @@ def teacher_targets(trainer, micro_batches, config):
         teacher = MomentumTeacher(trainer.accelerator.unwrap_model(trainer.model), trainer.args.teacher_momentum,
                                   trainer.args.teacher_warmup_steps)
         if trainer.state.global_step > 0:  # resuming: the teacher of the checkpoint, not a copy of the student
-            checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+            checkpoint = getattr(trainer, "resumed_from", None) or os.path.join(
+                trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
             if not teacher.load(checkpoint):
                 raise ValueError(f"resuming momentum distillation needs {WEIGHTS_NAME} in {checkpoint}")
         trainer._momentum_teacher = teacher

@@ -28,12 +28,13 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .checkpoint_files import match_umask
+from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint
 from .concept_distillation import COLUMN as CONCEPT_TARGETS
 from .concept_distillation import ConceptDistillation
 from .data.collator import SiglipDataCollator, collator_epoch_callback
 from .dual_encoders import as_dual_encoder, restore_config_parameters, tower_modules, tower_prefixes
 from .evaluation import retrieval_metrics
+from .finite import NonFiniteError, check_finite_weights, describe_nonfinite_weights, nonfinite_parameters
 from .hub import build_model_card, check_hub_access
 from .launching import check_process_world, fsdp_request_ignored
 from .loss import dense_sigmoid_loss, sigmoid_loss
@@ -131,6 +132,11 @@ class SiglipTrainer(Trainer):
     together: no forward, no backward, so the optimizer leaves every weight as it is (parameters without a
     gradient are not updated) while the step counter and learning-rate schedule move on. Skipped batches and
     the rows skipped with them are counted; `data_report()` sums the counts over processes.
+
+    Non-finite values (hf_siglip.finite): a step whose loss, gradient norm, t or b is NaN or infinite stops the
+    run with a `NonFiniteError` naming the step, or with `args.on_nonfinite="skip"` leaves the weights as they are
+    and is counted (`nonfinite_steps_skipped`); every process takes the same decision. The weights are checked
+    finite before and after training, after loading a checkpoint, and before a model card or a push.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
@@ -171,7 +177,13 @@ class SiglipTrainer(Trainer):
             self.add_callback(StreamPosition())  # saved in checkpoints: where a resumed stream picks up
         if self.concept_distillation is not None:
             self.add_callback(self.concept_distillation)  # writes the head into each checkpoint
+        self.add_callback(CheckpointManifest(self.accelerator))  # kept last by add_callback: marks checkpoints complete
+        self.resumed_from = None  # the checkpoint folder this run resumed from (side files are read from it)
         self.card_info = {}  # extra model card fields (datasets, recipe, training_curve, ...) for create_model_card
+        self._step_losses, self._step_t_b = [], None  # this optimizer step's, for `_check_finite_step`
+        self._loss_before_step = None  # the Trainer's running loss sum before this step (a skipped step adds nothing)
+        self._window = Counter()  # optimizer steps and skipped steps since the last logged loss
+        self.nonfinite_steps_skipped = 0  # on_nonfinite="skip": steps left without an update (equal on every process)
 
     def pretrained_towers(self) -> set[str]:
         """Towers treated as pretrained by the optimizer groups (locked towers are not trained at all)."""
@@ -238,8 +250,9 @@ class SiglipTrainer(Trainer):
 
     @torch.no_grad()
     def _record_metrics(self, logit_scale, logit_bias) -> None:
-        self._metrics["t"].append(logit_scale.float().mean().item())
-        self._metrics["b"].append(logit_bias.float().mean().item())
+        self._step_t_b = (logit_scale.float().mean().item(), logit_bias.float().mean().item())
+        self._metrics["t"].append(self._step_t_b[0])
+        self._metrics["b"].append(self._step_t_b[1])
         statistics = self._loss_statistics  # global batch; positives by the loss's own rule (ids and mined pairs)
         names = ["positives_per_image", "logit_positive_mean", "logit_negative_mean", "pairs_per_image"]
         if self.args.loss_config.mining:
@@ -262,6 +275,16 @@ class SiglipTrainer(Trainer):
         return self.accelerator.reduce(value.detach().reshape(1), reduction="mean").item()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # the mean over the steps applied since the last log (nan when every one was skipped)
+            steps, skipped = self._window["steps"], self._window["skipped"]
+            if skipped:
+                logs["loss"] = logs["loss"] * steps / (steps - skipped) if steps > skipped else math.nan
+            self._window.clear()
+        if "train_loss" in logs and self.nonfinite_steps_skipped:  # the Trainer divides by every step
+            applied = self.state.global_step - self.nonfinite_steps_skipped
+            logs["train_loss"] = logs["train_loss"] * self.state.global_step / applied if applied > 0 else math.nan
+        if ("loss" in logs or "train_loss" in logs) and self.nonfinite_steps_skipped:
+            logs["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped
         if "loss" in logs and self._metrics:
             logs.update({name: sum(values) / len(values) for name, values in self._metrics.items() if values})
             self._metrics.clear()
@@ -300,14 +323,15 @@ class SiglipTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.concept_distillation is not None:  # before any batch: 'auto' follows the data step's report
             self.concept_distillation.resolve_loss(self.args, self.data_steps_report)
+        if resume_from_checkpoint is True:  # the newest complete checkpoint (hf_siglip.checkpoint_files)
+            resume_from_checkpoint = resolve_checkpoint(self.args.output_dir, True)
         if resume_from_checkpoint and _is_stream(self.train_dataset):
-            if resume_from_checkpoint is True:
-                from transformers.trainer_utils import get_last_checkpoint
-
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # none: Trainer says so
-            if resume_from_checkpoint is not True:
-                self._stream_position().restore(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+            self._stream_position().restore(resume_from_checkpoint)
+        self._check_finite_weights(consequence="not trained")  # e.g. a corrupt tower from from_vision_text_pretrained
+        result = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        # a last update can overflow with finite gradients: such a model is not evaluated, saved with a card or pushed
+        self._check_finite_weights(consequence="not evaluated, saved or pushed")
+        return result
 
     def _stream_position(self) -> StreamPosition:
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, StreamPosition))
@@ -328,6 +352,13 @@ class SiglipTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._step_losses and isinstance(getattr(self, "_tr_loss", None), torch.Tensor):
+            self._loss_before_step = self._tr_loss.detach().clone()  # first micro-batch of an optimizer step
+        loss = self._training_step(model, inputs, num_items_in_batch)
+        self._step_losses.append(loss.detach())  # judged with the gradient norm before the update (_get_grad_norm)
+        return loss
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         self._count_dropped_rows(inputs, "train")
         window = self._accumulation_window
         if len(window) <= 1 or not any(inputs is batch for batch in window):
@@ -416,13 +447,86 @@ class SiglipTrainer(Trainer):
                 self.accelerator.backward(surrogate)
         return loss.detach() + concept_term
 
+    # --- non-finite values (hf_siglip.finite) ----------------------------------------------------------
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm. Every optimizer step passes here once, after backward (plain and GradCache
+        paths alike) and before `on_pre_optimizer_step` and `optimizer.step()`: non-finite steps stop or skip here."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._check_finite_step(grad_norm)
+        return grad_norm
+
+    def _check_finite_step(self, grad_norm) -> None:
+        """Stop (`NonFiniteError`) or skip this optimizer step when its loss, gradient norm, t or b is not finite on
+        any process. The values are gathered, so every process takes the same decision and none waits for another."""
+        losses, self._step_losses = self._step_losses, []
+        self._window["steps"] += 1
+        t, b = self._step_t_b if self._step_t_b is not None else (1.0, 0.0)  # no forward this step: nothing to judge
+        self._step_t_b = None
+        loss = torch.stack(losses).float().sum().item() if losses else 0.0
+        # with fp16 loss scaling an overflowing gradient is expected: the scaler skips that step itself
+        norm = 0.0 if grad_norm is None or self.accelerator.scaler is not None else float(grad_norm)
+        values = torch.tensor([[loss, norm, t, b]], dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values)  # (processes, 4)
+        bad = ~torch.isfinite(values)
+        if not bad.any():
+            return
+        step, processes = self.state.global_step + 1, len(values)
+        problems = []
+        for column, name in enumerate(("loss", "gradient norm", "t", "b")):
+            rows = bad[:, column].nonzero().flatten().tolist()
+            if rows:
+                where = f" on process {rows[0]} of {processes}" if len(rows) < processes else ""
+                problems.append(f"{name} is {values[rows[0], column].item():g}{where}")
+        state = f"{', '.join(problems)} (t={values[0, 2].item():.4g}, b={values[0, 3].item():.4g})"
+        hint = (f"lower --learning_rate (now {self.args.learning_rate:g}), clip gradients (--max_grad_norm, now "
+                f"{self.args.max_grad_norm:g}) or warm up (--warmup_steps)")
+        if bad[:, 2:].any():  # t and b are weights: a skipped step leaves them as they are
+            raise NonFiniteError(f"training diverged at step {step}: {state}; t and b are weights, so skipping steps "
+                                 f"cannot repair them; {hint}")
+        if self.args.on_nonfinite == "stop":
+            raise NonFiniteError(f"training diverged at step {step}: {state}; the step was not applied: {hint}, or "
+                                 "pass --on_nonfinite skip to skip such steps")
+        self.optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
+        if self._loss_before_step is not None:  # the logged loss is that of the applied steps (a nan would stay in the
+            self._tr_loss.copy_(self._loss_before_step)  # Trainer's running sum for good: it resets it by subtraction)
+        self._window["skipped"] += 1
+        self.nonfinite_steps_skipped += 1
+        if self.is_world_process_zero():  # once: data_report() sums the counts over processes
+            self.data_counts["train/nonfinite_steps_skipped"] += 1
+            logger.warning("step %d: %s; skipped, no weight update (on_nonfinite=skip; %d skipped so far)", step,
+                           state, self.nonfinite_steps_skipped)
+
+    def _check_finite_weights(self, source: str | None = None, consequence: str = "not loaded", model=None) -> None:
+        """`NonFiniteError` on every process when any process's parameters hold NaN or infinity (sharded weights
+        differ between processes), naming the safetensors file and tensor of `source` when it holds them."""
+        model = self.model if model is None else model
+        bad = nonfinite_parameters(model)
+        found = len(bad)
+        if self.accelerator.num_processes > 1:
+            found = int(self.accelerator.gather(torch.tensor([found], device=self.args.device)).sum())
+        if found:
+            raise NonFiniteError(describe_nonfinite_weights(bad, source, consequence))
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         match_umask(output_dir or self.args.output_dir, "*.safetensors")
 
+    def add_callback(self, callback):
+        """`Trainer.add_callback`, keeping the checkpoint manifest last: it must see every file other callbacks
+        write on save (the momentum teacher's callback is added at the first step)."""
+        super().add_callback(callback)
+        manifests = [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointManifest)]
+        for manifest in manifests:
+            self.callback_handler.callbacks.remove(manifest)
+            self.callback_handler.callbacks.append(manifest)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.resumed_from = resume_from_checkpoint
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         restore_config_parameters(model or self.model, resume_from_checkpoint)  # CLIP's b is in config.json
+        self._check_finite_weights(resume_from_checkpoint, "not resumed", model=model)
         if self.concept_distillation is not None:  # the head is saved beside the weights, not in them
             self.concept_distillation.load(resume_from_checkpoint)
 
@@ -434,6 +538,7 @@ class SiglipTrainer(Trainer):
         """`Trainer.push_to_hub`, after a one-line check that the Hub can be reached with a token (`HubAccessError`
         instead of a long connection traceback)."""
         check_hub_access(self.args.hub_token)
+        check_finite_weights(self.accelerator.unwrap_model(self.model), consequence="not pushed")
         return super().push_to_hub(*args, **kwargs)
 
     # --- model card ----------------------------------------------------------------------------------
@@ -447,6 +552,7 @@ class SiglipTrainer(Trainer):
         """
         if not self.is_world_process_zero():
             return
+        check_finite_weights(self.accelerator.unwrap_model(self.model), consequence="no model card is written for it")
         metrics = {}  # every evaluation logged so far; later values replace earlier ones
         for entry in self.state.log_history:
             metrics.update({key[len("eval_"):]: value for key, value in entry.items()

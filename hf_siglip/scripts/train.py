@@ -21,6 +21,7 @@ from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import embed_images
 from ..data.images import decode_decodable
 from ..data.loading import canonical_columns, select_split
+from ..checkpoint_files import resolve_checkpoint
 from ..dual_encoders import load_dual_encoder
 from ..data.steps import DataContext, run_data_steps
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
@@ -31,6 +32,7 @@ from ..trainer import SiglipTrainer
 from ..training_args import SiglipTrainingArguments
 from .arguments import (AUTO, DEMO, DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
                         validate_arguments)
+from .eval_record import evaluation_record, evaluation_record_callback, write_evaluation_record
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ def load_splits(script_args: SiglipScriptArguments):
     `eval_split="auto"` takes 'test', else 'validation' (datasets' name for a dev/ or val/ folder), else
     none; a named split that does not exist is an error listing the splits there are.
     """
+    return load_named_splits(script_args)[:2]
+
+
+def load_named_splits(script_args: SiglipScriptArguments):
+    """`load_splits` and the name of the evaluation split it chose (None when there is none)."""
     if script_args.dataset == DEMO:
         splits = make_demo_dataset(n_train=script_args.demo_train_size, n_test=script_args.demo_test_size,
                                    image_size=script_args.demo_image_size, seed=0)
@@ -54,11 +61,12 @@ def load_splits(script_args: SiglipScriptArguments):
         splits = load_image_text_dataset(script_args.dataset, split=None, image_column=script_args.image_column,
                                          caption_column=script_args.caption_column)
     train = select_split(splits, script_args.train_split, script_args.dataset)
-    evaluation = None
+    evaluation, eval_split = None, script_args.eval_split
     if script_args.eval_split == AUTO:
+        eval_split = None
         for name in ("test", "validation"):
             try:
-                evaluation = select_split(splits, name, script_args.dataset)
+                evaluation, eval_split = select_split(splits, name, script_args.dataset), name
                 break
             except KeyError:
                 continue
@@ -85,7 +93,7 @@ def load_splits(script_args: SiglipScriptArguments):
                  else train.select(range(min(script_args.max_train_samples, len(train)))))
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+    return train, evaluation, eval_split
 
 
 def build_model_and_processor(model_args: SiglipModelArguments, train, script_args: SiglipScriptArguments,
@@ -143,19 +151,46 @@ def _iter_captions(dataset, column, counts: dict):
         yield from captions
 
 
-def zero_shot_evaluation(model, processor, evaluation, script_args: SiglipScriptArguments) -> dict:
-    classes = script_args.zero_shot_classes or (DEMO_CLASSES if script_args.dataset == DEMO else None)
+def usable_rows(evaluation) -> tuple[list[int], dict[str, int]]:
+    """Indices of the rows with a decodable image and at least one caption (the rows the evaluation collator keeps);
+    the others are counted by reason. Columns by their canonical names (`load_splits`)."""
+    _, decodable = decode_decodable(evaluation["image"])
+    decodable = set(decodable)
+    kept, dropped = [], {"rows_with_undecodable_image": 0, "rows_without_caption": 0}
+    for row, cell in enumerate(evaluation["caption"]):
+        if row not in decodable:
+            dropped["rows_with_undecodable_image"] += 1
+        elif not normalize_captions(cell, row)[0]:
+            dropped["rows_without_caption"] += 1
+        else:
+            kept.append(row)
+    return kept, dropped
+
+
+def zero_shot_classes(script_args: SiglipScriptArguments) -> list[str] | None:
+    """The zero-shot class names: the configured ones, the demo's own for the demo, else none."""
+    return script_args.zero_shot_classes or (list(DEMO_CLASSES) if script_args.dataset == DEMO else None)
+
+
+def zero_shot_evaluation(model, processor, evaluation, script_args: SiglipScriptArguments,
+                         image_embeds: torch.Tensor | None = None) -> dict:
+    """Zero-shot top-1/5 on the rows retrieval evaluates (a decodable image and a caption), the images decoded in
+    full and prepared by the processor, as `hf-siglip eval` does. `image_embeds`: the embeddings of every row of
+    `evaluation` when the caller has them (then `evaluation` holds only usable rows)."""
+    classes = zero_shot_classes(script_args)
     if not classes or evaluation is None or script_args.label_column not in evaluation.column_names:
         return {}
     templates = script_args.zero_shot_templates or DEMO_TEMPLATES
     model.eval()
+    if image_embeds is None:
+        evaluation = evaluation.select(usable_rows(evaluation)[0])  # the retrieval pass counted the rest
+        if not len(evaluation):
+            return {}
+        image_embeds = embed_images(model, processor, evaluation["image"])
     classifier = zero_shot_classifier(model, processor, classes, templates, max_length=script_args.max_length)
-    images, rows = decode_decodable(evaluation["image"])  # the retrieval pass counted the rest
-    if not images:
-        return {}
-    image_embeds = embed_images(model, processor, images)
-    labels = torch.tensor(evaluation[script_args.label_column])[rows]
+    labels = torch.tensor(evaluation[script_args.label_column])
     metrics = zero_shot_metrics(image_embeds, labels, classifier)
+    metrics["zero_shot_classes"] = len(classes)
     metrics["zero_shot_chance_top1"] = 1.0 / len(classes)
     return metrics
 
@@ -196,7 +231,8 @@ def save_training_curves(log_history: list[dict], path: str) -> str | None:
 def resolve_resume(training_args: SiglipTrainingArguments, overwrite_output_dir: bool) -> str | None:
     """The checkpoint to resume from (`--resume_from_checkpoint PATH|true`), or None for a fresh start.
 
-    A fresh start into an output_dir that holds checkpoints is refused unless `overwrite_output_dir`, which then
+    `true` takes the newest complete checkpoint (`hf_siglip.checkpoint_files`: one a kill cut short while it was
+    written is skipped and named). A fresh start into an output_dir that holds checkpoints is refused unless `overwrite_output_dir`, which then
     deletes them (a stale checkpoint-N left beside the new run's would be what `true` resumes next time).
     """
     from transformers.trainer_utils import get_last_checkpoint
@@ -218,14 +254,10 @@ def resolve_resume(training_args: SiglipTrainingArguments, overwrite_output_dir:
                     for folder in glob.glob(os.path.join(output_dir, "checkpoint-*")):
                         shutil.rmtree(folder, ignore_errors=True)
         return None
+    # the newest complete checkpoint, naming newer incomplete ones; a given path must be complete
     if str(requested).strip().lower() in ("true", "yes", "1"):
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint true: output_dir {output_dir} holds no checkpoint-* folder "
-                             "to resume from (checkpoints are written with --save_strategy steps|epoch)")
-        return last
-    if not os.path.isfile(os.path.join(requested, "trainer_state.json")):
-        raise ValueError(f"--resume_from_checkpoint {requested}: not a checkpoint folder (no trainer_state.json)")
-    return requested
+        return resolve_checkpoint(output_dir, True)
+    return resolve_checkpoint(output_dir, requested)
 
 
 def seed_everything(training_args: SiglipTrainingArguments) -> None:
@@ -250,7 +282,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     resume_from = resolve_resume(training_args, script_args.overwrite_output_dir)
     seed_everything(training_args)
 
-    train, evaluation = load_splits(script_args)
+    train, evaluation, eval_split = load_named_splits(script_args)
     models = {}
 
     def training_model(data):
@@ -270,6 +302,9 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,
                             eval_dataset=evaluation, processing_class=processor)
     trainer.data_steps_report = context.report  # logged with the first training log, and in the model card
+    # what this run evaluates on, beside the weights and in each checkpoint: `hf-siglip eval` reads it back
+    record = evaluation_record(script_args, eval_split if evaluation is not None else None)
+    trainer.add_callback(evaluation_record_callback(record))
     trainer.train(resume_from_checkpoint=resume_from)
 
     metrics, protocol = {}, None
@@ -312,11 +347,12 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         )
         trainer.create_model_card()
         to_json({"metrics": metrics, "data": data_report}, os.path.join(training_args.output_dir, "eval_results.json"))
+        write_evaluation_record(record, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     return metrics
 
 
-__all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_splits", "resolve_resume",
-           "run_train"]
+__all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_named_splits", "load_splits",
+           "resolve_resume", "run_train", "usable_rows", "zero_shot_evaluation"]

@@ -127,11 +127,11 @@ def _train(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     from .evaluation import format_metrics, to_json
-    from .scripts.evaluate import SiglipEvalArguments, run_eval
+    from .scripts.evaluate import SiglipEvalArguments, evaluation_summary, run_eval
 
     (args,) = parse_with_config((SiglipEvalArguments,), argv, prog="hf-siglip eval")
     metrics = run_eval(args)
-    print(f"Evaluation of {args.checkpoint} ({args.dataset}):\n{format_metrics(metrics)}")
+    print(f"{evaluation_summary(args, metrics)}\n{format_metrics(metrics)}")  # first line: what it evaluated on
     if args.output_file:
         to_json(metrics, args.output_file)  # full precision
         print(f"Metrics written to {args.output_file}")

@@ -1,28 +1,44 @@
-"""`hf-siglip eval`: retrieval recall@k, zero-shot top-1/5 and a few-shot linear probe for a checkpoint."""
+"""`hf-siglip eval`: retrieval recall@k, zero-shot top-1/5 and a few-shot linear probe for a checkpoint.
+
+By default it evaluates on what the checkpoint was trained and evaluated with: the dataset, evaluation split,
+columns, text length and zero-shot classes and templates that `hf-siglip train` records in `hf_siglip_eval.json`
+(:mod:`hf_siglip.scripts.eval_record`); flags override them one by one. A checkpoint without that file (a native
+transformers model, say) needs `--dataset`. The images are decoded in full and prepared by the checkpoint's processor,
+as the trainer's evaluation does, so both give the same numbers on the same weights.
+"""
 
 from dataclasses import dataclass, field
 
 import torch
 
-from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
+from ..data.demo import DEMO_TEMPLATES
 from ..data.embedding import embed_images, embed_texts
-from ..data.images import decode_decodable
 from ..data.text import normalize_captions
-from ..evaluation import (
-    few_shot_indices,
-    linear_probe,
-    retrieval_metrics,
-    zero_shot_classifier,
-    zero_shot_metrics,
-)
-from .arguments import DEFAULT_MAX_LENGTH, DEMO, SiglipScriptArguments, checkpoint_text_length
-from .train import load_splits
+from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
+from .arguments import DEFAULT_MAX_LENGTH, SiglipScriptArguments, checkpoint_text_length
+from .eval_record import EVAL_RECORD_NAME, apply_evaluation_record, read_evaluation_record
+from .train import load_named_splits, usable_rows, zero_shot_classes, zero_shot_evaluation
+
+_FROM_RECORD = f"Default: what the checkpoint's {EVAL_RECORD_NAME} records, else "
 
 
 @dataclass
 class SiglipEvalArguments(SiglipScriptArguments):
-    """Data arguments of `hf-siglip train` plus what to evaluate."""
+    """Data arguments of `hf-siglip train` plus what to evaluate. The data fields left unset (None) come from the
+    checkpoint's `hf_siglip_eval.json`, else take `hf-siglip train`'s defaults (`dataset` has none: a checkpoint
+    without the record needs `--dataset`)."""
 
+    dataset: str | None = field(default=None, metadata={
+        "help": f"{_FROM_RECORD}required. Anything `hf-siglip train --dataset` takes ('demo', a folder, shards...)."})
+    train_split: str | None = field(default=None, metadata={"help": f"{_FROM_RECORD}'train' (few-shot probe)."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": f"{_FROM_RECORD}'auto' ('test', else 'validation')."})
+    image_column: str | None = field(default=None, metadata={"help": f"{_FROM_RECORD}'image'."})
+    caption_column: str | None = field(default=None, metadata={"help": f"{_FROM_RECORD}'caption'."})
+    label_column: str | None = field(default=None, metadata={"help": f"{_FROM_RECORD}'label'."})
+    demo_train_size: int | None = field(default=None, metadata={"help": f"{_FROM_RECORD}4000 (demo only)."})
+    demo_test_size: int | None = field(default=None, metadata={"help": f"{_FROM_RECORD}500 (demo only)."})
+    demo_image_size: int | None = field(default=None, metadata={"help": f"{_FROM_RECORD}32 (demo only)."})
     checkpoint: str = field(default="outputs/siglip-demo", metadata={"help": "Checkpoint folder (or Hub id)."})
     few_shot: int | None = field(default=None, metadata={
         "help": "k examples per class from the training split for a linear probe (None: no probe)."})
@@ -31,65 +47,68 @@ class SiglipEvalArguments(SiglipScriptArguments):
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
 
 
-def usable_rows(evaluation, args) -> tuple[list[int], dict[str, int]]:
-    """Indices of the rows with a decodable image and at least one caption; the others are counted by reason."""
-    _, decodable = decode_decodable(evaluation[args.image_column])
-    decodable = set(decodable)
-    kept, dropped = [], {"rows_with_undecodable_image": 0, "rows_without_caption": 0}
-    for row, cell in enumerate(evaluation[args.caption_column]):
-        if row not in decodable:
-            dropped["rows_with_undecodable_image"] += 1
-        elif not normalize_captions(cell, row)[0]:
-            dropped["rows_without_caption"] += 1
-        else:
-            kept.append(row)
-    return kept, dropped
+def resolve_eval_arguments(args: SiglipEvalArguments) -> str:
+    """Fill the unset data fields of `args` from the checkpoint's record, then `hf-siglip train`'s defaults, and the
+    text length from the record, else the checkpoint's tokenizer; returns where the settings came from."""
+    source = apply_evaluation_record(args, read_evaluation_record(args.checkpoint), SiglipScriptArguments())
+    if args.max_length is None:
+        args.max_length = checkpoint_text_length(args.checkpoint) or DEFAULT_MAX_LENGTH
+    return source
 
 
 def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
-    """Metrics of `args.checkpoint` on the evaluation split. Texts are padded to the length the checkpoint was
-    trained with (its tokenizer's `model_max_length`) unless `--max_length` says otherwise: SigLIP pools the last
-    position, so another length changes every text embedding. Dropped rows are counted in `dropped/<reason>`."""
+    """Metrics of `args.checkpoint` on the evaluation split (by default the one recorded at training: see the
+    module docstring; `args` is filled in place, `args.eval_split` with the split's name). Texts are padded to the
+    length the checkpoint was trained with unless `--max_length` says otherwise: SigLIP pools the last position, so
+    another length changes every text embedding. Dropped rows are counted in `dropped/<reason>`; `images`, `texts`
+    (captions) and `zero_shot_classes` count what was evaluated."""
     from transformers import AutoModel, AutoProcessor
 
-    if args.max_length is None:
-        args.max_length = checkpoint_text_length(args.checkpoint) or DEFAULT_MAX_LENGTH
+    args.evaluated_from = resolve_eval_arguments(args)
     model = AutoModel.from_pretrained(args.checkpoint).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint)
-    train, evaluation = load_splits(args)
+    train, evaluation, args.eval_split = load_named_splits(args)
     if evaluation is None:
         raise ValueError(f"{args.dataset} has no evaluation split: name one with --eval_split.")
-    kept, dropped = usable_rows(evaluation, args)
+    kept, dropped = usable_rows(evaluation)
     if not kept:
         raise ValueError(f"no row of the evaluation split has a decodable image and a caption: {dropped}")
     evaluation = evaluation.select(kept)
 
-    image_embeds = embed_images(model, processor, evaluation[args.image_column])
+    image_embeds = embed_images(model, processor, evaluation["image"])
     texts, text_ids = [], []
-    for row, (image_id, cell) in enumerate(zip(evaluation["image_id"], evaluation[args.caption_column])):
+    for row, (image_id, cell) in enumerate(zip(evaluation["image_id"], evaluation["caption"])):
         captions = normalize_captions(cell, row)[0]
         texts += captions
         text_ids += [image_id] * len(captions)
     text_embeds = embed_texts(model, processor, texts, max_length=args.max_length)
     metrics = retrieval_metrics(image_embeds, text_embeds, torch.tensor(evaluation["image_id"]), torch.tensor(text_ids))
-    metrics["max_length"] = args.max_length
+    metrics.update(images=len(evaluation), texts=len(texts), max_length=args.max_length)
     metrics.update({f"dropped/{reason}": count for reason, count in dropped.items()})
 
-    classes = args.zero_shot_classes or (DEMO_CLASSES if args.dataset == DEMO else None)
-    if classes and args.label_column in evaluation.column_names:
-        templates = args.zero_shot_templates or DEMO_TEMPLATES
-        classifier = zero_shot_classifier(model, processor, classes, templates, max_length=args.max_length)
-        labels = torch.tensor(evaluation[args.label_column])
-        metrics.update(zero_shot_metrics(image_embeds, labels, classifier))
-        if args.few_shot:
-            chosen = few_shot_indices(train[args.label_column], args.few_shot, seed=args.few_shot)
-            shots = train.select(chosen)
-            probe = linear_probe(
-                embed_images(model, processor, shots[args.image_column]),
-                torch.tensor(shots[args.label_column]), image_embeds, labels, n_classes=len(classes),
-                init_classifier=classifier if args.probe_from_zero_shot else None)
-            metrics.update({f"{name}_{args.few_shot}shot": value for name, value in probe.items()})
+    zero_shot = zero_shot_evaluation(model, processor, evaluation, args, image_embeds=image_embeds)
+    metrics.update({"zero_shot_classes": 0, **zero_shot})
+    if zero_shot and args.few_shot:
+        classes = zero_shot_classes(args)
+        classifier = zero_shot_classifier(model, processor, classes, args.zero_shot_templates or DEMO_TEMPLATES,
+                                          max_length=args.max_length)
+        chosen = few_shot_indices(train[args.label_column], args.few_shot, seed=args.few_shot)
+        shots = train.select(chosen)
+        probe = linear_probe(
+            embed_images(model, processor, shots["image"]), torch.tensor(shots[args.label_column]), image_embeds,
+            torch.tensor(evaluation[args.label_column]), n_classes=len(classes),
+            init_classifier=classifier if args.probe_from_zero_shot else None)
+        metrics.update({f"{name}_{args.few_shot}shot": value for name, value in probe.items()})
     return metrics
 
 
-__all__ = ["SiglipEvalArguments", "run_eval"]
+def evaluation_summary(args: SiglipEvalArguments, metrics: dict) -> str:
+    """One line saying what `run_eval` evaluated on (after it ran: `args` holds the resolved settings)."""
+    classes = int(metrics.get("zero_shot_classes", 0))
+    return (f"Evaluated {args.checkpoint} on {args.dataset}, split '{args.eval_split}': {int(metrics['images']):,} "
+            f"images, {int(metrics['texts']):,} captions, "
+            + (f"{classes} zero-shot classes" if classes else "no zero-shot classes")
+            + f" (settings from {getattr(args, 'evaluated_from', 'flags')})")
+
+
+__all__ = ["SiglipEvalArguments", "evaluation_summary", "resolve_eval_arguments", "run_eval"]

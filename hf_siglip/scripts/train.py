@@ -311,7 +311,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     evaluation_name = "hf_siglip demo" if script_args.dataset == DEMO else script_args.dataset
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # every caption, no augmentation (SiglipTrainer's evaluation collator)
-        metrics.update({f"eval_{k}": v for k, v in zero_shot_evaluation(model, processor, evaluation, script_args).items()})
+        zero_shot = zero_shot_evaluation(model, processor, evaluation, script_args)  # rows and pixels as hf-siglip eval
+        metrics.update({f"eval_{k}": v for k, v in zero_shot.items()})
         captions_per_image = len(evaluation[0]["caption"]) if not isinstance(evaluation[0]["caption"], str) else 1
         n_images = len(evaluation)
         metrics["eval_i2t_chance_recall@1"] = chance_recall(n_images * captions_per_image, captions_per_image, 1)
@@ -354,5 +355,5 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     return metrics
 
 
-__all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_named_splits", "load_splits",
-           "resolve_resume", "run_train", "usable_rows", "zero_shot_evaluation"]
+__all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_named_splits",
+           "load_splits", "resolve_resume", "run_train", "usable_rows", "zero_shot_evaluation"]

@@ -13,6 +13,8 @@ import sys
 
 import yaml
 
+from .errors import HfSiglipError
+
 
 # Fields of earlier releases that became data steps: a recipe or flag using one gets told where it went.
 _MOVED_TO_DATA_STEPS = {
@@ -243,10 +245,21 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except Exception as error:
-        if type(error).__name__ != "HubAccessError":  # (not imported here: it would slow down --help)
+        # one line, no traceback, for errors a user acts on (hf_siglip.errors; HubAccessError is matched by name:
+        # importing hf_siglip.hub here would slow down --help); any other error keeps its traceback
+        if not isinstance(error, HfSiglipError) and type(error).__name__ != "HubAccessError":
             raise
         print(f"hf-siglip: {error}", file=sys.stderr)
+        _end_process_group()
         return 1
+
+
+def _end_process_group() -> None:
+    """Leave torch.distributed's group, if this process joined one: a gloo process that exits with its group alive can
+    abort in its threads at shutdown ("terminate called without an active exception")."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from transformers import AutoConfig, CLIPModel, PreTrainedModel, Siglip2Model, S
 from transformers import initialization as init
 
 from .configuration_siglip_bottleneck import LOADABLE_MODEL_TYPES
+from .finite import check_finite_weights
 from .loss import sigmoid_loss
 from .modeling_siglip_bottleneck import SiglipBottleneckModel, SiglipBottleneckOutput
 from .training_args import TOWERS
@@ -194,17 +195,21 @@ def as_dual_encoder(model: nn.Module, logit_bias_init_value: float = LOGIT_BIAS_
 def load_dual_encoder(name_or_path: str, logit_bias_init_value: float = LOGIT_BIAS_INIT, **kwargs) -> nn.Module:
     """The checkpoint at `name_or_path` as a trainable dual encoder, chosen by its config.json model type: `siglip` and
     `siglip_bottleneck` as [`SiglipBottleneckModel`], `siglip2` and `clip` as their adapters. `kwargs` go to
-    `from_pretrained`."""
+    `from_pretrained`. Weights holding NaN or infinity are refused (`hf_siglip.finite.NonFiniteError`, naming the
+    safetensors file and tensor)."""
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type in LOADABLE_MODEL_TYPES:
-        return SiglipBottleneckModel.from_pretrained(name_or_path, **kwargs)
-    adapter = ADAPTERS_BY_MODEL_TYPE.get(config.model_type)
-    if adapter is None:
-        raise ValueError(f"{name_or_path} holds a checkpoint of model type '{config.model_type}'; hf-siglip trains "
-                         f"the dual encoders {list(LOADABLE_DUAL_ENCODER_TYPES)}.")
-    if adapter is CLIPDualEncoder and not hasattr(config, "logit_bias"):
-        config.logit_bias = logit_bias_init_value
-    return adapter.from_pretrained(name_or_path, config=config, **kwargs)
+        model = SiglipBottleneckModel.from_pretrained(name_or_path, **kwargs)
+    else:
+        adapter = ADAPTERS_BY_MODEL_TYPE.get(config.model_type)
+        if adapter is None:
+            raise ValueError(f"{name_or_path} holds a checkpoint of model type '{config.model_type}'; hf-siglip "
+                             f"trains the dual encoders {list(LOADABLE_DUAL_ENCODER_TYPES)}.")
+        if adapter is CLIPDualEncoder and not hasattr(config, "logit_bias"):
+            config.logit_bias = logit_bias_init_value
+        model = adapter.from_pretrained(name_or_path, config=config, **kwargs)
+    check_finite_weights(model, name_or_path)
+    return model
 
 
 def tower_modules(model: nn.Module, tower: str) -> list[nn.Module]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.embedding import embed_images, embed_texts
+from .finite import NonFiniteError, finite_or_none
 from .positives import positive_pairs
 
 
@@ -61,13 +62,14 @@ def retrieval_metrics(
 
 
 def check_finite_embeddings(**embeddings: torch.Tensor) -> None:
-    """ValueError naming the embeddings that hold NaN or infinity: a metric on them would mean nothing."""
+    """`NonFiniteError` (a ValueError) naming the embeddings that hold NaN or infinity: a metric on them would mean
+    nothing."""
     for name, tensor in embeddings.items():
         bad_rows = (~torch.isfinite(tensor.reshape(len(tensor), -1))).any(dim=1)
         if bad_rows.any():
-            raise ValueError(f"{int(bad_rows.sum())} of {len(tensor)} {name.replace('_', ' ')} are not finite "
-                             f"(NaN or infinity; first at row {int(bad_rows.nonzero()[0])}): the model has diverged "
-                             "or its weights are corrupt, so it is not evaluated")
+            raise NonFiniteError(f"{int(bad_rows.sum())} of {len(tensor)} {name.replace('_', ' ')} are not finite "
+                                 f"(NaN or infinity; first at row {int(bad_rows.nonzero()[0])}): the model has "
+                                 "diverged or its weights are corrupt, so it is not evaluated")
 
 
 def tie_exact_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -215,8 +217,9 @@ def format_metrics(metrics: dict, legend: bool = True) -> str:
 
 
 def to_json(metrics: dict, path=None) -> str:
-    """Metrics as pretty JSON; also written to `path` when given."""
-    text = json.dumps(metrics, indent=2, sort_keys=True)
+    """Metrics as pretty JSON; also written to `path` when given. Always valid JSON: a value that is not finite (NaN,
+    infinity; e.g. recall with no query) is written as `null`, never as the bare `NaN` that strict parsers refuse."""
+    text = json.dumps(finite_or_none(metrics), indent=2, sort_keys=True, allow_nan=False)
     if path is not None:
         with open(path, "w") as file:
             file.write(text + "\n")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from .finite import check_finite_weights
+
 TEMPLATE_NAME = "model_card_template.md"
 
 
@@ -255,9 +257,11 @@ def push_to_hub(
     """Upload model, processor and model card to `repo_id` in one commit; returns the commit info.
 
     `card_kwargs` go to `build_model_card` when no `card` is given (e.g. `base_model`, `metrics`). Raises
-    `HubAccessError` (one line) before anything is written when the Hub cannot be reached or no token is set.
+    `HubAccessError` (one line) before anything is written when the Hub cannot be reached or no token is set, and
+    `hf_siglip.finite.NonFiniteError` when the model's weights hold NaN or infinity.
     """
     check_hub_access(token)
+    check_finite_weights(model, consequence="not pushed")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:

@@ -1,18 +1,22 @@
 """`SiglipTrainingArguments`: `transformers.TrainingArguments` plus the SigLIP papers' training options."""
 
 import dataclasses
+import functools
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .launching import start_cpu_process_group
 from .loss_config import SiglipLossConfig
 
 logger = logging.getLogger(__name__)
 
 TOWERS = ("text", "vision")
 CONCEPT_DISTILLATION_LOSSES = ("auto", "kl", "cosine")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -113,6 +117,20 @@ class SiglipTrainingArguments(TrainingArguments):
         metadata={"help": "Concept distillation, kl loss: softmax temperature T for teacher and head (the loss is "
                   "scaled by T^2 so its gradients keep their size)."},
     )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "What an optimizer step does when its loss, gradient norm, t = exp(logit_scale) or b is NaN or "
+            "infinite (checked after backward, before the update; on several processes they decide together). "
+            "'stop': end the run with an error naming the step and the value (the weights stay as they were "
+            "before it). 'skip': leave every weight as it is for that step (no optimizer update; the learning-rate "
+            "schedule moves on), count it (`nonfinite_steps_skipped` in the logs, `train/nonfinite_steps_skipped` "
+            "in the data report of the model card and eval_results.json) and go on; the logged loss is the mean over "
+            "the applied steps of its window (nan when none was). A non-finite t or b stops the "
+            "run either way: they are weights, and skipping steps cannot repair them. With fp16 loss scaling the "
+            "gradient norm is left to the scaler, which skips overflowing steps by design."
+        },
+    )
     loss_config: dict | str | None = field(
         default=None,
         metadata={
@@ -121,6 +139,13 @@ class SiglipTrainingArguments(TrainingArguments):
             "'{\"normalize\": \"row\", \"mine_image_text\": 0.9}'. Checked when the arguments are built."
         },
     )
+
+    @functools.cached_property
+    def _setup_devices(self):
+        # on CPU, accelerate would start the gloo group without --ddp_timeout (hf_siglip.launching)
+        if self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+            start_cpu_process_group(self.ddp_timeout, self.ddp_backend)
+        return TrainingArguments._setup_devices.func(self)
 
     def __post_init__(self):
         if self.dataloader_pin_memory is None:
@@ -134,6 +159,8 @@ class SiglipTrainingArguments(TrainingArguments):
                 raise ValueError(f"pretrained_towers: unknown tower(s) {sorted(unknown)}; choose from {TOWERS}.")
         if self.pretrained_learning_rate_multiplier < 0:
             raise ValueError("pretrained_learning_rate_multiplier must be >= 0.")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
         if self.lock_text_tower and self.lock_vision_tower:
             raise ValueError("lock_text_tower and lock_vision_tower are both set: nothing would be trained.")
         # a SiglipLossConfig from a mapping (recipe), JSON (flag) or itself; a bad setting fails here, not at step 1

@@ -15,6 +15,7 @@ from ..data.demo import DEMO_TEMPLATES
 from ..data.embedding import embed_images, embed_texts
 from ..data.text import normalize_captions
 from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
+from ..finite import check_finite_weights
 from .arguments import DEFAULT_MAX_LENGTH, SiglipScriptArguments, checkpoint_text_length
 from .eval_record import EVAL_RECORD_NAME, apply_evaluation_record, read_evaluation_record
 from .train import load_named_splits, usable_rows, zero_shot_classes, zero_shot_evaluation
@@ -66,6 +67,7 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
 
     args.evaluated_from = resolve_eval_arguments(args)
     model = AutoModel.from_pretrained(args.checkpoint).eval()
+    check_finite_weights(model, args.checkpoint, "not evaluated")  # corrupt weights: refused, naming file and tensor
     processor = AutoProcessor.from_pretrained(args.checkpoint)
     train, evaluation, args.eval_split = load_named_splits(args)
     if evaluation is None:

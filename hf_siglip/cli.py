@@ -9,6 +9,7 @@
 
 import argparse
 import dataclasses
+import re
 import sys
 
 import yaml
@@ -247,11 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         # one line, no traceback, for errors a user acts on (hf_siglip.errors; HubAccessError is matched by name:
         # importing hf_siglip.hub here would slow down --help); any other error keeps its traceback
-        if not isinstance(error, HfSiglipError) and type(error).__name__ != "HubAccessError":
+        timed_out = "torch.distributed" in sys.modules and _is_collective_timeout(error)
+        if not isinstance(error, HfSiglipError) and type(error).__name__ != "HubAccessError" and not timed_out:
             raise
+        if timed_out:  # a frozen, stopped or dead peer: this process gives up after the group's timeout
+            reason = re.sub(r"^\[[^]]*\]\s*", "", str(error).splitlines()[0])  # gloo's source location first
+            error = (f"another process did not answer within --ddp_timeout (it froze, stopped, died or ran out of "
+                     f"memory); this process stops too. {reason}")
         print(f"hf-siglip: {error}", file=sys.stderr)
         _end_process_group()
         return 1
+
+
+def _is_collective_timeout(error: BaseException) -> bool:
+    from .launching import is_collective_timeout
+
+    return is_collective_timeout(error)
 
 
 def _end_process_group() -> None:

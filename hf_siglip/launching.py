@@ -29,6 +29,31 @@ def prepare_cpu_torchrun() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 
 
+def start_cpu_process_group(timeout_seconds: float, backend: str | None = None) -> bool:
+    """Join the launcher's CPU (gloo) process group with `timeout_seconds` as its timeout, before accelerate does
+    (the caller knows the processes run on CPU).
+
+    accelerate passes `--ddp_timeout` to the process group on GPUs but not on CPU, where gloo's default (30 minutes)
+    then holds: a frozen or stopped peer leaves the others waiting that long in a collective. Joined here, accelerate
+    finds the group and keeps it. True when this call started it."""
+    import torch.distributed as dist
+
+    if not (_launcher_world_size() > 1 and "MASTER_ADDR" in os.environ and dist.is_available()) or dist.is_initialized():
+        return False
+    from datetime import timedelta
+
+    dist.init_process_group(backend=backend or "gloo", timeout=timedelta(seconds=timeout_seconds))
+    return True
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` is torch.distributed giving up on a peer that did not answer within the group's timeout."""
+    text = str(error).lower()
+    return type(error).__name__ in ("DistBackendError", "DistError", "RuntimeError") and (
+        "timed out" in text or "timeout" in text) and ("gloo" in text or "recv" in text or "send" in text
+                                                       or type(error).__name__.startswith("Dist"))
+
+
 def process_world_mismatch(trainer_world_size: int) -> str | None:
     """A message when torch.distributed or the launcher's WORLD_SIZE disagree with the trainer's world size."""
     import torch.distributed as dist
@@ -59,4 +84,5 @@ def fsdp_request_ignored(distributed_type) -> str | None:
             "FSDP only on GPUs and other accelerators): every process holds the full weights")
 
 
-__all__ = ["check_process_world", "fsdp_request_ignored", "prepare_cpu_torchrun", "process_world_mismatch"]
+__all__ = ["check_process_world", "fsdp_request_ignored", "is_collective_timeout", "prepare_cpu_torchrun",
+           "process_world_mismatch", "start_cpu_process_group"]

@@ -173,7 +173,7 @@ def run_weight_decay_on_pretrained(results, output_dir, demo):
         label, name = f"pretrained towers: weight decay {decay:g}", f"finetune_wd{decay:g}"
         results[label] = run(name, output_dir, digits_args, {"model_name_or_path": pretrained},
                              {**finetune, "pretrained_weight_decay": decay})
-        kept = run_eval(SiglipEvalArguments(checkpoint=os.path.join(output_dir, name), **demo))
+        kept = run_eval(SiglipEvalArguments(checkpoint=os.path.join(output_dir, name), dataset="demo", **demo))
         results[label]["demo_zero_shot_top1_after"] = kept["zero_shot_top1"]
 
 

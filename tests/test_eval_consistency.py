@@ -207,14 +207,12 @@ def test_a_checkpoint_without_the_record_asks_for_a_dataset(photos, tmp_path, ca
     processor.tokenizer.model_max_length = 12
     make_tiny_siglip(len(processor.tokenizer), image_size=32).save_pretrained(tmp_path / "native")
     processor.save_pretrained(tmp_path / "native")
-    try:  # (main() may print a project error in one line and return 1, or let it rise)
-        returned = cli_main(["eval", "--checkpoint", str(tmp_path / "native")])
-        output = capsys.readouterr()
-        assert returned != 0 and output.out == ""
-        message = output.err
-    except ValueError as error:
-        message = str(error)
-    assert "holds no hf_siglip_eval.json" in message and "--dataset" in message
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "native")]) == 1
+    output = capsys.readouterr()
+    assert output.out == "" and len(output.err.splitlines()) == 1  # one line, no traceback
+    assert output.err.startswith(f"hf-siglip: {tmp_path / 'native'} holds no hf_siglip_eval.json")
+    assert "--dataset" in output.err
 
     first_line, metrics = _evaluate_here(capsys, tmp_path / "native", tmp_path / "m.json", "--dataset", str(photos))
     assert first_line.startswith(f"Evaluated {tmp_path / 'native'} on {photos}, split 'test': 20 images, 40 captions, "

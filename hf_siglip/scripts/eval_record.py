@@ -20,6 +20,8 @@ import logging
 import os
 from dataclasses import fields
 
+from ..errors import HfSiglipError
+
 logger = logging.getLogger(__name__)
 
 EVAL_RECORD_NAME = "hf_siglip_eval.json"
@@ -27,6 +29,11 @@ EVAL_RECORD_NAME = "hf_siglip_eval.json"
 RECORDED_SETTINGS = ("train_split", "eval_split", "image_column", "caption_column", "label_column",
                      "max_train_samples", "max_eval_samples", "zero_shot_classes", "zero_shot_templates")
 DEMO_SETTINGS = ("demo_train_size", "demo_test_size", "demo_image_size")
+
+
+class EvaluationDataError(HfSiglipError, ValueError):
+    """`hf-siglip eval` cannot tell what to evaluate on (no record and no `--dataset`, no evaluation split, no usable
+    row): the command prints it in one line."""
 
 
 def dataset_reference(dataset: str) -> str:
@@ -95,13 +102,13 @@ def read_evaluation_record(checkpoint: str) -> dict | None:
 def apply_evaluation_record(args, record: dict | None, defaults) -> str:
     """Fill the fields of `args` (SiglipEvalArguments) left unset (None) from `record`, then from `defaults` (a
     SiglipScriptArguments with its defaults). Returns where the settings came from, for the report's first line.
-    Raises ValueError when neither `--dataset` nor a record says what to evaluate on."""
+    Raises EvaluationDataError when neither `--dataset` nor a record says what to evaluate on."""
     from .arguments import DEMO
 
     if args.dataset is None and record is None:
-        raise ValueError(f"{args.checkpoint} holds no {EVAL_RECORD_NAME} (the record of what `hf-siglip train` "
-                         "evaluated on): say what to evaluate on with --dataset (and --eval_split, "
-                         "--zero_shot_classes as needed)")
+        raise EvaluationDataError(f"{args.checkpoint} holds no {EVAL_RECORD_NAME} (the record of what `hf-siglip "
+                                  "train` evaluated on): say what to evaluate on with --dataset (and --eval_split, "
+                                  "--zero_shot_classes as needed)")
     same_data = record is not None and (args.dataset is None
                                         or dataset_reference(args.dataset) == record.get("dataset"))
     if args.dataset is None:
@@ -125,5 +132,5 @@ def apply_evaluation_record(args, record: dict | None, defaults) -> str:
     return source
 
 
-__all__ = ["EVAL_RECORD_NAME", "apply_evaluation_record", "evaluation_record", "evaluation_record_callback",
-           "read_evaluation_record", "write_evaluation_record"]
+__all__ = ["EVAL_RECORD_NAME", "EvaluationDataError", "apply_evaluation_record", "evaluation_record",
+           "evaluation_record_callback", "read_evaluation_record", "write_evaluation_record"]

@@ -17,7 +17,7 @@ from ..data.text import normalize_captions
 from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
 from ..finite import check_finite_weights
 from .arguments import DEFAULT_MAX_LENGTH, SiglipScriptArguments, checkpoint_text_length
-from .eval_record import EVAL_RECORD_NAME, apply_evaluation_record, read_evaluation_record
+from .eval_record import EVAL_RECORD_NAME, EvaluationDataError, apply_evaluation_record, read_evaluation_record
 from .train import load_named_splits, usable_rows, zero_shot_classes, zero_shot_evaluation
 
 _FROM_RECORD = f"Default: what the checkpoint's {EVAL_RECORD_NAME} records, else "
@@ -71,10 +71,10 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     processor = AutoProcessor.from_pretrained(args.checkpoint)
     train, evaluation, args.eval_split = load_named_splits(args)
     if evaluation is None:
-        raise ValueError(f"{args.dataset} has no evaluation split: name one with --eval_split.")
+        raise EvaluationDataError(f"{args.dataset} has no evaluation split: name one with --eval_split.")
     kept, dropped = usable_rows(evaluation)
     if not kept:
-        raise ValueError(f"no row of the evaluation split has a decodable image and a caption: {dropped}")
+        raise EvaluationDataError(f"no row of the evaluation split has a decodable image and a caption: {dropped}")
     evaluation = evaluation.select(kept)
 
     image_embeds = embed_images(model, processor, evaluation["image"])

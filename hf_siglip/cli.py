@@ -5,6 +5,7 @@
     hf-siglip convert SRC DST --bottleneck-dim K                  native SigLIP -> bottleneck embeddings
     hf-siglip push CHECKPOINT REPO_ID                             upload with processor and model card
     hf-siglip shards SRC DST [--rows-per-shard N]                 write a dataset as webdataset tar shards
+    hf-siglip recipes [--path NAME]                               the packaged recipes (--config NAME), or one's file
 """
 
 import argparse
@@ -56,8 +57,8 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
 
     # allow_abbrev=False: argparse would otherwise take `--learning_rat 0.1` for `--learning_rate`
     parser = HfArgumentParser([], prog=prog, allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="YAML recipe whose keys are any of the fields below; flags "
-                        "given as well override it")
+    parser.add_argument("--config", default=None, help="YAML recipe whose keys are any of the fields below: a "
+                        "packaged recipe's name (`hf-siglip recipes` lists them) or a file; flags override it")
     parser.dataclass_types = list(dataclass_types)
     for dtype in dataclass_types:  # each in its own help group (the class's `_argument_group_name`)
         parser._add_dataclass_arguments(dtype)
@@ -65,6 +66,10 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     config_reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_reader.add_argument("--config", default=None)
     config_path = config_reader.parse_known_args(argv)[0].config
+    if config_path:
+        from .recipes import find_recipe
+
+        config_path = find_recipe(config_path)  # a file as given, or the name of a packaged recipe
     _check_moved_fields(arg[2:].split("=")[0] for arg in argv if arg.startswith("--"))
     values = dict(defaults or {})
     if config_path:
@@ -199,6 +204,18 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from .recipes import accelerate_config_names, accelerate_config_path, describe, recipe_path
+
+    if args.path is None:
+        print(describe())
+    elif args.path in accelerate_config_names():
+        print(accelerate_config_path(args.path))
+    else:
+        print(recipe_path(args.path, flag="--path"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-siglip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--image-column", default="image")
     shards.add_argument("--caption-column", default="caption")
     shards.set_defaults(func=_shards)
+
+    recipes = commands.add_parser("recipes", help="List the recipes that ship with hf_siglip (train --config NAME) "
+                                                  "and the accelerate configs, each with its purpose.")
+    recipes.add_argument("--path", metavar="NAME", default=None,
+                         help="print the file of one recipe or accelerate config instead")
+    recipes.set_defaults(func=_recipes)
     return parser
 
 

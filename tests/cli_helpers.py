@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).parent.parent
-RECIPES = REPO / "recipes"
+RECIPES = REPO / "hf_siglip" / "recipes"  # installed with the package; recipes/ links to it
 # The demo and a new model at tiny sizes; any recipe or test overrides what it needs.
 TINY = dict(demo_train_size=32, demo_test_size=16, demo_image_size=16, image_size=16, max_steps=2,
             per_device_train_batch_size=16, per_device_eval_batch_size=16, hidden_size=32, intermediate_size=48,

@@ -1,5 +1,5 @@
 """FSDP. accelerate 1.15 switches FSDP on only for accelerator processes (its AcceleratorState enables the FSDP
-plugin for MULTI_GPU / XPU / NPU... distributed types, never MULTI_CPU), so `recipes/accelerate_configs/fsdp.yaml`
+plugin for MULTI_GPU / XPU / NPU... distributed types, never MULTI_CPU), so the `fsdp` accelerate config
 cannot shard anything on this CPU machine. What is tested here instead:
 
 * torch's own FSDP2 (`fully_shard` per encoder layer and at the root, the wrapping fsdp.yaml asks for) on two gloo
@@ -45,7 +45,7 @@ def test_fsdp2_sharded_weights_train_like_ddp_and_save_for_from_pretrained(tmp_p
 
 def test_the_fsdp_config_on_cpu_warns_that_it_runs_ddp(tmp_path):
     accelerate = [launcher_binary("accelerate"), "launch", "--config_file",
-                  str(REPO / "recipes" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2",
+                  str(REPO / "hf_siglip" / "recipes" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2",
                   "--mixed_precision", "no", "--main_process_port", "29683"]
     values = {**TINY, "use_cpu": "false", "max_steps": 1, "eval_split": "None", "disable_tqdm": "true",
               "per_device_train_batch_size": 8, "output_dir": tmp_path / "out"}

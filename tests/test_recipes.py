@@ -1,4 +1,4 @@
-"""Every recipe in recipes/ runs through `hf-siglip train` at a tiny scale (same YAML, sizes overridden)."""
+"""Every recipe in hf_siglip/recipes/ runs through `hf-siglip train` at a tiny scale (same YAML, sizes overridden)."""
 
 import ast
 import importlib.util
@@ -71,7 +71,7 @@ def run_recipe(name, tmp_path, **overrides) -> Path:
     return output_dir
 
 
-EXAMPLE_CARDS = RECIPES.parent / "model_cards" / "examples"
+EXAMPLE_CARDS = RECIPES.parent.parent / "model_cards" / "examples"
 
 
 def check_example_card(name: str, card: str) -> None:

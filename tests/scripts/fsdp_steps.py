@@ -1,5 +1,5 @@
 """A few AdamW steps of the tiny SigLIP with the ring loss on 2 gloo processes, its weights sharded by FSDP2
-(`torch.distributed.fsdp.fully_shard`, per encoder layer and at the root, as `recipes/accelerate_configs/fsdp.yaml`
+(`torch.distributed.fsdp.fully_shard`, per encoder layer and at the root, as the `fsdp` accelerate config
 wraps them) or replicated by DDP; the full weights are then gathered and saved with `save_pretrained`.
 
     torchrun --nproc_per_node 2 fsdp_steps.py fsdp|ddp OUT_DIR

@@ -1,0 +1,71 @@
+"""Recipes by name: `--config fff_multi_positive` reads the packaged recipe from anywhere, a path still works, and
+`hf-siglip recipes` lists each recipe and accelerate config with its purpose (the file's first comment line)."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from cli_helpers import RECIPES, REPO, cli_env
+
+from hf_siglip import recipes
+from hf_siglip.cli import main as cli_main
+from hf_siglip.cli import parse_with_config
+from hf_siglip.scripts.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
+from hf_siglip.training_args import SiglipTrainingArguments
+
+TYPES = (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments)
+
+
+def parsed(config: str, tmp_path) -> dict:
+    script, model, training = parse_with_config(TYPES, ["--config", config, "--output_dir", str(tmp_path / "out")],
+                                                defaults=DEMO_TRAINING_DEFAULTS)
+    return {"script": vars(script), "model": vars(model), "lr": training.learning_rate,
+            "beta2": training.adam_beta2, "epochs": training.num_train_epochs}
+
+
+@pytest.mark.parametrize("name", ["fff_multi_positive", "siglip_from_scratch"])
+def test_a_recipe_name_reads_the_packaged_file_from_any_folder(name, tmp_path, monkeypatch):
+    by_path = parsed(str(RECIPES / f"{name}.yaml"), tmp_path)
+    assert by_path["script"]["recipe"] == name and by_path["lr"] == yaml.safe_load(
+        (RECIPES / f"{name}.yaml").read_text())["learning_rate"]
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    for given in (name, f"{name}.yaml", f"recipes/{name}.yaml"):
+        assert parsed(given, tmp_path) == by_path, given
+    assert recipes.load_recipe(name) == yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+
+
+def test_a_file_given_by_path_wins_over_a_packaged_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "siglip_from_scratch").write_text("recipe: mine\nlearning_rate: 0.5\n")
+    assert recipes.recipe_path("siglip_from_scratch") == "siglip_from_scratch"
+    mine = parsed("siglip_from_scratch", tmp_path)
+    assert mine["script"]["recipe"] == "mine" and mine["lr"] == 0.5
+    assert (REPO / "recipes" / "siglip_from_scratch.yaml").samefile(RECIPES / "siglip_from_scratch.yaml")
+
+
+def test_unknown_names_and_accelerate_configs_are_refused_naming_the_recipes():
+    with pytest.raises(recipes.RecipeNotFoundError, match="no packaged recipe of that name.*fff_multi_positive"):
+        recipes.recipe_path("fff_multi_positiv")
+    with pytest.raises(recipes.RecipeNotFoundError, match="accelerate config, not a training recipe"):
+        recipes.recipe_path("cpu_two_processes")
+    result = subprocess.run([sys.executable, "-m", "hf_siglip", "train", "--config", "no_such_recipe"],
+                            env=cli_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "no_such_recipe" in line]
+
+
+def test_hf_siglip_recipes_lists_each_with_its_first_comment_line(capsys):
+    assert cli_main(["recipes"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    files = sorted(RECIPES.glob("*.yaml")) + sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
+    assert len(files) == 16
+    for path in files:
+        first = next(line for line in path.read_text().splitlines() if line.startswith("#"))
+        purpose = first.lstrip("#").strip()
+        assert 20 <= len(purpose) <= 110 and purpose.endswith("."), f"{path.name}: one short sentence first"
+        assert [line for line in listing if line.split(maxsplit=1) == [path.stem, purpose]], path.name
+    assert cli_main(["recipes", "--path", "fff_multi_positive"]) == 0
+    assert capsys.readouterr().out.strip() == str(RECIPES / "fff_multi_positive.yaml")
+    assert cli_main(["recipes", "--path", "multi_gpu_ddp"]) == 0
+    assert capsys.readouterr().out.strip() == str(RECIPES / "accelerate_configs" / "multi_gpu_ddp.yaml")

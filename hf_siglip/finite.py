@@ -39,9 +39,11 @@ def nonfinite_tensors(named_tensors) -> list[tuple[str, int, int]]:
     named = [(name, tensor) for name, tensor in named if tensor.is_floating_point() and tensor.numel()]
     if not named:
         return []
-    finite = torch.stack([torch.isfinite(tensor).all().cpu() for _, tensor in named])  # one flag per tensor
+    flags = [torch.isfinite(tensor).all() for _, tensor in named]  # one flag per tensor, read back at once
+    same_device = len({flag.device for flag in flags}) == 1
+    finite = (torch.stack(flags) if same_device else torch.stack([flag.cpu() for flag in flags])).tolist()
     return [(name, int((~torch.isfinite(tensor)).sum()), tensor.numel())
-            for (name, tensor), ok in zip(named, finite.tolist()) if not ok]
+            for (name, tensor), ok in zip(named, finite) if not ok]
 
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[tuple[str, int, int]]:

@@ -128,7 +128,8 @@ class SiglipTrainingArguments(TrainingArguments):
             "in the data report of the model card and eval_results.json) and go on; the logged loss is the mean over "
             "the applied steps of its window (nan when none was). A non-finite t or b stops the "
             "run either way: they are weights, and skipping steps cannot repair them. With fp16 loss scaling the "
-            "gradient norm is left to the scaler, which skips overflowing steps by design."
+            "gradient norm is left to the scaler, which skips overflowing steps by design. Under DeepSpeed the engine "
+            "updates inside backward, before this check: 'stop' stops after that update and 'skip' cannot undo it."
         },
     )
     loss_config: dict | str | None = field(

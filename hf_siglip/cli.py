@@ -5,17 +5,23 @@
     hf-siglip convert SRC DST --bottleneck-dim K                  native SigLIP -> bottleneck embeddings
     hf-siglip push CHECKPOINT REPO_ID                             upload with processor and model card
     hf-siglip shards SRC DST [--rows-per-shard N]                 write a dataset as webdataset tar shards
+
+A mistake in the flags, the recipe, a path or the data's layout prints one line, `hf-siglip <command>: error: ...`
+(every problem found, one line each), and exits with status 2; a run that fails (a diverged loss, corrupt weights)
+exits with 1. `--debug` (or HF_SIGLIP_DEBUG=1) shows the traceback.
     hf-siglip recipes [--path NAME]                               the packaged recipes (--config NAME), or one's file
 """
 
 import argparse
 import dataclasses
+import difflib
+import os
 import re
 import sys
 
 import yaml
 
-from .errors import HfSiglipError
+from .errors import HfSiglipError, UsageError, error_message
 
 
 # Fields of earlier releases that became data steps: a recipe or flag using one gets told where it went.
@@ -39,24 +45,155 @@ _RENAMED_FIELDS = {
 }
 
 
-def _check_moved_fields(names) -> None:
+def _moved_field_problems(names) -> list[str]:
+    """One problem per renamed field, and one for all fields that became data steps."""
     names = list(names)
-    for name in names:
-        if name in _RENAMED_FIELDS:
-            raise ValueError(f"{name} is now {_RENAMED_FIELDS[name]}")
+    problems = [f"{name} is now {_RENAMED_FIELDS[name]}" for name in names if name in _RENAMED_FIELDS]
     moved = [name for name in names if name in _MOVED_TO_DATA_STEPS]
     if moved:
         hints = "; ".join(f"{name} -> data_steps entry {_MOVED_TO_DATA_STEPS[name]}" for name in moved)
-        raise ValueError(f"{moved} are data steps now: list them under data_steps (a recipe) or --data_steps "
-                         f"'[...]' (JSON). {hints}")
+        problems.append(f"{moved} are data steps now: list them under data_steps (a recipe) or --data_steps "
+                        f"'[...]' (JSON). {hints}")
+    return problems
 
 
-def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = None, prog: str = "hf-siglip"):
-    """TRL-style parsing: built-in `defaults` < YAML file given by `--config` < command-line flags."""
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _value_problem(action, value) -> str | None:
+    """Why `value` (a flag's string, or a recipe's YAML value) cannot be `action`'s field, or None if it can.
+    Stricter than argparse, which would take 16.5 from a recipe as an integer field's value."""
+    from transformers.hf_argparser import string_to_bool
+
+    items = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+    for item in items:
+        if item is None:
+            continue
+        shown = item if isinstance(item, str) else repr(item)
+        kind, text = action.type, isinstance(item, str)
+        if kind is int and (isinstance(item, bool) or not (isinstance(item, int) or text and _parses(int, item))):
+            return f"{action.dest} must be an integer, got {shown}"
+        if kind is float and (isinstance(item, bool) or not (isinstance(item, (int, float)) or text
+                                                               and _parses(float, item))):
+            return f"{action.dest} must be a number, got {shown}"
+        if kind is string_to_bool and not (isinstance(item, bool) or text and _parses(string_to_bool, item)):
+            return f"{action.dest} must be true or false, got {shown}"
+        if action.choices and str(item) not in {str(choice) for choice in action.choices}:
+            return (f"{action.dest} must be one of {[str(choice) for choice in action.choices]}, got {shown}"
+                    + _did_you_mean(str(item), map(str, action.choices)))
+    return None
+
+
+def _parses(kind, text: str) -> bool:
+    try:
+        kind(text)
+        return True
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+
+
+def _checked_argv(parser, argv: list[str], problems: list[str]) -> list[str]:
+    """`argv` without the flags that cannot be parsed: each unknown flag (with the close match, if any), moved
+    field or bad value becomes one entry of `problems` instead of an error that hides the others."""
+    options = parser._option_string_actions
+    moved = set(_RENAMED_FIELDS) | set(_MOVED_TO_DATA_STEPS)
+    kept, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--"):
+            kept.append(token)  # a stray value: argparse says what is wrong with it
+            index += 1
+            continue
+        name, equals, inline = token.partition("=")
+        end = index + 1
+        if not equals:
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+        values = [inline] if equals else argv[index + 1:end]
+        action = options.get(name)
+        if name[2:] in moved:
+            pass  # reported with the other moved fields
+        elif action is None:
+            problems.append(f"unknown flag {name}{_did_you_mean(name, (o for o in options if o.startswith('--')))}")
+        elif action.nargs is None and len(values) == 1 and _value_problem(action, values[0]):
+            problems.append(_value_problem(action, values[0]))
+        elif action.nargs in ("+", "*") and values and _value_problem(action, values):
+            problems.append(_value_problem(action, values))
+        else:
+            kept += argv[index:end]
+        index = end
+    return kept
+
+
+def _read_recipe(config_path: str, problems: list[str]) -> dict:
+    """The recipe's fields, or {} with the reason in `problems` (a missing file, YAML that does not parse, not a
+    mapping)."""
+    try:
+        with open(config_path) as file:
+            loaded = yaml.safe_load(file)
+    except FileNotFoundError:
+        problems.append(f"--config {config_path}: no such file")
+        return {}
+    except OSError as error:
+        problems.append(f"--config {config_path}: cannot be read ({error.strerror or error})")
+        return {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problems.append(f"--config {config_path}:{where}: not valid YAML ({reason})")
+        return {}
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        problems.append(f"--config {config_path}: a recipe is a mapping of field: value, got "
+                        f"{type(loaded).__name__}")
+        return {}
+    return loaded
+
+
+def _recipe_values(parser, config_path: str, problems: list[str]) -> dict:
+    """The recipe's usable fields; an unknown key (with the close match), a moved field or a value of the wrong
+    type becomes one entry of `problems` each."""
+    loaded = _read_recipe(config_path, problems)
+    problems += _moved_field_problems(loaded)
+    fields = {}
+    for action in parser._actions:  # a bool field's `--no_x` comes after `--x`: keep the first
+        if action.dest not in ("help", "config"):
+            fields.setdefault(action.dest, action)
+    values = {}
+    for key, value in loaded.items():
+        if key in _RENAMED_FIELDS or key in _MOVED_TO_DATA_STEPS:
+            continue
+        if key not in fields:
+            problems.append(f"--config {config_path}: unknown field {key}{_did_you_mean(str(key), fields)}")
+        elif _value_problem(fields[key], value):
+            problems.append(f"--config {config_path}: {_value_problem(fields[key], value)}")
+        else:
+            values[key] = value
+    return values
+
+
+def _raise_usage_error(message: str):
+    raise UsageError(message)
+
+
+def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = None, prog: str = "hf-siglip",
+                      problems: list[str] | None = None):
+    """TRL-style parsing: built-in `defaults` < YAML file given by `--config` < command-line flags.
+
+    Every problem found (unknown flags and recipe keys with their close matches, values of the wrong type, moved
+    fields, a missing or unreadable recipe, errors raised while the dataclasses are built) is collected: with a
+    `problems` list they are appended to it and the dataclasses that could not be built are None; without one,
+    they are raised together as one `UsageError`."""
     from transformers import HfArgumentParser
 
+    collected = []
     # allow_abbrev=False: argparse would otherwise take `--learning_rat 0.1` for `--learning_rate`
     parser = HfArgumentParser([], prog=prog, allow_abbrev=False)
+    parser.error = _raise_usage_error  # one line, not argparse's usage block of ~200 flags
     parser.add_argument("--config", default=None, help="YAML recipe whose keys are any of the fields below: a "
                         "packaged recipe's name (`hf-siglip recipes` lists them) or a file; flags override it")
     parser.dataclass_types = list(dataclass_types)
@@ -65,27 +202,42 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     _move_generic_trainer_fields_last(parser, dataclass_types)
     config_reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_reader.add_argument("--config", default=None)
+    config_reader.error = _raise_usage_error
     config_path = config_reader.parse_known_args(argv)[0].config
     if config_path:
-        from .recipes import find_recipe
+        from .recipes import RecipeNotFoundError, recipe_path
 
-        config_path = find_recipe(config_path)  # a file as given, or the name of a packaged recipe
-    _check_moved_fields(arg[2:].split("=")[0] for arg in argv if arg.startswith("--"))
+        try:
+            config_path = recipe_path(config_path)  # a file as given, or the name of a packaged recipe
+        except RecipeNotFoundError as error:  # reported with the other problems
+            collected.append(str(error))
+            config_path = None
+    collected += _moved_field_problems(arg[2:].split("=")[0] for arg in argv if arg.startswith("--"))
     values = dict(defaults or {})
     if config_path:
-        with open(config_path) as file:
-            loaded = yaml.safe_load(file) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_path}: a recipe is a mapping of field: value, got {type(loaded).__name__}")
-        _check_moved_fields(loaded)
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown field(s) {unknown}; see `{prog} --help` for the fields.")
-        values.update(loaded)
+        values.update(_recipe_values(parser, config_path, collected))
+    argv = _checked_argv(parser, argv, collected)
     parser.set_defaults(**values)
-    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return parsed[: len(dataclass_types)]  # drop the namespace holding --config
+    objects = [None] * len(dataclass_types)
+    try:
+        namespace, remaining = parser.parse_known_args(args=argv)
+        collected += [f"unexpected argument {arg}" for arg in remaining]
+    except UsageError as error:
+        collected += error.problems
+        namespace = None
+    for index, dtype in enumerate(dataclass_types if namespace is not None else ()):
+        keys = {field.name for field in dataclasses.fields(dtype) if field.init}
+        try:
+            objects[index] = dtype(**{key: value for key, value in vars(namespace).items() if key in keys})
+        except UsageError as error:
+            collected += error.problems
+        except (ValueError, TypeError) as error:  # a dataclass's own checks (loss_config, data_steps...)
+            collected.append(error_message(error))
+    if problems is not None:
+        problems += collected
+    elif collected:
+        raise UsageError(collected)
+    return tuple(objects)
 
 
 def _move_generic_trainer_fields_last(parser, dataclass_types) -> None:
@@ -110,12 +262,17 @@ def _train(argv: list[str]) -> int:
     from .launching import prepare_cpu_torchrun
 
     prepare_cpu_torchrun()  # before the arguments set up devices: torchrun on CPU gets gloo processes
-    from .scripts.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
+    from .scripts.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+                                    configuration_problems)
     from .training_args import SiglipTrainingArguments
 
+    problems = []  # every problem of the flags, the recipe and the configuration, in one report
     script_args, model_args, training_args = parse_with_config(
         (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments), argv,
-        defaults=DEMO_TRAINING_DEFAULTS, prog="hf-siglip train")
+        defaults=DEMO_TRAINING_DEFAULTS, prog="hf-siglip train", problems=problems)
+    problems += configuration_problems(script_args, model_args, training_args)
+    if problems:
+        raise UsageError(problems)
     from .evaluation import format_metrics  # the heavy imports only once the arguments parse (--help stays quick)
     from .scripts.train import run_train
 
@@ -135,9 +292,14 @@ def _train(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     from .evaluation import format_metrics, to_json
-    from .scripts.evaluate import SiglipEvalArguments, evaluation_summary, run_eval
+    from .scripts.evaluate import SiglipEvalArguments, eval_problems, evaluation_summary, run_eval
 
-    (args,) = parse_with_config((SiglipEvalArguments,), argv, prog="hf-siglip eval")
+    problems = []
+    (args,) = parse_with_config((SiglipEvalArguments,), argv, prog="hf-siglip eval", problems=problems)
+    if args is not None:
+        problems += eval_problems(args)
+    if problems:
+        raise UsageError(problems)
     metrics = run_eval(args)
     print(f"{evaluation_summary(args, metrics)}\n{format_metrics(metrics)}")  # first line: what it evaluated on
     if args.output_file:
@@ -182,6 +344,7 @@ def _push(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         datasets=args.dataset,
         license=args.license,
+        from_folder=args.checkpoint,  # the card hf-siglip train saved there (metrics, settings), if any
     )
     print(f"Pushed {args.checkpoint} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
     return 0
@@ -216,8 +379,15 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a `UsageError`: `main` prints it as one line (no usage block)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-siglip", description=__doc__,
+    parser = _OneLineErrorParser(prog="hf-siglip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     # train and eval parse their own (many) flags with HfArgumentParser: `hf-siglip train --help`
@@ -261,8 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_COMMANDS = ("train", "eval", "convert", "push", "shards", "recipes")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (`UsageError`, Hub access) prints `hf-siglip <command>: error: <message>` and
+    returns 2; a run that fails for a reason the user can act on (another `HfSiglipError`: a diverged run, corrupt
+    weights; a peer that stopped answering) prints the same way and returns 1; anything else keeps its traceback.
+    `--debug` anywhere on the command line (or HF_SIGLIP_DEBUG=1) shows the traceback of every error."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("HF_SIGLIP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    argv = [arg for arg in argv if arg != "--debug"]
+    prog = f"hf-siglip {argv[0]}" if argv and argv[0] in _COMMANDS else "hf-siglip"
     try:
         if argv and argv[0] in ("train", "eval"):
             return (_train if argv[0] == "train" else _eval)(argv[1:])
@@ -272,15 +452,17 @@ def main(argv: list[str] | None = None) -> int:
         # one line, no traceback, for errors a user acts on (hf_siglip.errors; HubAccessError is matched by name:
         # importing hf_siglip.hub here would slow down --help); any other error keeps its traceback
         timed_out = "torch.distributed" in sys.modules and _is_collective_timeout(error)
-        if not isinstance(error, HfSiglipError) and type(error).__name__ != "HubAccessError" and not timed_out:
+        usage = isinstance(error, UsageError) or type(error).__name__ == "HubAccessError"
+        if debug or not (usage or timed_out or isinstance(error, HfSiglipError)):
             raise
+        message = error_message(error)
         if timed_out:  # a frozen, stopped or dead peer: this process gives up after the group's timeout
             reason = re.sub(r"^\[[^]]*\]\s*", "", str(error).splitlines()[0])  # gloo's source location first
-            error = (f"another process did not answer within --ddp_timeout (it froze, stopped, died or ran out of "
-                     f"memory); this process stops too. {reason}")
-        print(f"hf-siglip: {error}", file=sys.stderr)
+            message = (f"another process did not answer within --ddp_timeout (it froze, stopped, died or ran out of "
+                       f"memory); this process stops too. {reason}")
+        print(f"{prog}: error: {message}", file=sys.stderr)
         _end_process_group()
-        return 1
+        return 2 if usage else 1
 
 
 def _is_collective_timeout(error: BaseException) -> bool:

@@ -181,13 +181,14 @@ def _push_command(folder, env) -> subprocess.CompletedProcess:
 def test_push_that_cannot_work_says_so_in_one_line(tmp_path, situation, env, message):
     base = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
     run = _push_command(tmp_path / "does-not-matter", {**base, "HF_HOME": str(tmp_path / "home"), **env})
-    assert run.returncode == 1, run.stderr
+    assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hf-siglip: cannot push to the Hub: ") and message in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("hf-siglip push: error: cannot push to the Hub: ")
+    assert message in lines[0]
 
 
 def test_training_with_push_to_hub_offline_stops_before_any_work(tmp_path, capsys):
     assert cli_main(["train", "--push_to_hub", "true", "--output_dir", str(tmp_path / "out"), "--hub_model_id",
-                     "someone/repo"]) == 1
+                     "someone/repo"]) == 2
     assert "offline mode is on" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -38,5 +38,5 @@ def test_a_stopped_peer_ends_a_two_process_run_within_the_ddp_timeout(tmp_path):
     assert run.returncode != 0
     # the waiting process gives up after the timeout (torchrun then stops the frozen one, after its own grace period)
     assert took < TIMEOUT + 60, took
-    message = [line for line in stderr.splitlines() if line.startswith("hf-siglip:")]
+    message = [line for line in stderr.splitlines() if line.startswith("hf-siglip train: error: ")]
     assert message and "did not answer within --ddp_timeout" in message[0] and "Timed out" in message[0], stderr[-3000:]

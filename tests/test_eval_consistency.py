@@ -208,10 +208,10 @@ def test_a_checkpoint_without_the_record_asks_for_a_dataset(photos, tmp_path, ca
     make_tiny_siglip(len(processor.tokenizer), image_size=32).save_pretrained(tmp_path / "native")
     processor.save_pretrained(tmp_path / "native")
     capsys.readouterr()
-    assert cli_main(["eval", "--checkpoint", str(tmp_path / "native")]) == 1
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "native")]) == 2  # a usage error
     output = capsys.readouterr()
     assert output.out == "" and len(output.err.splitlines()) == 1  # one line, no traceback
-    assert output.err.startswith(f"hf-siglip: {tmp_path / 'native'} holds no hf_siglip_eval.json")
+    assert output.err.startswith(f"hf-siglip eval: error: {tmp_path / 'native'} holds no hf_siglip_eval.json")
     assert "--dataset" in output.err
 
     first_line, metrics = _evaluate_here(capsys, tmp_path / "native", tmp_path / "m.json", "--dataset", str(photos))

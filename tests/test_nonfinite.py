@@ -32,12 +32,12 @@ SCRIPT = Path(__file__).parent / "scripts" / "nonfinite_tiny.py"
 # constant 1e20 from the first step: step 1's update throws every weight to ~1e20, the next forward overflows
 DIVERGING = {**TINY, "learning_rate": 1e20, "lr_scheduler_type": "constant", "warmup_steps": 0, "max_steps": 4,
              "disable_tqdm": "true"}
-MESSAGE = re.compile(r"^hf-siglip: training diverged at step (\d+): loss is nan, gradient norm is nan "
+MESSAGE = re.compile(r"^hf-siglip train: error: training diverged at step (\d+): loss is nan, gradient norm is nan "
                      r"\(t=\S+, b=\S+\); the step was not applied: lower --learning_rate \(now 1e\+20\)")
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("hf-siglip:")]
+    return [line for line in stderr.splitlines() if re.match(r"hf-siglip \w+: error: ", line)]
 
 
 def logged_steps(stdout: str) -> int:
@@ -108,7 +108,8 @@ def test_skip_setting_does_not_evaluate_a_model_with_nan_embeddings(tmp_path):
     assert run.returncode == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     lines = error_lines(run.stderr)
-    assert len(lines) == 1 and re.match(r"hf-siglip: \d+ of \d+ image embeds are not finite", lines[0]), lines
+    assert len(lines) == 1, lines
+    assert re.match(r"hf-siglip train: error: \d+ of \d+ image embeds are not finite", lines[0]), lines
     assert not (out / "README.md").exists() and not (out / "eval_results.json").exists()
 
 
@@ -155,7 +156,8 @@ def assert_names_the_file(stderr: str, path: Path, bad_tensors: set[str], conseq
     assert "Traceback" not in stderr
     lines = error_lines(stderr)
     assert len(lines) == 1, stderr[-3000:]
-    match = re.match(rf"hf-siglip: {re.escape(str(path))} holds NaN or infinite values in (\d+) tensor\(s\), first "
+    match = re.match(rf"hf-siglip \w+: error: {re.escape(str(path))} holds NaN or infinite values in (\d+) "
+                     r"tensor\(s\), first "
                      r"(\S+) \((\d+) of \d+ values\): the file is corrupt or was saved from a diverged run; (.*)$",
                      lines[0])
     assert match, lines[0]

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..paths import missing_local_path
+
 logger = logging.getLogger(__name__)
 
 DEMO = "demo"
@@ -170,65 +172,174 @@ def checkpoint_text_length(checkpoint: str) -> int | None:
 
 def validate_arguments(script_args: SiglipScriptArguments, model_args: SiglipModelArguments,
                        training_args) -> None:
-    """Raise one `ValueError` listing every problem found in the configuration, before any data is loaded.
+    """Raise one `UsageError` listing every problem found in the configuration, before any data is loaded.
 
     Fills what the configuration leaves to be derived: `max_length` (from the checkpoint or the default) and
     `image_size` (from the checkpoint, the demo, or SigLIP's 224).
     """
+    from ..errors import UsageError
+
+    problems = configuration_problems(script_args, model_args, training_args)
+    if problems:
+        raise UsageError(problems)
+
+
+def configuration_problems(script_args: SiglipScriptArguments | None, model_args: SiglipModelArguments | None,
+                           training_args) -> list[str]:
+    """Every problem of the configuration, one line each, without reading any data (a local folder's split names
+    excepted); an argument group that could not be built (None) is skipped. Fills `max_length` and `image_size`
+    as `validate_arguments` says."""
+    problems = []
+    if training_args is not None:
+        problems += _training_problems(training_args)
+    if script_args is not None:
+        problems += _data_problems(script_args, training_args)
+    if model_args is not None:
+        for name in ("vocab_size",) + NEW_TOWER_SIZES:
+            problems += _positive(name, getattr(model_args, name))
+        problems += _positive("image_size", model_args.image_size, allow_none=True)
+        if model_args.model_name_or_path and (model_args.vision_model_name_or_path
+                                              or model_args.text_model_name_or_path):
+            problems.append("model_name_or_path loads a whole dual encoder: drop vision_model_name_or_path / "
+                            "text_model_name_or_path, or drop model_name_or_path to assemble one from towers")
+        if model_args.num_attention_heads and _is_positive(model_args.num_attention_heads) and \
+                model_args.hidden_size % model_args.num_attention_heads:
+            problems.append(f"hidden_size ({model_args.hidden_size}) must be divisible by num_attention_heads "
+                            f"({model_args.num_attention_heads})")
+        for name in ("model_name_or_path", "vision_model_name_or_path", "text_model_name_or_path",
+                     "tokenizer_name_or_path"):
+            problems += [problem for problem in [missing_local_path(getattr(model_args, name), name)] if problem]
+    if script_args is None or model_args is None or any(missing_local_path(getattr(model_args, name), name)
+                                                        for name in ("model_name_or_path",
+                                                                     "vision_model_name_or_path",
+                                                                     "text_model_name_or_path")):
+        return problems
+    if model_args.model_name_or_path:
+        _validate_checkpoint(script_args, model_args, problems)
+    else:
+        _validate_new_towers(script_args, model_args, problems)
+    return problems
+
+
+def _is_positive(value) -> bool:
+    return not _positive("", value)
+
+
+def _training_problems(training_args) -> list[str]:
+    """Batch sizes, learning rate, epochs and steps: refused here rather than inside torch after the data and
+    model are built."""
+    import math
+
+    problems = []
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        problems += _positive(name, getattr(training_args, name))
+    rate = training_args.learning_rate
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+        problems.append(f"learning_rate must be a positive number, got {rate!r}")
+    epochs, steps = training_args.num_train_epochs, training_args.max_steps
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0):
+        problems.append(f"num_train_epochs must be a number >= 0, got {epochs!r}")
+    elif steps <= 0 and epochs <= 0:
+        problems.append(f"nothing to train: num_train_epochs is {epochs!r} and max_steps is unset ({steps}); set "
+                        "num_train_epochs > 0 or max_steps > 0")
+    warmup = training_args.warmup_steps
+    if isinstance(warmup, (int, float)) and warmup < 0:
+        problems.append(f"warmup_steps must be >= 0 (a fraction of the steps when below 1), got {warmup!r}")
+    return problems
+
+
+def _data_problems(script_args, training_args) -> list[str]:
     problems = []
     for name in ("demo_train_size", "demo_test_size", "demo_image_size"):
         problems += _positive(name, getattr(script_args, name))
     for name in ("max_train_samples", "max_eval_samples", "max_length"):
         problems += _positive(name, getattr(script_args, name), allow_none=True)
-    for name in ("vocab_size",) + NEW_TOWER_SIZES:
-        problems += _positive(name, getattr(model_args, name))
-    problems += _positive("image_size", model_args.image_size, allow_none=True)
+    problems += [problem for problem in [missing_local_path(script_args.dataset, "dataset")] if problem]
     step_names = [name for name, _ in script_args.steps()]
-    if "image_embedding_cache" in step_names and not training_args.lock_vision_tower:
-        problems.append("the image_embedding_cache data step needs lock_vision_tower: a trained tower's embeddings "
-                        "change")
+    if training_args is not None:
+        if "image_embedding_cache" in step_names and not training_args.lock_vision_tower:
+            problems.append("the image_embedding_cache data step needs lock_vision_tower: a trained tower's "
+                            "embeddings change")
+        if training_args.concept_distillation_weight > 0 and "concept_targets" not in step_names:
+            problems.append("concept_distillation_weight > 0 needs the concept_targets data step, which stores the "
+                            "teacher's outputs per row (data_steps: [{concept_targets: {model: TEACHER}}])")
     if "image_embedding_cache" in step_names and step_names[-1] != "image_embedding_cache" and any(
             name in ("pseudo_captions", "capfilt", "positive_groups", "cat_filter", "concept_targets") for name in
             step_names[step_names.index("image_embedding_cache"):]):
         problems.append("image_embedding_cache drops the images: steps that read them (pseudo_captions, capfilt, "
                         "positive_groups, cat_filter, concept_targets) must come before it")
-    if training_args.concept_distillation_weight > 0 and "concept_targets" not in step_names:
-        problems.append("concept_distillation_weight > 0 needs the concept_targets data step, which stores the "
-                        "teacher's outputs per row (data_steps: [{concept_targets: {model: TEACHER}}])")
     from ..data.image_preprocessing import RESIZE_BACKENDS
 
     if script_args.image_fast_path not in (*RESIZE_BACKENDS, None):
         problems.append(f"image_fast_path is one of {RESIZE_BACKENDS} or None, got {script_args.image_fast_path!r}")
+    from ..data.shards import BAD_SHARDS
+
+    if getattr(script_args, "bad_shards", "skip") not in BAD_SHARDS:
+        problems.append(f"bad_shards is one of {BAD_SHARDS}, got {script_args.bad_shards!r}")
     for name in ("image_column", "caption_column", "train_split"):
         if not getattr(script_args, name):
             problems.append(f"{name} must be a non-empty string")
-    if model_args.model_name_or_path and (model_args.vision_model_name_or_path or model_args.text_model_name_or_path):
-        problems.append("model_name_or_path loads a whole dual encoder: drop vision_model_name_or_path / "
-                        "text_model_name_or_path, or drop model_name_or_path to assemble one from towers")
-    if script_args.dataset != DEMO and training_args.max_steps <= 0:
+    if training_args is not None and script_args.dataset != DEMO and training_args.max_steps <= 0:
         from ..data.shards import is_shard_source
 
         if is_shard_source(script_args.dataset):
             problems.append(f"dataset {script_args.dataset} is tar shards, read as a stream of unknown length: set "
                             "max_steps (num_train_epochs cannot tell when to stop)")
-    if model_args.num_attention_heads and model_args.hidden_size % model_args.num_attention_heads:
-        problems.append(f"hidden_size ({model_args.hidden_size}) must be divisible by num_attention_heads "
-                        f"({model_args.num_attention_heads})")
-    if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    if not missing_local_path(script_args.dataset, "dataset"):
+        problems += split_problems(script_args)
+    return problems
 
-    if model_args.model_name_or_path:
-        _validate_checkpoint(script_args, model_args, problems)
-    else:
-        _validate_new_towers(script_args, model_args, problems)
-    if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+def local_split_names(dataset: str) -> list[str] | None:
+    """The split names of the demo or of a local imagefolder / save_to_disk folder, read from the folder layout
+    (no data is read); None where that cannot tell (shards, files, Hub datasets)."""
+    from pathlib import Path
+
+    from ..data.loading import _is_saved_to_disk, _metadata_files, _split_name
+
+    if dataset == DEMO:
+        return ["test", "train"]
+    path = Path(os.path.expanduser(str(dataset)))
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").exists():
+        with open(path / "dataset_dict.json") as file:
+            return sorted(json.load(file).get("splits", [])) or None
+    if _is_saved_to_disk(path):
+        return ["train"]
+    files = _metadata_files(path)
+    if not files:
+        return None
+    if any(file.parent == path for file in files):
+        return ["train"]
+    return sorted({_split_name(file.parent.name) for file in files})
+
+
+def split_problems(script_args) -> list[str]:
+    """A train or evaluation split the dataset does not have (for the datasets whose split names the folder
+    layout tells: `local_split_names`), with the splits there are."""
+    from ..data.loading import _split_name
+
+    splits = local_split_names(script_args.dataset)
+    if not splits:
+        return []
+    problems = []
+    for flag in ("train_split", "eval_split"):
+        name = getattr(script_args, flag)
+        if not name or name == AUTO or _split_name(name) in {_split_name(split) for split in splits}:
+            continue
+        problems.append(f"{flag} {name!r}: {script_args.dataset} has no such split; its splits are {splits}")
+    return problems
 
 
 def _validate_checkpoint(script_args, model_args, problems: list[str]) -> None:
     from ..dual_encoders import LOADABLE_DUAL_ENCODER_TYPES
 
-    config = _checkpoint_config(model_args.model_name_or_path, "model_name_or_path")
+    try:
+        config = _checkpoint_config(model_args.model_name_or_path, "model_name_or_path")
+    except ValueError as error:
+        problems.append(str(error))
+        return
     if config.model_type not in LOADABLE_DUAL_ENCODER_TYPES:
         problems.append(f"model_name_or_path holds a checkpoint of model type '{config.model_type}'; hf-siglip "
                         f"trains the dual encoders {list(LOADABLE_DUAL_ENCODER_TYPES)}")
@@ -257,20 +368,27 @@ def _validate_new_towers(script_args, model_args, problems: list[str]) -> None:
             model_args.image_size = DEFAULT_IMAGE_SIZE
             logger.info("image_size not set: the new vision tower takes %d x %d images", DEFAULT_IMAGE_SIZE,
                         DEFAULT_IMAGE_SIZE)
-    if not model_args.vision_model_name_or_path and model_args.patch_size > model_args.image_size:
-        problems.append(f"patch_size {model_args.patch_size} is larger than image_size {model_args.image_size}: "
-                        "the image would hold no patch")
+    image_size, patch_size = model_args.image_size, model_args.patch_size
+    if not model_args.vision_model_name_or_path and _is_positive(image_size) and _is_positive(patch_size):
+        if patch_size > image_size:
+            problems.append(f"patch_size {patch_size} is larger than image_size {image_size}: the image would "
+                            "hold no patch")
+        elif image_size % patch_size:
+            seen = image_size // patch_size * patch_size
+            problems.append(f"image_size {image_size} is not a multiple of patch_size {patch_size}: the tower would "
+                            f"see only {seen} x {seen} pixels of each image; choose an image_size that patch_size "
+                            "divides")
     hidden_size = model_args.hidden_size
     if model_args.text_model_name_or_path:
-        text_config = _checkpoint_config(model_args.text_model_name_or_path, "text_model_name_or_path")
-        hidden_size = getattr(getattr(text_config, "text_config", text_config), "hidden_size", hidden_size)
+        try:
+            text_config = _checkpoint_config(model_args.text_model_name_or_path, "text_model_name_or_path")
+            hidden_size = getattr(getattr(text_config, "text_config", text_config), "hidden_size", hidden_size)
+        except ValueError as error:
+            problems.append(str(error))
     if model_args.bottleneck_dim is not None and not 0 < model_args.bottleneck_dim < hidden_size:
         problems.append(f"bottleneck_dim must satisfy 0 < bottleneck_dim < hidden_size (= {hidden_size}), got "
                         f"{model_args.bottleneck_dim}; unset it for a plain token table")
-    for name in ("vision_model_name_or_path", "text_model_name_or_path", "tokenizer_name_or_path"):
-        path = getattr(model_args, name)
-        if path and os.path.sep in path and not os.path.isdir(path):
-            problems.append(f"{name}={path!r}: no such folder")
 
 
-__all__ = ["DEMO", "DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "checkpoint_text_length", "validate_arguments"]
+__all__ = ["DEMO", "DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "checkpoint_text_length",
+           "configuration_problems", "local_split_names", "split_problems", "validate_arguments"]

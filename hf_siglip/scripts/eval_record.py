@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import fields
 
-from ..errors import HfSiglipError
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ RECORDED_SETTINGS = ("train_split", "eval_split", "image_column", "caption_colum
 DEMO_SETTINGS = ("demo_train_size", "demo_test_size", "demo_image_size")
 
 
-class EvaluationDataError(HfSiglipError, ValueError):
+class EvaluationDataError(UsageError):
     """`hf-siglip eval` cannot tell what to evaluate on (no record and no `--dataset`, no evaluation split, no usable
     row): the command prints it in one line."""
 

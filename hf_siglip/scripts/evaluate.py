@@ -7,13 +7,14 @@ transformers model, say) needs `--dataset`. The images are decoded in full and p
 as the trainer's evaluation does, so both give the same numbers on the same weights.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..data.demo import DEMO_TEMPLATES
 from ..data.embedding import embed_images, embed_texts
 from ..data.text import normalize_captions
+from ..errors import UsageError, error_message, own_messages_as_usage_errors
 from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
 from ..finite import check_finite_weights
 from .arguments import DEFAULT_MAX_LENGTH, SiglipScriptArguments, checkpoint_text_length
@@ -48,6 +49,25 @@ class SiglipEvalArguments(SiglipScriptArguments):
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
 
 
+def eval_problems(args: SiglipEvalArguments) -> list[str]:
+    """Problems of the flags that need no data: a local-looking checkpoint or dataset path that does not exist
+    (said at once, not after the Hub's retries), counts that are not positive."""
+    import os
+
+    from ..paths import missing_local_path
+    from .arguments import _positive
+
+    problems = [problem for problem in (missing_local_path(args.checkpoint, "checkpoint"),
+                                        missing_local_path(args.dataset, "dataset")) if problem]
+    default = next(f.default for f in fields(SiglipEvalArguments) if f.name == "checkpoint")
+    if args.checkpoint == default and not os.path.isdir(default) and not problems:
+        problems.append(f"checkpoint {default}: no such folder (the default, where `hf-siglip train` saves the demo "
+                        "model); name one with --checkpoint")
+    for name in ("few_shot", "max_length", "max_eval_samples", "max_train_samples"):
+        problems += _positive(name, getattr(args, name), allow_none=True)
+    return problems
+
+
 def resolve_eval_arguments(args: SiglipEvalArguments) -> str:
     """Fill the unset data fields of `args` from the checkpoint's record, then `hf-siglip train`'s defaults, and the
     text length from the record, else the checkpoint's tokenizer; returns where the settings came from."""
@@ -66,10 +86,14 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     from transformers import AutoModel, AutoProcessor
 
     args.evaluated_from = resolve_eval_arguments(args)
-    model = AutoModel.from_pretrained(args.checkpoint).eval()
+    try:
+        model = AutoModel.from_pretrained(args.checkpoint).eval()
+    except OSError as error:  # neither a model folder nor a model on the Hub
+        raise UsageError(f"checkpoint {args.checkpoint}: {error_message(error).splitlines()[0]}") from error
     check_finite_weights(model, args.checkpoint, "not evaluated")  # corrupt weights: refused, naming file and tensor
     processor = AutoProcessor.from_pretrained(args.checkpoint)
-    train, evaluation, args.eval_split = load_named_splits(args)
+    with own_messages_as_usage_errors():  # a missing split or column, a malformed metadata line: one line
+        train, evaluation, args.eval_split = load_named_splits(args)
     if evaluation is None:
         raise EvaluationDataError(f"{args.dataset} has no evaluation split: name one with --eval_split.")
     kept, dropped = usable_rows(evaluation)
@@ -113,4 +137,4 @@ def evaluation_summary(args: SiglipEvalArguments, metrics: dict) -> str:
             + f" (settings from {getattr(args, 'evaluated_from', 'flags')})")
 
 
-__all__ = ["SiglipEvalArguments", "evaluation_summary", "resolve_eval_arguments", "run_eval"]
+__all__ = ["SiglipEvalArguments", "eval_problems", "evaluation_summary", "resolve_eval_arguments", "run_eval"]

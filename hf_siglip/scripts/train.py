@@ -23,6 +23,7 @@ from ..data.images import decode_decodable
 from ..data.loading import canonical_columns, select_split
 from ..checkpoint_files import resolve_checkpoint
 from ..dual_encoders import load_dual_encoder
+from ..errors import own_messages_as_usage_errors
 from ..data.steps import DataContext, run_data_steps
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
 from ..launching import check_process_world
@@ -279,10 +280,12 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         from ..hub import check_hub_access
 
         check_hub_access(training_args.hub_token)  # before hours of training, not after
-    resume_from = resolve_resume(training_args, script_args.overwrite_output_dir)
+    with own_messages_as_usage_errors():  # our messages (a missing split, checkpoints in the way): one line each
+        resume_from = resolve_resume(training_args, script_args.overwrite_output_dir)
     seed_everything(training_args)
 
-    train, evaluation, eval_split = load_named_splits(script_args)
+    with own_messages_as_usage_errors():
+        train, evaluation, eval_split = load_named_splits(script_args)
     models = {}
 
     def training_model(data):

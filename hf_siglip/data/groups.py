@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import torch
 
+from ._maps import map_new_columns
 from .embedding import embed_images, embed_texts
 from .images import ImageDecodeError, decode_image
 from .text import normalize_captions
@@ -188,6 +189,8 @@ def assign_positive_groups(dataset, model=None, processor=None, image_threshold:
         return out
 
     key_column = caption_column if caption_column in names else read_columns[0]
-    dataset = dataset.remove_columns([c for c in ("group_id",) + (() if has_ids else ("image_id",)) if c in names])
-    dataset = dataset.map(write_ids, input_columns=[key_column], batched=True, with_indices=True)
+    written = ["group_id"] + ([] if has_ids else ["image_id"])
+    # only the id columns are written (joined column-wise: images are not copied)
+    dataset = map_new_columns(dataset, write_ids, [key_column], written, with_indices=True,
+                              features=datasets.Features({name: datasets.Value("int64") for name in written}))
     return dataset, stats

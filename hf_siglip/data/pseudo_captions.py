@@ -10,7 +10,8 @@ Resuming over a large dataset: with ``output_dir``, a ``Dataset`` is processed i
 contiguous shards, each saved with ``save_to_disk`` as it finishes; a rerun loads the finished shards
 and computes only the missing ones (progress bar over shards, plus ``datasets``' per-shard map bar).
 Without ``output_dir`` the usual ``datasets`` cache applies. Only the image column is read and only
-the new column written (images are not copied).
+the new column written (images are not copied). One process writes ``output_dir``: on several, the
+``pseudo_captions`` data step lets the main process caption and the others read its result.
 
 Policies: an image that does not decode gets an empty caption list and a logged warning (counted in
 the ``report`` returned alongside); generated captions that are empty after stripping are dropped.
@@ -19,6 +20,7 @@ the ``report`` returned alongside); generated captions that are empty after stri
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -121,6 +123,7 @@ def add_pseudo_captions(dataset, model, processor, num_captions: int = 3, output
                                 with_indices=True, remove_columns=[image_column], features=features,
                                 load_from_cache_file=False, desc=f"shard {shard}")
             tmp = out / (target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this shard
             computed.save_to_disk(str(tmp))
             tmp.rename(target)  # a shard counts as done only once fully written
             parts.append(datasets.load_from_disk(str(target)))

@@ -23,19 +23,36 @@ and a flag says the same in JSON: ``--data_steps '[{"label_noise": {"text": 0.2}
 Counts: for a ``Dataset`` they are exact (``rows_in`` / ``rows_out`` plus each step's reasons) once the step
 has run. For a stream they fill in as it is read, in the process that reads it (DataLoader workers keep their
 own copies: use ``dataloader_num_workers=0`` when the counts matter).
+
+Several processes (torchrun, accelerate launch): a step that runs a model over the data or writes files
+(``pseudo_captions``, ``cat_filter``, ``capfilt``, ``positive_groups``, ``concept_targets``,
+``image_embedding_cache``) goes through :meth:`DataContext.computed_once`: on a ``Dataset`` the main process
+computes it and saves the columns it wrote (and which rows it kept) to a folder under the ``datasets`` cache
+(``HF_DATASETS_CACHE/hf_siglip_data_steps``, which several machines must share); the others wait (up to
+``--ddp_timeout``), then read that folder and its counts, so every process trains on the same captions, targets
+and group ids, as one process would. ``label_noise`` is a
+deterministic function of (seed, row key) and runs on every process; the batch steps only configure the
+collator. On a stream every step is a lazy map that each process runs on the rows it reads (``positive_groups``,
+which reads the whole stream, then runs on every process).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import json
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import datasets
+import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,39 @@ def _load_steps() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
+def _process() -> tuple[int, int]:
+    """(this process's rank, number of processes) in torch.distributed's default group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def main_process_first(**kwargs):
+    """The block runs on the main process (rank 0) first and on the others once it is done: torch.distributed
+    barriers, as ``TrainingArguments.main_process_first`` (whose keywords, ``desc=`` and ``local=``, it accepts)."""
+    rank, processes = _process()
+    try:
+        if processes > 1 and rank != 0:
+            torch.distributed.barrier()
+        yield
+    finally:
+        if processes > 1 and rank == 0:
+            torch.distributed.barrier()
+
+
+_ROW = "_hf_siglip_row"  # the input row each result row came from, while a shared step runs
+_SHARED_META = "hf_siglip_data_step.json"
+
+
+def _shared_folder(step: str, position: int, rows: int, processes: int) -> Path:
+    """Where the main process leaves a shared step's result: the same path on every process of one run (the
+    launcher's rendezvous address names the run: two runs at once cannot share it), another for each step."""
+    run = [os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")]
+    key = hashlib.sha256(json.dumps([run, processes, position, step, rows]).encode()).hexdigest()[:16]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_siglip_data_steps" / f"{step}-{key}"
+
+
 @dataclass
 class DataContext:
     """What a step may need beyond its own settings, and where it records what it did.
@@ -74,16 +124,20 @@ class DataContext:
         max_length: text length of the model being trained (for steps that embed captions).
         training_model: ``training_model(dataset) -> (model, processor)``, the model being trained, built on
             first use from the data as it is at that point (a new tokenizer is trained on its captions).
-        main_process_first: context manager factory for work every process would otherwise repeat.
+        main_process_first: context manager factory (``desc=``, ``local=``) that runs its block on the main
+            process first and on the others after it (default: torch.distributed barriers; the trainer passes
+            ``TrainingArguments.main_process_first``). See :meth:`computed_once`.
     """
 
     seed: int = 0
     max_length: int = 64
     training_model: Callable[[Any], tuple[Any, Any]] | None = None
-    main_process_first: Callable[..., Any] = lambda **kwargs: contextlib.nullcontext()  # takes TrainingArguments' desc=
+    main_process_first: Callable[..., Any] = main_process_first
     report: dict[str, Counter] = field(default_factory=dict)
     caption_sampler: Any = None  # set by the caption_sampling step
     image_transform: Any = None  # set by the image_augmentation step
+    _training_model_used: bool = field(default=False, init=False, repr=False)
+    _shared_steps: int = field(default=0, init=False, repr=False)
 
     def record(self, step: str, counts) -> Counter:
         """Keep ``counts`` (a Counter that may still fill in, for streams) under a unique name for ``step``."""
@@ -104,7 +158,67 @@ class DataContext:
         if self.training_model is None:
             raise ValueError("this step uses the model being trained (model: null), which this run does not provide; "
                              "give the step a checkpoint with model: PATH")
+        self._training_model_used = True
         return self.training_model(dataset)
+
+    def computed_once(self, step: str, dataset, compute: Callable, columns: Sequence[str]):
+        """``compute(dataset)`` for a step that runs a model over the data or writes files, computed once.
+
+        On one process, or on a stream (a lazy map each process runs on the rows it reads), it is just
+        ``compute(dataset)``. On a ``Dataset`` with several processes the main process computes it first and saves
+        ``columns`` (those the step adds or replaces: never the images), which input rows it kept, the counts it
+        recorded and whether it built the model being trained; the others wait, then read that folder and put the
+        same result together from their own copy of the input. The torch random state afterwards is what it was
+        before (the step's draws are undone), so it is the same on every process and as on one process; so is the
+        model being trained when the step built it.
+        """
+        rank, processes = _process()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # the step's draws (a captioner's seeds) stay inside it
+            if processes == 1 or not isinstance(dataset, datasets.Dataset):
+                return compute(dataset)
+            self._shared_steps += 1
+            folder = _shared_folder(step, self._shared_steps, len(dataset), processes)
+            with self.main_process_first(local=False, desc=f"{step} (on the main process)"):
+                if rank == 0:
+                    return self._compute_and_share(step, dataset, compute, list(columns), folder)
+                return self._read_shared(step, dataset, folder)
+
+    def _compute_and_share(self, step, dataset, compute, columns, folder: Path):
+        before, model_was_used = set(self.report), self._training_model_used
+        result = compute(dataset.add_column(_ROW, np.arange(len(dataset), dtype=np.int64)))
+        names = [name for name in result.column_names if name != _ROW]
+        undeclared = sorted(set(names) - set(dataset.column_names) - set(columns))
+        if undeclared or not set(columns) <= set(names):
+            raise ValueError(f"{step}: wrote columns {undeclared} it does not declare, or lacks some of {columns}")
+        meta = {"rows_in": len(dataset), "columns": names, "written": columns,
+                "reports": {name: dict(counts) for name, counts in self.report.items() if name not in before},
+                "built_training_model": self._training_model_used and not model_was_used}
+        for stale in [folder, *folder.parent.glob(folder.name + ".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        result.select_columns([_ROW, *columns]).save_to_disk(str(temporary))
+        (temporary / _SHARED_META).write_text(json.dumps(meta, default=lambda value: value.item()))
+        temporary.rename(folder)  # complete or absent
+        return result.remove_columns(_ROW)
+
+    def _read_shared(self, step, dataset, folder: Path):
+        if not (folder / _SHARED_META).exists():
+            raise RuntimeError(f"{step}: the main process left no result at {folder} (did it fail?)")
+        meta = json.loads((folder / _SHARED_META).read_text())
+        if meta["rows_in"] != len(dataset):
+            raise RuntimeError(f"{step}: the main process computed it on {meta['rows_in']} rows, this process has "
+                               f"{len(dataset)}")
+        if meta["built_training_model"]:  # from the same data as on the main process (a new tokenizer learns it)
+            self.model(dataset, None)
+        for name, counts in meta["reports"].items():
+            self.report[name] = Counter(counts)
+        shared = datasets.load_from_disk(str(folder))
+        rows = shared.data.column(_ROW).to_numpy()
+        base = dataset if np.array_equal(rows, np.arange(len(dataset))) else dataset.select(rows)
+        base = base.select_columns([name for name in meta["columns"] if name not in meta["written"]])
+        result = datasets.concatenate_datasets([base, shared.remove_columns(_ROW)], axis=1)
+        return result.select_columns(meta["columns"])
 
 
 def parse_data_steps(spec) -> list[tuple[str, Any]]:
@@ -168,4 +282,5 @@ def run_data_steps(dataset, steps: list[tuple[str, Any]], context: DataContext):
     return dataset
 
 
-__all__ = ["DATA_STEPS", "DataContext", "DataStep", "parse_data_steps", "register_data_step", "run_data_steps"]
+__all__ = ["DATA_STEPS", "DataContext", "DataStep", "main_process_first", "parse_data_steps", "register_data_step",
+           "run_data_steps"]

@@ -30,12 +30,15 @@ class CapFiltConfig:
 
 @register_data_step("capfilt", CapFiltConfig)
 def apply(dataset, config: CapFiltConfig, context):
-    names = dataset.column_names or []
-    columns = config.caption_columns or ["caption"] + [c for c in ("pseudo_captions",) if c in names]
-    model, processor = context.model(dataset, config.model)
-    dataset, counts = capfilt(dataset, model, processor, caption_columns=columns, threshold=config.threshold,
-                              top_k=config.top_k, min_keep=config.min_keep, output_column="caption",
-                              batch_size=config.batch_size, max_length=context.max_length, keep_scores=False)
-    consumed = [c for c in columns if c != "caption" and c in (dataset.column_names or [])]
-    context.record("capfilt", counts)
-    return dataset.remove_columns(consumed) if consumed else dataset
+    def compute(data):
+        names = data.column_names or []
+        columns = config.caption_columns or ["caption"] + [c for c in ("pseudo_captions",) if c in names]
+        model, processor = context.model(data, config.model)
+        data, counts = capfilt(data, model, processor, caption_columns=columns, threshold=config.threshold,
+                               top_k=config.top_k, min_keep=config.min_keep, output_column="caption",
+                               batch_size=config.batch_size, max_length=context.max_length, keep_scores=False)
+        consumed = [c for c in columns if c != "caption" and c in (data.column_names or [])]
+        context.record("capfilt", counts)
+        return data.remove_columns(consumed) if consumed else data
+
+    return context.computed_once("capfilt", dataset, compute, ["caption"])  # the filter model runs once

@@ -26,9 +26,12 @@ class CatFilterConfig:
 
 @register_data_step("cat_filter", CatFilterConfig)
 def apply(dataset, config: CatFilterConfig, context):
-    dataset, counts = cat_filter(dataset, min_complexity=config.min_complexity,
-                                 require_action=config.require_action, text_spotting=config.text_spotting,
-                                 min_ocr_word_length=config.min_ocr_word_length, spacy_model=config.spacy_model,
-                                 batch_size=config.batch_size, keep_scores=False)
-    context.record("cat_filter", counts)
-    return dataset
+    def compute(data):
+        data, counts = cat_filter(data, min_complexity=config.min_complexity,
+                                  require_action=config.require_action, text_spotting=config.text_spotting,
+                                  min_ocr_word_length=config.min_ocr_word_length, spacy_model=config.spacy_model,
+                                  batch_size=config.batch_size, keep_scores=False)
+        context.record("cat_filter", counts)
+        return data
+
+    return context.computed_once("cat_filter", dataset, compute, ["caption"])  # spaCy and OCR run once

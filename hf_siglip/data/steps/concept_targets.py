@@ -29,10 +29,12 @@ class ConceptTargetsConfig:
 
 @register_data_step("concept_targets", ConceptTargetsConfig)
 def apply(dataset, config: ConceptTargetsConfig, context):
-    teacher, processor = load_concept_teacher(config.model, config.output)
-    with context.main_process_first(desc="computing concept targets"):
-        dataset = add_concept_targets(dataset, teacher, processor, batch_size=config.batch_size)
-    counts = context.record("concept_targets", {"output": teacher.output})
-    if isinstance(dataset, datasets.Dataset):
-        counts["undecodable_images"] = dataset.data.column("concept_targets").null_count  # Arrow's count, no pass
-    return dataset
+    def compute(data):
+        teacher, processor = load_concept_teacher(config.model, config.output)
+        data = add_concept_targets(data, teacher, processor, batch_size=config.batch_size)
+        counts = context.record("concept_targets", {"output": teacher.output})
+        if isinstance(data, datasets.Dataset):
+            counts["undecodable_images"] = data.data.column("concept_targets").null_count  # Arrow's count, no pass
+        return data
+
+    return context.computed_once("concept_targets", dataset, compute, ["concept_targets"])  # the teacher runs once

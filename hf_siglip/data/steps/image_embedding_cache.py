@@ -18,11 +18,13 @@ class ImageEmbeddingCacheConfig:
 
 @register_data_step("image_embedding_cache", ImageEmbeddingCacheConfig)
 def apply(dataset, config: ImageEmbeddingCacheConfig, context):
-    model, processor = context.model(dataset, None)
-    with context.main_process_first(desc="caching image embeddings"):
-        dataset = add_image_embeddings(dataset, model, processor, batch_size=config.batch_size)
-    counts = context.record("image_embedding_cache", {})
-    if isinstance(dataset, datasets.Dataset):
-        # Arrow's null count: no pass over the vectors in Python
-        counts["undecodable_images"] = dataset.data.column("image_embeds").null_count
-    return dataset.remove_columns("image")
+    def compute(data):
+        model, processor = context.model(data, None)
+        data = add_image_embeddings(data, model, processor, batch_size=config.batch_size)
+        counts = context.record("image_embedding_cache", {})
+        if isinstance(data, datasets.Dataset):
+            # Arrow's null count: no pass over the vectors in Python
+            counts["undecodable_images"] = data.data.column("image_embeds").null_count
+        return data.remove_columns("image")
+
+    return context.computed_once("image_embedding_cache", dataset, compute, ["image_embeds"])  # the tower runs once

@@ -26,6 +26,8 @@ class LabelNoiseConfig:
 
 @register_data_step("label_noise", LabelNoiseConfig)
 def apply(dataset, config: LabelNoiseConfig, context):
+    # on every process alike: each draw is a function of (seed, kind, row key), the words of the first window
+    # and the pairing permutation of the seed, so no process needs another's result
     dataset, counts = corrupt_labels(dataset, image=config.image, text=config.text, pairing=config.pairing,
                                      seed=context.seed, max_random_words=config.max_random_words,
                                      noise_image_size=config.noise_image_size, window_size=config.window_size)

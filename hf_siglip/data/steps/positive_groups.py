@@ -32,10 +32,14 @@ class PositiveGroupsConfig:
 
 @register_data_step("positive_groups", PositiveGroupsConfig)
 def apply(dataset, config: PositiveGroupsConfig, context):
-    model, processor = context.model(dataset, config.model)
-    dataset, stats = assign_positive_groups(
-        dataset, model, processor, image_threshold=config.image_threshold, text_threshold=config.text_threshold,
-        image_text_threshold=config.image_text_threshold, k=config.k, backend=config.backend,
-        batch_size=config.batch_size, max_length=context.max_length)
-    context.record("positive_groups", {key: value for key, value in stats.items() if not isinstance(value, dict)})
-    return dataset
+    def compute(data):
+        model, processor = context.model(data, config.model)
+        data, stats = assign_positive_groups(
+            data, model, processor, image_threshold=config.image_threshold, text_threshold=config.text_threshold,
+            image_text_threshold=config.image_text_threshold, k=config.k, backend=config.backend,
+            batch_size=config.batch_size, max_length=context.max_length)
+        context.record("positive_groups", {key: value for key, value in stats.items() if not isinstance(value, dict)})
+        return data
+
+    # the group ids are the loss's positives: found once, by the main process, and read by the others
+    return context.computed_once("positive_groups", dataset, compute, ["image_id", "group_id"])

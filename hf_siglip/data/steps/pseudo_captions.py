@@ -26,10 +26,14 @@ class PseudoCaptionsConfig:
 
 @register_data_step("pseudo_captions", PseudoCaptionsConfig)
 def apply(dataset, config: PseudoCaptionsConfig, context):
-    captioner, processor = load_captioner(config.model)
-    dataset, counts = add_pseudo_captions(dataset, captioner, processor, num_captions=config.num_captions,
-                                          batch_size=config.batch_size, seed=context.seed, prompt=config.prompt,
-                                          generate_kwargs=config.generate_kwargs, output_dir=config.output_dir,
-                                          num_shards=config.num_shards)
-    context.record("pseudo_captions", counts)
-    return dataset
+    def compute(data):
+        captioner, processor = load_captioner(config.model)
+        data, counts = add_pseudo_captions(data, captioner, processor, num_captions=config.num_captions,
+                                           batch_size=config.batch_size, seed=context.seed, prompt=config.prompt,
+                                           generate_kwargs=config.generate_kwargs, output_dir=config.output_dir,
+                                           num_shards=config.num_shards)
+        context.record("pseudo_captions", counts)
+        return data
+
+    # the captioner runs (and output_dir's shards are written) on the main process only
+    return context.computed_once("pseudo_captions", dataset, compute, ["pseudo_captions"])

@@ -8,6 +8,7 @@ as a single commit.
 import importlib.resources
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,23 @@ def _template_path():
 
 TEMPLATE_PATH = _template_path()
 CARD_TAGS = ["siglip", "hf_siglip", "image-text", "zero-shot-image-classification"]
+# what a card's usage snippet loads until the folder is pushed (`hf-siglip push` and `push_to_hub` fill in the id)
+REPO_ID_PLACEHOLDER = "your-username/your-model"
+_PLACEHOLDER_NOTE = re.compile(r"<!-- repo id note -->.*?<!-- /repo id note -->\n?", re.S)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(value) -> bool:
+    """Whether `value` can name a Hub repository (`name` or `namespace/name`) and is not a local file or folder:
+    card metadata holds Hub ids only (a local path is named in the card's text instead)."""
+    if not isinstance(value, str) or not _HUB_ID.fullmatch(value) or ".." in value or value.endswith((".", "-")):
+        return False
+    return not os.path.exists(os.path.expanduser(value))
+
+
+def _local_name(value: str) -> str:
+    """A local dataset's name for the Hub's results table: its folder's name, never a path."""
+    return os.path.basename(os.path.normpath(value)) or value
 
 
 def _family(model) -> str:
@@ -101,6 +119,7 @@ _INDEXED = {"i2t_recall@": ("image-text-retrieval", "recall", "image-to-text rec
 
 
 def _eval_results(metrics: dict[str, float], eval_dataset: str) -> list[EvalResult]:
+    eval_dataset = eval_dataset if is_hub_id(eval_dataset) or "/" not in eval_dataset else _local_name(eval_dataset)
     results = []
     for name, value in metrics.items():
         for prefix, (task, metric, label) in _INDEXED.items():
@@ -125,8 +144,9 @@ def framework_versions() -> dict[str, str]:
 
 def build_model_card(
     model,
-    repo_id: str = "path/to/checkpoint",
+    repo_id: str | None = None,
     *,
+    model_name: str | None = None,
     base_model: str | None = None,
     datasets: list[str] | str | None = None,
     license: str = "apache-2.0",
@@ -145,6 +165,9 @@ def build_model_card(
     """Fill the package's model card template for `model` (a `SiglipBottleneckModel` or a `hf_siglip.dual_encoders`
     adapter of SiglipModel / Siglip2Model / CLIPModel).
 
+    `repo_id` is the Hub repository the card's usage snippet loads: the one pushed to, when known; else the snippet
+    says `your-username/your-model` and the card explains it. `model_name` is the title (default: the repo's name).
+    Metadata holds Hub ids only: a `base_model` or dataset that is a local path is named in the text, not in it.
     `metrics` (name -> value) become the evaluation table and, with `eval_dataset` named, the `model-index`
     results the Hub displays (recall@k both ways, zero-shot accuracy). `evaluation_protocol` says how they were
     measured; `hyperparameters` and `hardware` describe the run; `intended_use` replaces the default statement (the
@@ -152,11 +175,13 @@ def build_model_card(
     counts (rows dropped or skipped, per reason). Framework versions are read from the installed packages.
     """
     datasets = [datasets] if isinstance(datasets, str) else datasets
-    model_name = repo_id.split("/")[-1]
+    pushed = is_hub_id(repo_id) and "/" in repo_id
+    repo_id = repo_id if pushed else REPO_ID_PLACEHOLDER
+    model_name = model_name or repo_id.split("/")[-1]
     eval_results = _eval_results(metrics, eval_dataset) if metrics and eval_dataset else None
     card_data = ModelCardData(
-        base_model=base_model,
-        datasets=datasets,
+        base_model=base_model if is_hub_id(base_model) else None,
+        datasets=[name for name in datasets if is_hub_id(name)] or None if datasets else None,
         license=license,
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
@@ -173,6 +198,8 @@ def build_model_card(
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
         repo_id=repo_id,
+        pushed=pushed,
+        repo_id_placeholder=REPO_ID_PLACEHOLDER,
         model_summary="A SigLIP-style image-text dual encoder.",
         text_tower=text_tower,
         vision_tower=vision_tower,
@@ -180,6 +207,7 @@ def build_model_card(
         temperature=f"{math.exp(model.logit_scale.item()):.4g}",
         bias=f"{model.logit_bias.item():.4g}",
         base_model=base_model,
+        base_model_is_local=base_model is not None and not is_hub_id(base_model),
         training_data=training_data or (", ".join(datasets) if datasets else "not recorded"),
         recipe=recipe or "not recorded",
         training_curve=training_curve,
@@ -201,10 +229,37 @@ def build_model_card(
     )
 
 
-def usage_code(card_text: str) -> str:
-    """The card's first Python code block (what a reader copies)."""
+def usage_code(card_text: str, load_from: str | os.PathLike | None = None) -> str:
+    """The card's first Python code block (what a reader copies); with `load_from`, loading from there (a local
+    folder) instead of the repository it names."""
     start = card_text.index("```python\n") + len("```python\n")
-    return card_text[start:card_text.index("```", start)]
+    code = card_text[start:card_text.index("```", start)]
+    if load_from is not None:
+        code = re.sub(r'from_pretrained\("[^"]*"', lambda _: f"from_pretrained({str(load_from)!r}", code)
+    return code
+
+
+def card_for_repo(folder: str | os.PathLike, repo_id: str, *, base_model: str | None = None,
+                  datasets: list[str] | str | None = None, license: str | None = None) -> ModelCard | None:
+    """The card `hf-siglip train` saved in `folder` (README.md), made ready for `repo_id`: its usage snippet loads
+    `repo_id`, the note about the placeholder is gone, and `base_model` / `datasets` / `license` given here join
+    the metadata (Hub ids only). None when the folder has no card of ours (`push_to_hub` then builds one)."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return None
+    card = ModelCard.load(path)
+    if "hf_siglip" not in (card.data.tags or []):
+        return None
+    text = _PLACEHOLDER_NOTE.sub("", str(card)).replace(f'"{REPO_ID_PLACEHOLDER}"', f'"{repo_id}"')
+    card = ModelCard(text)
+    if base_model is not None:
+        card.data.base_model = base_model if is_hub_id(base_model) else None
+    for name in [datasets] if isinstance(datasets, str) else datasets or []:
+        if is_hub_id(name) and name not in (card.data.datasets or []):
+            card.data.datasets = [*(card.data.datasets or []), name]
+    if license is not None:
+        card.data.license = license
+    return card
 
 
 def save_for_hub(model, folder: str | os.PathLike, processor=None, card: ModelCard | None = None, **card_kwargs):
@@ -252,18 +307,26 @@ def push_to_hub(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload SigLIP model with hf_siglip",
+    from_folder: str | os.PathLike | None = None,
     **card_kwargs,
 ):
     """Upload model, processor and model card to `repo_id` in one commit; returns the commit info.
 
-    `card_kwargs` go to `build_model_card` when no `card` is given (e.g. `base_model`, `metrics`). Raises
+    `card_kwargs` go to `build_model_card` when no `card` is given (e.g. `base_model`, `metrics`); with
+    `from_folder` (a folder `hf-siglip train` wrote), its saved card is uploaded instead, its usage snippet loading
+    `repo_id` and `base_model` / `datasets` / `license` from `card_kwargs` added to its metadata. Raises
     `HubAccessError` (one line) before anything is written when the Hub cannot be reached or no token is set, and
     `hf_siglip.finite.NonFiniteError` when the model's weights hold NaN or infinity.
     """
     check_hub_access(token)
     check_finite_weights(model, consequence="not pushed")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    full_id = getattr(url, "repo_id", None)  # `name` alone is created under the token's user: the card needs both
+    repo_id = full_id if isinstance(full_id, str) else repo_id
+    if card is None and from_folder is not None:
+        card = card_for_repo(from_folder, repo_id, **{key: value for key, value in card_kwargs.items()
+                                                     if key in ("base_model", "datasets", "license")})
     with tempfile.TemporaryDirectory() as folder:
         save_for_hub(model, folder, processor, card, repo_id=repo_id, **card_kwargs)
         operations = [
@@ -274,5 +337,5 @@ def push_to_hub(
         return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
 
 
-__all__ = ["HubAccessError", "build_model_card", "check_hub_access", "framework_versions", "push_to_hub",
-           "save_for_hub", "usage_code"]
+__all__ = ["REPO_ID_PLACEHOLDER", "HubAccessError", "build_model_card", "card_for_repo", "check_hub_access",
+           "framework_versions", "is_hub_id", "push_to_hub", "save_for_hub", "usage_code"]

@@ -567,8 +567,10 @@ class SiglipTrainer(Trainer):
             info["datasets"] = dataset
         if license is not None:
             info["license"] = license
-        repo_id = model_name or self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
-        build_model_card(self.accelerator.unwrap_model(self.model), repo_id, **info).save(
+        # the snippet loads the Hub repository once one is known (push_to_hub creates it first), else a placeholder
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        title = model_name or os.path.basename(os.path.normpath(self.args.output_dir))
+        build_model_card(self.accelerator.unwrap_model(self.model), repo_id, model_name=title, **info).save(
             os.path.join(self.args.output_dir, "README.md"))
 
     def _card_hyperparameters(self) -> dict:

@@ -369,8 +369,8 @@ def test_command_line_trains_a_native_checkpoint_that_plain_transformers_loads(k
 
     card = (output_dir / "README.md").read_text()
     assert f"saved as `transformers.{NATIVE_CLASSES[kind].__name__}`" in card
-    snippet = subprocess.run([sys.executable, "-c", usage_code(card)], cwd=tmp_path, text=True, capture_output=True,
-                             timeout=120, stdin=subprocess.DEVNULL, env=cli_env())
+    snippet = subprocess.run([sys.executable, "-c", usage_code(card, load_from=output_dir)], cwd=tmp_path, text=True,
+                             capture_output=True, timeout=120, stdin=subprocess.DEVNULL, env=cli_env())
     assert snippet.returncode == 0, snippet.stderr[-2000:]
 
     data = {key: TINY[key] for key in ("demo_train_size", "demo_test_size", "demo_image_size")}

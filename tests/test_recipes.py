@@ -79,7 +79,7 @@ def check_example_card(name: str, card: str) -> None:
     scale with HF_SIGLIP_WRITE_EXAMPLE_CARDS=1); it must keep the sections the card has now."""
     example = EXAMPLE_CARDS / f"{name}.md"
     if os.environ.get("HF_SIGLIP_WRITE_EXAMPLE_CARDS"):
-        example.write_text(re.sub(r"/[^\s'\"()]*pytest-\d+/[^\s'\"()]*", "<local folder>", card))
+        example.write_text(re.sub(r"/[^\s'\"()`]*pytest-\d+/[^\s'\"()`]*", "<local folder>", card))
     assert example.exists(), f"no {example}: HF_SIGLIP_WRITE_EXAMPLE_CARDS=1 pytest tests/test_recipes.py writes it"
     headings = [[line for line in text.splitlines() if line.startswith("#")] for text in (example.read_text(), card)]
     assert headings[0] == headings[1], f"{example} is out of date: regenerate it (HF_SIGLIP_WRITE_EXAMPLE_CARDS=1)"
@@ -148,7 +148,7 @@ def test_siglip_from_scratch_then_eval(tmp_path):
     for expected in ("| global batch | 16 |", "| optimizer steps | 2 |", "| torch |", "CPU process(es)",
                      "A toy model", "16 images and their captions (4 per image)"):
         assert expected in card.text, expected
-    snippet = subprocess.run([sys.executable, "-c", usage_code(card.text)], cwd=output_dir.parent, text=True,
+    snippet = subprocess.run([sys.executable, "-c", usage_code(card.text, load_from=output_dir)], text=True,
                              capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert snippet.returncode == 0, snippet.stderr[-2000:]

@@ -5,9 +5,11 @@ Each process reads its own shards (accelerate's ``IterableDataset.shard`` path; 
 dispatching off so process 0 does not decode everyone's images), so processes can run out of rows at different
 batches. A process that leaves the epoch while the others go on would hang their next collective. So every batch
 fetch is agreed: each process says whether it got a batch, and when one did not, the epoch ends on all of them;
-the rows the others had fetched are counted (``train/rows_left_at_uneven_epoch_end``) and come back next epoch. A
-partial gradient-accumulation window at an epoch's end is dropped the same way (it would otherwise add its
-gradients to the next epoch's first step).
+the batches the others had fetched are counted (``train/batches_dropped_at_uneven_epoch_end``) and their rows come
+back next epoch. A partial gradient-accumulation window at an epoch's end is dropped the same way (it would
+otherwise add its gradients to the next epoch's first step). The same agreement carries a data failure (an
+``HfSiglipError`` from the stream: a bad shard with ``bad_shards="fail"``, met by one process in its own shards):
+every process raises it, so none is left waiting for a peer that has gone.
 
 The Trainer cannot place a stream's epochs (it has no length): :class:`StreamPosition` records the stream epoch
 and the batches fetched in it, in every checkpoint's ``trainer_state.json``; on resume :class:`StreamEpochs`
@@ -23,6 +25,8 @@ import os
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+
+from .errors import HfSiglipError
 
 
 class StreamPosition(TrainerCallback, ExportableState):
@@ -70,8 +74,11 @@ class StreamEpochs:
         self.dataloader.set_epoch(position.epoch)
         iterator = iter(self.dataloader)
         skip, self._skip_on_next_iteration = (position.batches if self._skip_on_next_iteration else 0), False
-        for _ in range(skip):
-            next(iterator)
+        try:
+            for _ in range(skip):
+                next(iterator)
+        except HfSiglipError as error:  # a bad shard with bad_shards="fail": raised at the next, agreed, fetch
+            iterator = _raising(error)
         position.batches = skip
         return iterator
 
@@ -79,22 +86,46 @@ class StreamEpochs:
         return getattr(self.dataloader, name)
 
 
-def every_process_has(has_batch: bool, accelerator) -> bool:
-    """True when every process has a batch (one small all-reduce; a single process answers alone)."""
+def _raising(error: Exception):
+    raise error
+    yield  # a generator: raises when the first batch is asked for
+
+
+def every_process_has(has_batch: bool, accelerator, failure: HfSiglipError | None = None) -> bool:
+    """True when every process has a batch (one small all-reduce; a single process answers alone). When some
+    process's data failed (``failure``: a bad shard with ``bad_shards="fail"``, met by one process in its own
+    shards), every process raises that failure's message, so none is left waiting for a peer that is gone."""
     if accelerator.num_processes == 1:
+        if failure is not None:
+            raise failure
         return has_batch
-    flag = torch.tensor([1 if has_batch else 0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+    flags = torch.tensor([1 if has_batch else 0, 1 if failure is not None else 0], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    if flags[1].item():
+        from accelerate.utils import gather_object
+
+        messages = [message for message in gather_object([str(failure) if failure is not None else None])
+                    if message is not None]
+        raise failure if failure is not None else HfSiglipError(f"another process: {messages[0]}")
+    return bool(flags[0].item() == accelerator.num_processes)
+
+
+def _next_batch(iterator):
+    """(batch or None at the end, None) or (None, the data's HfSiglipError)."""
+    try:
+        return next(iterator, None), None
+    except HfSiglipError as error:
+        return None, error
 
 
 def fetch_agreed_batches(iterator, count: int, accelerator, position: StreamPosition) -> tuple[list, list]:
     """``(batches, [])``: up to ``count`` batches, agreed across processes; or ``([], left)`` when the epoch ended on
     some process: the whole window is dropped on all (``left``: what this process had fetched of it) and the
-    position moves to the next epoch."""
+    position moves to the next epoch. A data failure on any process is raised on every one."""
     batches = []
     for _ in range(count):
-        batch = next(iterator, None)
-        if not every_process_has(batch is not None, accelerator):
+        batch, failure = _next_batch(iterator)
+        if not every_process_has(batch is not None, accelerator, failure):
             position.epoch += 1
             position.batches = 0
             return [], batches + ([batch] if batch is not None else [])

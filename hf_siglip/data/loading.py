@@ -66,7 +66,7 @@ def _folder_builder(path: Path) -> tuple[str, dict]:
 
 def load_image_text_dataset(source: str, split: Optional[str] = "train", image_column: str = "image",
                             caption_column: str = "caption", streaming: Optional[bool] = None,
-                            decode_images: bool = False,
+                            decode_images: bool = False, bad_shards: str = "skip",
                             **load_kwargs):
     """Open ``source`` (see module docstring) and check its image and caption columns.
 
@@ -77,13 +77,16 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
         streaming: return an ``IterableDataset`` (a ``save_to_disk`` folder is converted with
             ``to_iterable_dataset``). Default: tar shards stream, everything else does not.
         decode_images: keep ``datasets``' PIL decoding instead of ``Image(decode=False)``.
+        bad_shards: tar shards only: ``"skip"`` names, skips and notes a bad shard (truncated, empty, an
+            undecodable member, fewer rows than its stats file), ``"fail"`` raises naming it (:mod:`.shards`).
         **load_kwargs: passed to ``datasets.load_dataset``.
     """
     from .shards import is_shard_source, load_webdataset_shards
 
     path = Path(os.path.expanduser(str(source)))
     if is_shard_source(source):
-        dataset = load_webdataset_shards(source, split=split, streaming=streaming is not False)
+        dataset = load_webdataset_shards(source, split=split, streaming=streaming is not False,
+                                         bad_shards=bad_shards)
     elif path.is_dir() and _is_saved_to_disk(path):
         dataset = datasets.load_from_disk(str(path))
         if split is not None and isinstance(dataset, datasets.DatasetDict):

@@ -88,6 +88,11 @@ class SiglipScriptArguments:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh in an output_dir that holds checkpoints, deleting its checkpoint-* folders. Without "
                 "it (or --resume_from_checkpoint) such a run refuses to start."})
+    bad_shards: str = field(default="skip", metadata={
+        "help": "Tar shards: what a bad shard does (truncated, empty, not a tar, a .txt/.json that does not "
+                "decode, fewer rows than its <shard>_stats.json records). 'skip': named in a warning, skipped "
+                "(the rows read before the fault are kept) and counted in the data report (eval_results.json, "
+                "model card); 'fail': the run stops with one line naming the shard. Every process alike."})
 
     def __post_init__(self):
         from ..data.steps import parse_data_steps

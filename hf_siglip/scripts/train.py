@@ -21,6 +21,7 @@ from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import embed_images
 from ..data.images import decode_decodable
 from ..data.loading import canonical_columns, select_split
+from ..data.shards import clear_shard_faults, shard_fault_report, shard_faults
 from ..checkpoint_files import resolve_checkpoint
 from ..dual_encoders import load_dual_encoder
 from ..errors import own_messages_as_usage_errors
@@ -55,12 +56,14 @@ def load_splits(script_args: SiglipScriptArguments):
 
 def load_named_splits(script_args: SiglipScriptArguments):
     """`load_splits` and the name of the evaluation split it chose (None when there is none)."""
+    bad_shards = getattr(script_args, "bad_shards", "skip")
+    clear_shard_faults()  # the faults this run meets (tar shards): counted in its data report
     if script_args.dataset == DEMO:
         splits = make_demo_dataset(n_train=script_args.demo_train_size, n_test=script_args.demo_test_size,
                                    image_size=script_args.demo_image_size, seed=0)
     else:
         splits = load_image_text_dataset(script_args.dataset, split=None, image_column=script_args.image_column,
-                                         caption_column=script_args.caption_column)
+                                         caption_column=script_args.caption_column, bad_shards=bad_shards)
     train = select_split(splits, script_args.train_split, script_args.dataset)
     evaluation, eval_split = None, script_args.eval_split
     if script_args.eval_split == AUTO:
@@ -77,11 +80,12 @@ def load_named_splits(script_args: SiglipScriptArguments):
     elif script_args.eval_split is not None:
         evaluation = select_split(splits, script_args.eval_split, script_args.dataset)
     if isinstance(evaluation, datasets.IterableDataset):
-        # retrieval ranks every held-out image against every caption: read the (small) split into Arrow once
+        # retrieval ranks every held-out image against every caption: read the (small) split, and only its
+        # files, into Arrow once
         split_name = next(name for name, part in splits.items() if part is evaluation)
         evaluation = load_image_text_dataset(script_args.dataset, split=split_name, streaming=False,
                                              image_column=script_args.image_column,
-                                             caption_column=script_args.caption_column)
+                                             caption_column=script_args.caption_column, bad_shards=bad_shards)
     train = canonical_columns(train, script_args.image_column, script_args.caption_column)
     if evaluation is not None:
         evaluation = canonical_columns(evaluation, script_args.image_column, script_args.caption_column)
@@ -95,6 +99,13 @@ def load_named_splits(script_args: SiglipScriptArguments):
     if evaluation is not None and script_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
     return train, evaluation, eval_split
+
+
+def _gathered(items: list, accelerator) -> list:
+    """Every process's `items`, concatenated (a collective on several processes)."""
+    from accelerate.utils import gather_object
+
+    return gather_object(items) if accelerator.num_processes > 1 else items
 
 
 def build_model_and_processor(model_args: SiglipModelArguments, train, script_args: SiglipScriptArguments,
@@ -326,7 +337,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
                     + (" Zero-shot: the class names in prompt templates, averaged per class."
                        if any("zero_shot" in key for key in metrics) else ""))
         trainer.log({key: value for key, value in metrics.items() if "zero_shot" in key or "chance" in key})
-    data_report = {**context.report, **trainer.data_report()}  # collective: every process
+    data_report = {**context.report, **trainer.data_report(),  # collectives: every process
+                   **shard_fault_report(_gathered(shard_faults(), trainer.accelerator), eval_split)}
 
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)

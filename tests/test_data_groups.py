@@ -83,6 +83,13 @@ def test_real_image_and_caption_duplicates_are_grouped(model_and_processor, tmp_
     stream_out, _ = assign_positive_groups(dataset.to_iterable_dataset(), model, processor,
                                            image_threshold=0.9999, text_threshold=1 - 1e-6)
     assert [r["group_id"] for r in stream_out] == groups
+    # with image ids, each row keeps its group when the stream is then shuffled (as training does) or split
+    with_ids = dataset.add_column("image_id", list(range(100, 100 + len(dataset))))
+    shuffled, _ = assign_positive_groups(with_ids.to_iterable_dataset(num_shards=7), model, processor,
+                                         image_threshold=0.9999, text_threshold=1 - 1e-6)
+    rows = list(shuffled.shuffle(seed=1, buffer_size=4))
+    assert [r["image_id"] for r in rows] != sorted(r["image_id"] for r in rows)
+    assert {r["image_id"]: r["group_id"] for r in rows} == {100 + i: 100 + g for i, g in enumerate(groups)}
     dataset.save_to_disk(str(tmp_path / "disk"))
     disk_out, _ = assign_positive_groups(datasets.load_from_disk(str(tmp_path / "disk")), model, processor,
                                          image_threshold=0.9999, text_threshold=1 - 1e-6)

@@ -8,7 +8,8 @@ precomputed ``image_embeds``), links two rows when
 * the image of one matches a caption of the other (image-text cosine >= ``image_text_threshold``),
 
 merges linked rows with union-find, and writes ``image_id`` (the row index plus ``id_offset``, if the
-column is absent) and ``group_id`` (the smallest ``image_id`` in the group). The collator uses
+column is absent) and ``group_id`` (the smallest ``image_id`` in the group; found by each row's ``image_id``
+when those are unique, else by its position). The collator uses
 ``group_id`` as the positive id. Each threshold may be ``None`` to switch that criterion off.
 
 Neighbours come from :func:`nearest_neighbours`: ``faiss`` (``IndexFlatIP``, exact inner product) when
@@ -19,7 +20,8 @@ union-find chains.
 Policies: a row whose image does not decode gets no image embedding and is linked only through its
 captions (counted in ``stats["undecodable_images"]``); rows with no usable caption take part through
 their image only. Streams (``IterableDataset``) are read once to embed, and the ids are written back
-with a lazy map in the same order, so the stream must be deterministic (no shuffle before this).
+with a lazy map: by ``image_id`` when the rows' ids are unique, so a later shuffle or a split across processes
+keeps each row's group; else by position, so the stream must be read in the same order (no shuffle after this).
 """
 
 from __future__ import annotations
@@ -182,6 +184,14 @@ def assign_positive_groups(dataset, model=None, processor=None, image_threshold:
     stats = dict(stats, **group_size_stats(group_ids))
     logger.info("positive groups: %s", stats)
 
+    written = ["group_id"] + ([] if has_ids else ["image_id"])
+    features = datasets.Features({name: datasets.Value("int64") for name in written})
+    if has_ids and len(set(image_ids.tolist())) == n_rows:
+        # by each row's image id: right in whatever order, and on whichever process, a stream's rows are read
+        group_of = dict(zip(image_ids.tolist(), group_ids.tolist()))
+        return map_new_columns(dataset, lambda ids: {"group_id": [group_of[i] for i in ids]}, ["image_id"],
+                               written, features=features), stats
+
     def write_ids(_, indices):
         out = {"group_id": group_ids[indices].tolist()}
         if not has_ids:
@@ -189,8 +199,6 @@ def assign_positive_groups(dataset, model=None, processor=None, image_threshold:
         return out
 
     key_column = caption_column if caption_column in names else read_columns[0]
-    written = ["group_id"] + ([] if has_ids else ["image_id"])
     # only the id columns are written (joined column-wise: images are not copied)
-    dataset = map_new_columns(dataset, write_ids, [key_column], written, with_indices=True,
-                              features=datasets.Features({name: datasets.Value("int64") for name in written}))
+    dataset = map_new_columns(dataset, write_ids, [key_column], written, with_indices=True, features=features)
     return dataset, stats

@@ -22,6 +22,8 @@ _LAZY = {
     "positive_pairs": ".positives",
     "build_processor": ".processing", "train_caption_tokenizer": ".processing", "SiglipTrainer": ".trainer",
     "SiglipTrainingArguments": ".training_args", "as_dual_encoder": ".dual_encoders", "load_dual_encoder": ".dual_encoders",
+    "load_recipe": ".recipes", "recipe_arguments": ".recipes", "build_model_and_processor": ".scripts.train",
+    "load_splits": ".scripts.train",
 }
 
 
@@ -52,13 +54,17 @@ __all__ = [
     "SiglipTrainingArguments",
     "SigmoidLoss",
     "as_dual_encoder",
+    "build_model_and_processor",
     "build_model_card",
     "build_processor",
     "dense_sigmoid_loss",
     "load_dual_encoder",
+    "load_recipe",
+    "load_splits",
     "make_demo_dataset",
     "positive_pairs",
     "push_to_hub",
+    "recipe_arguments",
     "sigmoid_loss",
     "train_caption_tokenizer",
 ]

@@ -1,6 +1,7 @@
 """Recipes by name: `--config fff_multi_positive` reads the packaged recipe from anywhere, a path still works, and
 `hf-siglip recipes` lists each recipe and accelerate config with its purpose (the file's first comment line)."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,7 +12,9 @@ from cli_helpers import RECIPES, REPO, cli_env
 from hf_siglip import recipes
 from hf_siglip.cli import main as cli_main
 from hf_siglip.cli import parse_with_config
-from hf_siglip.scripts.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
+from hf_siglip.errors import UsageError
+from hf_siglip.scripts.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+                                        validate_arguments)
 from hf_siglip.training_args import SiglipTrainingArguments
 
 TYPES = (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments)
@@ -69,3 +72,24 @@ def test_hf_siglip_recipes_lists_each_with_its_first_comment_line(capsys):
     assert capsys.readouterr().out.strip() == str(RECIPES / "fff_multi_positive.yaml")
     assert cli_main(["recipes", "--path", "multi_gpu_ddp"]) == 0
     assert capsys.readouterr().out.strip() == str(RECIPES / "accelerate_configs" / "multi_gpu_ddp.yaml")
+
+
+def fields_of(arguments) -> dict:
+    return {field.name: getattr(arguments, field.name) for field in dataclasses.fields(arguments)}
+
+
+def test_recipe_arguments_are_what_the_command_builds_and_refuse_what_it_refuses(tmp_path):
+    """`hf_siglip.recipe_arguments` (the README's Python route) equals `hf-siglip train --config NAME --flag value`."""
+    ours = recipes.recipe_arguments("fff_multi_positive_safe", output_dir=str(tmp_path), num_train_epochs=1)
+    command = parse_with_config(TYPES, ["--config", "fff_multi_positive_safe", "--output_dir", str(tmp_path),
+                                        "--num_train_epochs", "1"], defaults=DEMO_TRAINING_DEFAULTS)
+    validate_arguments(*command)  # as hf-siglip train does before reading data: fills max_length, image_size
+    assert fields_of(ours[0]) == fields_of(command[0]) and ours[0].max_length == 16
+    assert fields_of(ours[1]) == fields_of(command[1]) and ours[1].image_size == 32
+    assert fields_of(ours[2]) == fields_of(command[2]) and ours[2].adam_beta2 == 0.95
+    assert ours[2].num_train_epochs == 1 and ours[2].loss_config.mined_pairs == "ignore"
+    with pytest.raises(UsageError) as refused:
+        recipes.recipe_arguments("siglip_from_scratch", learning_rat=0.1, per_device_train_batch_size=0)
+    assert refused.value.problems[0].startswith("unknown field learning_rat")
+    with pytest.raises(UsageError, match="per_device_train_batch_size"):
+        recipes.recipe_arguments("siglip_from_scratch", per_device_train_batch_size=0, output_dir=str(tmp_path))

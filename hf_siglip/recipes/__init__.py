@@ -13,14 +13,14 @@ imports nothing heavy: the command line calls it before transformers is loaded.
 import os
 from pathlib import Path
 
-from ..errors import HfSiglipError
+from ..errors import UsageError
 
 RECIPES_DIR = Path(__file__).parent
 ACCELERATE_CONFIGS_DIR = RECIPES_DIR / "accelerate_configs"
 
 
-class RecipeNotFoundError(HfSiglipError, FileNotFoundError):
-    """`--config` names neither a file nor a packaged recipe (`hf-siglip` says so in one line)."""
+class RecipeNotFoundError(UsageError):
+    """`--config` names neither a file nor a packaged recipe (`hf-siglip` says so in one line, exit status 2)."""
 
 
 def recipe_names() -> list[str]:
@@ -60,15 +60,6 @@ def recipe_path(name_or_path: str | os.PathLike, flag: str = "--config") -> str:
                               f"{', '.join(recipe_names())}; `hf-siglip recipes` says what each is for)")
 
 
-def find_recipe(name_or_path: str | os.PathLike) -> str:
-    """What `--config` reads: `recipe_path`'s answer, or the value unchanged when that finds nothing (the caller then
-    says the file is missing)."""
-    try:
-        return recipe_path(name_or_path)
-    except RecipeNotFoundError:
-        return os.fspath(name_or_path)
-
-
 def accelerate_config_path(name_or_path: str | os.PathLike) -> str:
     """An `accelerate launch --config_file` file: an existing file as given, else the packaged config of that name."""
     given = os.fspath(name_or_path)
@@ -94,6 +85,31 @@ def load_recipe(name_or_path: str | os.PathLike) -> dict:
     return loaded
 
 
+def recipe_arguments(name_or_path: str | os.PathLike, **overrides):
+    """`(data_args, model_args, training_args)` as `hf-siglip train --config NAME` builds them: the command's defaults,
+    then the recipe, then `overrides` (any field, as a flag would), checked and completed (text length, image size)
+    the same way. `data_args` is a `SiglipScriptArguments`, `model_args` a `SiglipModelArguments`,
+    `training_args` a `SiglipTrainingArguments`; `hf_siglip.load_splits(data_args)` and
+    `hf_siglip.build_model_and_processor(model_args, train, data_args)` take them on. A recipe's `data_steps` run
+    in `hf-siglip train` only (in Python, the `hf_siglip.data` functions are the steps)."""
+    import dataclasses
+
+    from ..scripts.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+                                     validate_arguments)
+    from ..training_args import SiglipTrainingArguments
+
+    values = {**DEMO_TRAINING_DEFAULTS, **load_recipe(name_or_path), **overrides}
+    kinds = (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments)
+    fields = [{field.name for field in dataclasses.fields(kind) if field.init} for kind in kinds]
+    unknown = sorted(set(values) - set().union(*fields))
+    if unknown:
+        raise UsageError([f"unknown field {name} (see hf-siglip train --help)" for name in unknown])
+    built = tuple(kind(**{key: value for key, value in values.items() if key in names})
+                  for kind, names in zip(kinds, fields))
+    validate_arguments(*built)  # one UsageError listing every problem; fills max_length and image_size
+    return built
+
+
 def describe() -> str:
     """What `hf-siglip recipes` prints: each recipe and accelerate config with its purpose."""
     width = max(len(name) for name in recipe_names() + accelerate_config_names())
@@ -107,4 +123,5 @@ def describe() -> str:
 
 
 __all__ = ["ACCELERATE_CONFIGS_DIR", "RECIPES_DIR", "RecipeNotFoundError", "accelerate_config_names",
-           "accelerate_config_path", "describe", "find_recipe", "load_recipe", "purpose", "recipe_names", "recipe_path"]
+           "accelerate_config_path", "describe", "load_recipe", "purpose", "recipe_arguments",
+           "recipe_names", "recipe_path"]

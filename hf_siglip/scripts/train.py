@@ -306,7 +306,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         return models["pair"]
 
     context = DataContext(seed=training_args.seed, max_length=script_args.max_length, training_model=training_model,
-                          main_process_first=training_args.main_process_first)
+                          main_process_first=training_args.main_process_first,
+                          run=os.path.abspath(training_args.output_dir))  # names the steps' shared results
     train = run_data_steps(train, script_args.steps(), context)
     model, processor = training_model(train)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back

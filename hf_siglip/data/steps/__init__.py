@@ -28,12 +28,12 @@ Several processes (torchrun, accelerate launch): a step that runs a model over t
 (``pseudo_captions``, ``cat_filter``, ``capfilt``, ``positive_groups``, ``concept_targets``,
 ``image_embedding_cache``) goes through :meth:`DataContext.computed_once`: on a ``Dataset`` the main process
 computes it and saves the columns it wrote (and which rows it kept) to a folder under the ``datasets`` cache
-(``HF_DATASETS_CACHE/hf_siglip_data_steps``, which several machines must share); the others wait (up to
-``--ddp_timeout``), then read that folder and its counts, so every process trains on the same captions, targets
-and group ids, as one process would. ``label_noise`` is a
-deterministic function of (seed, row key) and runs on every process; the batch steps only configure the
-collator. On a stream every step is a lazy map that each process runs on the rows it reads (``positive_groups``,
-which reads the whole stream, then runs on every process).
+(``HF_DATASETS_CACHE/hf_siglip_data_steps``, one folder per step and output_dir, which several machines must
+share); the others wait (up to ``--ddp_timeout``), then read that folder and its counts, so every process trains on
+the same captions, targets and group ids, as one process would. ``label_noise`` is a deterministic function of
+(seed, row key) and runs on every process; the batch steps only configure the collator. On a stream every step is a
+lazy map that each process runs on the rows it reads (``positive_groups``, which reads the whole stream, then runs
+on every process).
 """
 
 from __future__ import annotations
@@ -107,10 +107,11 @@ _ROW = "_hf_siglip_row"  # the input row each result row came from, while a shar
 _SHARED_META = "hf_siglip_data_step.json"
 
 
-def _shared_folder(step: str, position: int, rows: int, processes: int) -> Path:
-    """Where the main process leaves a shared step's result: the same path on every process of one run (the
-    launcher's rendezvous address names the run: two runs at once cannot share it), another for each step."""
-    run = [os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")]
+def _shared_folder(run: str, step: str, position: int, rows: int, processes: int) -> Path:
+    """Where the main process leaves a shared step's result: the same path on every process of one run, another
+    for each step. ``run`` names the run (`hf-siglip train`: its output_dir, so a rerun replaces its folders); by
+    default the launcher's rendezvous address, which two runs at once cannot share."""
+    run = run or ":".join(os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
     key = hashlib.sha256(json.dumps([run, processes, position, step, rows]).encode()).hexdigest()[:16]
     return Path(datasets.config.HF_DATASETS_CACHE) / "hf_siglip_data_steps" / f"{step}-{key}"
 
@@ -127,6 +128,7 @@ class DataContext:
         main_process_first: context manager factory (``desc=``, ``local=``) that runs its block on the main
             process first and on the others after it (default: torch.distributed barriers; the trainer passes
             ``TrainingArguments.main_process_first``). See :meth:`computed_once`.
+        run: names this run's shared step results (:meth:`computed_once`); the trainer gives its output_dir.
     """
 
     seed: int = 0
@@ -136,6 +138,7 @@ class DataContext:
     report: dict[str, Counter] = field(default_factory=dict)
     caption_sampler: Any = None  # set by the caption_sampling step
     image_transform: Any = None  # set by the image_augmentation step
+    run: str = ""
     _training_model_used: bool = field(default=False, init=False, repr=False)
     _shared_steps: int = field(default=0, init=False, repr=False)
 
@@ -178,7 +181,7 @@ class DataContext:
             if processes == 1 or not isinstance(dataset, datasets.Dataset):
                 return compute(dataset)
             self._shared_steps += 1
-            folder = _shared_folder(step, self._shared_steps, len(dataset), processes)
+            folder = _shared_folder(self.run, step, self._shared_steps, len(dataset), processes)
             with self.main_process_first(local=False, desc=f"{step} (on the main process)"):
                 if rank == 0:
                     return self._compute_and_share(step, dataset, compute, list(columns), folder)

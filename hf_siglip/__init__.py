@@ -12,7 +12,10 @@ from .modeling_siglip_bottleneck import (
     SiglipBottleneckVisionModel,
 )
 
+from ._quiet import quiet_default_config_notices
+
 __version__ = "0.1.0"
+quiet_default_config_notices()  # transformers' notice about its own default SiglipTextConfig (hf_siglip._quiet)
 
 # The rest is imported on first use (PEP 562), so `import hf_siglip` (which registers the model type) and
 # `hf-siglip train --help` stay quick; `from hf_siglip import SiglipTrainer` works as before.

@@ -284,6 +284,8 @@ def test_documented_two_process_launch_line(tmp_path):
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("Evaluation (demo, held-out split)") == 1  # reported once, by the main process
+    assert run.stdout.count("Training on the embedded demo") == 1  # the start-up summary too
+    assert "  processes: 2 on cpu" in run.stdout
     assert warning_lines(run.stderr) == []  # no pin_memory, find_unused_parameters or special-token notices
     history = json.loads((tmp_path / "ddp" / "eval_results.json").read_text())["metrics"]
     assert history["eval_i2t_recall@1"] >= 0.0 and (tmp_path / "ddp" / "model.safetensors").exists()

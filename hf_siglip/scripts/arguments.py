@@ -369,8 +369,10 @@ def _validate_new_towers(script_args, model_args, problems: list[str]) -> None:
     if model_args.image_size is None and not model_args.vision_model_name_or_path:
         if script_args.dataset == DEMO:
             model_args.image_size = script_args.demo_image_size
+            model_args.image_size_source = "the demo's image size"  # for the start-up summary
         else:
             model_args.image_size = DEFAULT_IMAGE_SIZE
+            model_args.image_size_source = f"SigLIP's {DEFAULT_IMAGE_SIZE} for a new vision tower: --image_size unset"
             logger.info("image_size not set: the new vision tower takes %d x %d images", DEFAULT_IMAGE_SIZE,
                         DEFAULT_IMAGE_SIZE)
     image_size, patch_size = model_args.image_size, model_args.patch_size

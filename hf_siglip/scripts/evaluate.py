@@ -19,6 +19,7 @@ from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero
 from ..finite import check_finite_weights
 from .arguments import DEFAULT_MAX_LENGTH, SiglipScriptArguments, checkpoint_text_length
 from .eval_record import EVAL_RECORD_NAME, EvaluationDataError, apply_evaluation_record, read_evaluation_record
+from .startup import quiet_local_loading
 from .train import load_named_splits, usable_rows, zero_shot_classes, zero_shot_evaluation
 
 _FROM_RECORD = f"Default: what the checkpoint's {EVAL_RECORD_NAME} records, else "
@@ -92,7 +93,8 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
         raise UsageError(f"checkpoint {args.checkpoint}: {error_message(error).splitlines()[0]}") from error
     check_finite_weights(model, args.checkpoint, "not evaluated")  # corrupt weights: refused, naming file and tensor
     processor = AutoProcessor.from_pretrained(args.checkpoint)
-    with own_messages_as_usage_errors():  # a missing split or column, a malformed metadata line: one line
+    # a missing split or column, a malformed metadata line: one line; a local folder: no progress bars
+    with own_messages_as_usage_errors(), quiet_local_loading(args.dataset):
         train, evaluation, args.eval_split = load_named_splits(args)
     if evaluation is None:
         raise EvaluationDataError(f"{args.dataset} has no evaluation split: name one with --eval_split.")

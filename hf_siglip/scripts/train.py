@@ -34,6 +34,7 @@ from ..trainer import SiglipTrainer
 from ..training_args import SiglipTrainingArguments
 from .arguments import (AUTO, DEMO, DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
                         validate_arguments)
+from .startup import StartupSummary, data_step_settings, describe_run, quiet_local_loading
 from .eval_record import evaluation_record, evaluation_record_callback, write_evaluation_record
 
 logger = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         resume_from = resolve_resume(training_args, script_args.overwrite_output_dir)
     seed_everything(training_args)
 
-    with own_messages_as_usage_errors():
+    with own_messages_as_usage_errors(), quiet_local_loading(script_args.dataset):
         train, evaluation, eval_split = load_named_splits(script_args)
     models = {}
 
@@ -310,6 +311,9 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
                           run=os.path.abspath(training_args.output_dir))  # names the steps' shared results
     train = run_data_steps(train, script_args.steps(), context)
     model, processor = training_model(train)
+    # what the run is about to do, printed when training begins (process 0 reads a sample of the data for it)
+    facts = (describe_run(script_args, model_args, train, evaluation, eval_split, model, processor)
+             if training_args.process_index == 0 else None)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
     collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
                                   caption_sampler=context.caption_sampler, image_transform=context.image_transform,
@@ -320,6 +324,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     # what this run evaluates on, beside the weights and in each checkpoint: `hf-siglip eval` reads it back
     record = evaluation_record(script_args, eval_split if evaluation is not None else None)
     trainer.add_callback(evaluation_record_callback(record))
+    trainer.add_callback(StartupSummary(facts))
     trainer.train(resume_from_checkpoint=resume_from)
 
     metrics, protocol = {}, None
@@ -363,7 +368,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
             data_report=data_report,
         )
         trainer.create_model_card()
-        to_json({"metrics": metrics, "data": data_report}, os.path.join(training_args.output_dir, "eval_results.json"))
+        to_json({"metrics": metrics, "data": data_report, "data_steps": data_step_settings(script_args)},
+                os.path.join(training_args.output_dir, "eval_results.json"))  # data_steps: every setting of each
         write_evaluation_record(record, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()

@@ -47,7 +47,8 @@ def test_truncation_counts_what_the_collator_cuts_end_token_included():
 
     tokenizer = make_tokenizer(["red", "square"])
     eos = tokenizer.convert_tokens_to_ids("</s>")
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                                        special_tokens=[("</s>", eos)])
     # 7 words + end token = 8 tokens fits max_length 8; 8 words + end token = 9 does not
     captions = ["red " * 7] * 3 + ["red " * 8] * 2 + ["square"] * 5
     result = truncation(tokenizer, captions, max_length=8)

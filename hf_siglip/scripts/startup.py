@@ -197,7 +197,8 @@ def summary_lines(facts: dict, args, state, model) -> list[str]:
         epochs = (f"{state.num_train_epochs:,} epoch(s)" if args.max_steps <= 0
                   else f"{state.max_steps * global_batch / facts['train_rows']:.3g} epoch(s)")
     batch = (f"batch: {global_batch:,} global = {per_device:,} per device x "
-             f"{args.world_size} process(es) x {accumulation} accumulation step(s); {state.max_steps:,} step(s), {epochs}")
+             f"{args.world_size} process(es) x {accumulation} accumulation step(s); {state.max_steps:,} step(s), "
+             f"{epochs}")
     steps = ", ".join(f"{name} {json.dumps(settings, default=str)}" for step in facts["data_steps"]
                       for name, settings in step.items()) or "none"
     device = args.device.type + (" (bf16)" if args.bf16 else " (fp16)" if args.fp16 else "")

@@ -44,11 +44,16 @@ def test_pseudo_captions_sampled_seeded_and_resumable(captioner_path, tmp_path):
     shards = sorted(shard_dir.iterdir())
     assert len(shards) == 3
     shutil.rmtree(shards[-1])
+    stale = shard_dir / (shards[-1].name + ".tmp")  # a run killed while saving that shard left half of it
+    stale.mkdir()
+    (stale / "left-over.arrow").write_bytes(b"cut short")
     resumed, resumed_report = add_pseudo_captions(dataset, model, processor, num_captions=2, batch_size=2,
                                                   generate_kwargs={"max_new_tokens": 6}, output_dir=str(shard_dir),
                                                   num_shards=3)
     assert resumed_report["shards_resumed"] == 2 and resumed_report["rows"] == 3  # only the last shard ran
     assert list(resumed["pseudo_captions"]) == first
+    assert sorted(path.name for path in shard_dir.iterdir()) == [path.name for path in shards]  # no .tmp left
+    assert not (shards[-1] / "left-over.arrow").exists()  # the shard was written afresh
 
 
 def test_pseudo_captions_on_a_stream(captioner_path):

@@ -44,8 +44,8 @@ def purpose(path: str | os.PathLike) -> str:
 
 def recipe_path(name_or_path: str | os.PathLike, flag: str = "--config") -> str:
     """The file `--config` reads: an existing file as given, else the packaged recipe of that name (`fff_multi_positive`
-    or `fff_multi_positive.yaml`; also `recipes/<name>.yaml` outside a clone of the repository, where the README's
-    older commands point)."""
+    or `fff_multi_positive.yaml`; also `recipes/<name>.yaml` outside a clone of the repository, where older
+    commands point)."""
     given = os.fspath(name_or_path)
     if os.path.isfile(given):
         return given

@@ -89,3 +89,17 @@ def test_every_step_runs_once_and_every_process_gets_the_same_result(tmp_path):
     shared = tmp_path / "cache" / "hf_siglip_data_steps"
     assert len(list(shared.iterdir())) == len(MODEL_OF)  # one folder per step the main process ran for the others
     assert not [path for path in tmp_path.rglob("*") if ".tmp" in path.name]
+
+
+def test_when_the_main_process_fails_the_others_stop_too(tmp_path):
+    """The captioner cannot load on the main process: it fails naming it, and the other process, released from its
+    wait, stops saying the main process left no result (no hang until --ddp_timeout)."""
+    folder = write_image_folder(tmp_path / "images", [("good", "a cat")] * 4)
+    steps = [{"pseudo_captions": {"model": str(tmp_path / "no_captioner")}}]
+    torchrun = [launcher_binary("torchrun"), "--nproc_per_node", "2", "--master_port", "29712"]
+    done = subprocess.run([*torchrun, str(SCRIPT), str(folder), "unused", json.dumps(steps), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=cli_env(HF_DATASETS_CACHE=str(tmp_path / "cache")))
+    assert done.returncode != 0
+    assert "no_captioner" in done.stderr and "the main process left no result" in done.stderr
+    assert not (tmp_path / "out").exists()

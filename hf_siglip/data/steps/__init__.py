@@ -176,7 +176,8 @@ class DataContext:
         model being trained when the step built it.
         """
         rank, processes = _process()
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # a GPU's generator too once CUDA is in use (not starting CUDA in a CPU run on a GPU machine)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):  # the step's draws (a captioner's seeds) stay inside it
             if processes == 1 or not isinstance(dataset, datasets.Dataset):
                 return compute(dataset)

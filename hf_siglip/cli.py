@@ -308,9 +308,19 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _require_existing(path: str, what: str) -> None:
+    """A local-looking path that does not exist: one line at once, not the Hub's retries (hf_siglip.paths)."""
+    from .paths import missing_local_path
+
+    problem = missing_local_path(path, what)
+    if problem:
+        raise UsageError(problem)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_to_bottleneck
 
+    _require_existing(args.src, "src")
     _, result = convert_to_bottleneck(args.src, args.dst, args.bottleneck_dim)
     saved = result.parameters_before - result.parameters_after
     print(
@@ -326,6 +336,7 @@ def _push(args: argparse.Namespace) -> int:
     from .hub import check_hub_access
 
     check_hub_access()  # before the model is loaded: one line if the Hub cannot be reached
+    _require_existing(args.checkpoint, "checkpoint")
     from transformers import AutoProcessor
 
     from .dual_encoders import load_dual_encoder
@@ -353,6 +364,7 @@ def _push(args: argparse.Namespace) -> int:
 def _shards(args: argparse.Namespace) -> int:
     import os
 
+    _require_existing(args.src, "src")
     from .data import load_image_text_dataset
     from .data.shards import write_webdataset_shards
 

@@ -47,13 +47,19 @@ def error_message(error: BaseException) -> str:
 def own_messages_as_usage_errors():
     """Inside the block, a `ValueError`, `KeyError` or `FileNotFoundError` that hf_siglip's own code raised (the
     innermost frame of its traceback is in this package: a missing split or column, a malformed metadata line, an
-    output folder that holds checkpoints) is a message for the user, re-raised as a `UsageError`. One raised inside
-    another library keeps its type and traceback."""
+    output folder that holds checkpoints) is a message for the user, re-raised as a `UsageError`; so are a Hub id
+    that does not exist and a Hub that cannot be reached. One raised inside another library keeps its type and
+    traceback."""
     try:
         yield
     except HfSiglipError:
         raise
+    except ConnectionError as error:  # datasets: "Couldn't reach 'user/name' on the Hub (OfflineModeIsEnabled)"
+        raise UsageError(f"{error_message(error)}: no connection to the Hub, offline mode (HF_HUB_OFFLINE=1), or no "
+                         "such dataset or model there") from error
     except (ValueError, KeyError, FileNotFoundError) as error:
+        if type(error).__name__ in _HUB_NOT_FOUND:  # a Hub id that does not exist (or is not accessible)
+            raise UsageError(error_message(error).splitlines()[0]) from error
         frame = error.__traceback__
         while frame is not None and frame.tb_next is not None:
             frame = frame.tb_next
@@ -63,5 +69,7 @@ def own_messages_as_usage_errors():
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_HUB_NOT_FOUND = ("DatasetNotFoundError", "RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+                  "EntryNotFoundError")
 
 __all__ = ["HfSiglipError", "UsageError", "error_message", "own_messages_as_usage_errors"]

@@ -323,3 +323,30 @@ def test_image_fast_path_flag_reaches_the_collator(tmp_path):
     assert first_loss["pil"] == pytest.approx(first_loss["None"], rel=1e-6)
     assert first_loss["torch"] != first_loss["None"]
     assert first_loss["torch"] == pytest.approx(first_loss["None"], rel=1e-2)
+
+
+def test_hub_and_other_path_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    report = usage_error(["train", *flags({**FOLDER, "dataset": "someone/no-such-dataset",
+                                           "output_dir": tmp_path / "out"})], capsys)
+    assert report.startswith("hf-siglip train: error: Couldn't reach 'someone/no-such-dataset' on the Hub") and \
+        "\n" not in report
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "photos", good_rows(2))
+    assert usage_error(["shards", "./photo", "out"], capsys) == (
+        "hf-siglip shards: error: src ./photo: no such file or folder (did you mean photos?)")
+    assert usage_error(["convert", str(tmp_path / "nothing"), "dst", "--bottleneck-dim", "4"], capsys) == (
+        f"hf-siglip convert: error: src {tmp_path / 'nothing'}: no such file or folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_on_a_split_the_data_does_not_have_is_one_line(tmp_path, capsys):
+    model, processor, _, _ = tiny_training_setup()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    write_image_folder(tmp_path / "data" / "train", good_rows(2))
+    report = usage_error(["eval", "--checkpoint", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"),
+                          "--eval_split", "test"], capsys)
+    assert report == f"hf-siglip eval: error: {tmp_path / 'data'} has no split 'test'; its splits are ['train']"

@@ -111,11 +111,17 @@ def every_process_has(has_batch: bool, accelerator, failure: HfSiglipError | Non
 
 
 def _next_batch(iterator):
-    """(batch or None at the end, None) or (None, the data's HfSiglipError)."""
+    """(batch or None at the end, None) or (None, the data's HfSiglipError): raised by the stream, or a bad shard
+    noted as fatal by this process or its DataLoader workers, in this batch or in any read before (a start-up
+    summary or a data step on the main process alone)."""
+    from .data.shards import ShardError, pending_shard_failure
+
     try:
-        return next(iterator, None), None
+        batch = next(iterator, None)
     except HfSiglipError as error:
         return None, error
+    failure = pending_shard_failure()
+    return (batch, None) if failure is None else (None, ShardError(failure))
 
 
 def fetch_agreed_batches(iterator, count: int, accelerator, position: StreamPosition) -> tuple[list, list]:

@@ -66,7 +66,7 @@ def _folder_builder(path: Path) -> tuple[str, dict]:
 
 def load_image_text_dataset(source: str, split: Optional[str] = "train", image_column: str = "image",
                             caption_column: str = "caption", streaming: Optional[bool] = None,
-                            decode_images: bool = False, bad_shards: str = "skip",
+                            decode_images: bool = False, bad_shards: str = "skip", agreed_failure: bool = False,
                             **load_kwargs):
     """Open ``source`` (see module docstring) and check its image and caption columns.
 
@@ -79,6 +79,8 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
         decode_images: keep ``datasets``' PIL decoding instead of ``Image(decode=False)``.
         bad_shards: tar shards only: ``"skip"`` names, skips and notes a bad shard (truncated, empty, an
             undecodable member, fewer rows than its stats file), ``"fail"`` raises naming it (:mod:`.shards`).
+        agreed_failure: tar shards streamed with ``"fail"``: raised at the trainer's next agreed batch, on every
+            process (:func:`~hf_siglip.data.shards.load_webdataset_shards`).
         **load_kwargs: passed to ``datasets.load_dataset``.
     """
     from .shards import is_shard_source, load_webdataset_shards
@@ -86,7 +88,7 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
     path = Path(os.path.expanduser(str(source)))
     if is_shard_source(source):
         dataset = load_webdataset_shards(source, split=split, streaming=streaming is not False,
-                                         bad_shards=bad_shards)
+                                         bad_shards=bad_shards, agreed_failure=agreed_failure)
     elif path.is_dir() and _is_saved_to_disk(path):
         dataset = datasets.load_from_disk(str(path))
         if split is not None and isinstance(dataset, datasets.DatasetDict):

@@ -127,12 +127,16 @@ def _shard_files(source: str) -> dict[str, list[str]]:
     return splits
 
 
-def load_webdataset_shards(source, split: Optional[str] = "train", streaming: bool = True, bad_shards: str = "skip"):
+def load_webdataset_shards(source, split: Optional[str] = "train", streaming: bool = True, bad_shards: str = "skip",
+                           agreed_failure: bool = False):
     """Open tar shards (see module docstring) with canonical columns ``image``, ``caption``, ``image_id``.
 
     ``streaming=False`` reads the split's shards (only those) into an Arrow cache once (a small evaluation split,
     say). ``split=None`` returns every split (an ``IterableDatasetDict`` / ``DatasetDict``). ``bad_shards``:
     ``"skip"`` (name, skip and note them: :func:`shard_fault_report`) or ``"fail"`` (:class:`ShardError`).
+    ``agreed_failure`` (with ``"fail"``, for streams): a fault is named and noted as fatal and reading goes on;
+    :func:`pending_shard_failure` tells it, for ``hf_siglip.stream_training`` to raise on every process at the next
+    batch they agree on (a stream read by one process alone, for a start-up summary say, must not fail alone).
     """
     from .loading import _split_name
 
@@ -147,16 +151,17 @@ def load_webdataset_shards(source, split: Optional[str] = "train", streaming: bo
         if name is None:
             raise KeyError(f"{source} has no split {split!r}; its splits are {sorted(files)}")
         files = {name: files[name]}
-    parts = {name: _open_split(paths, name, str(source), streaming, bad_shards) for name, paths in files.items()}
+    parts = {name: _open_split(paths, name, str(source), streaming, bad_shards, agreed_failure)
+             for name, paths in files.items()}
     if split is not None:
         return next(iter(parts.values()))
     return (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(parts)
 
 
-def _open_split(paths: list[str], split: str, source: str, streaming: bool, bad_shards: str):
+def _open_split(paths: list[str], split: str, source: str, streaming: bool, bad_shards: str, agreed: bool):
     features, metadata_columns, several = _infer_features(paths, source)
     options = {"split": split, "bad_shards": bad_shards, "metadata_columns": metadata_columns, "several": several,
-               "fault_log": _fault_log_dir(), "markers": not streaming}
+               "fault_log": _fault_log_dir(), "markers": not streaming, "agreed": agreed and streaming}
     if streaming:  # one shard per list item: datasets splits the list across processes and DataLoader workers
         return datasets.IterableDataset.from_generator(_generate_rows, features=features,
                                                        gen_kwargs={"shards": paths, "options": options})
@@ -310,14 +315,49 @@ def _note_fault(fault: dict, options: dict):
     if options["markers"]:
         return {"image": None, "caption": None, "image_id": None,
                 **{name: None for name in options["metadata_columns"]}, _MARKER: json.dumps(fault)}
-    if options["bad_shards"] == "fail":
-        raise ShardError(f"bad shard {fault['shard']}: {fault['detail']} (--bad_shards skip skips and counts it)")
+    fatal = options["bad_shards"] == "fail"
+    if fatal and not (options.get("agreed") and options["fault_log"]):
+        raise ShardError(_failure_message(fault))
+    if options["fault_log"]:  # one file per fault: a fault met again (next epoch, another worker) is not repeated
+        fault = {**fault, "fatal": True} if fatal else fault
+        identity = json.dumps([fault["split"], fault["shard"], fault["reason"], fault["key"]])
+        name = ("fatal-" if fatal else "") + hashlib.blake2b(identity.encode(), digest_size=16).hexdigest() + ".json"
+        if not _write_once(os.path.join(options["fault_log"], name), json.dumps(fault)):
+            return None
+    if fatal:
+        logger.warning("bad shard %s: %s; the run stops at the next batch (bad_shards=fail)", fault["shard"],
+                       fault["detail"])
+        return None
     consequence = {"rows_with_undecodable_member": "its row is skipped",
                    "shards_short": "its missing rows are counted"}.get(fault["reason"], "the rest of it is skipped")
     logger.warning("bad shard %s: %s; %s (bad_shards=skip)", fault["shard"], fault["detail"], consequence)
-    if options["fault_log"]:
-        with open(os.path.join(options["fault_log"], f"{os.getpid()}.jsonl"), "a") as handle:
-            handle.write(json.dumps(fault) + "\n")
+    return None
+
+
+def _write_once(path: str, text: str) -> bool:
+    """Write `path` whole unless it exists (a hard link is atomic and refuses an existing name); True if written."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    Path(temporary).write_text(text)
+    try:
+        os.link(temporary, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(temporary)
+
+
+def _failure_message(fault: dict) -> str:
+    return f"bad shard {fault['shard']}: {fault['detail']} (--bad_shards skip skips and counts it)"
+
+
+def pending_shard_failure() -> Optional[str]:
+    """The message of a fault noted as fatal (``agreed_failure``) in this process's log, or None: a directory
+    listing, cheap enough to ask at every batch."""
+    folder = _FAULT_LOG.get(os.getpid())
+    for name in sorted(os.listdir(folder)) if folder else ():
+        if name.startswith("fatal-") and name.endswith(".json"):
+            return _failure_message(json.loads(Path(folder, name).read_text()))
     return None
 
 
@@ -347,18 +387,17 @@ def clear_shard_faults() -> None:
     """Forget the faults noted so far in this process (a new run starts counting afresh)."""
     folder = _FAULT_LOG.get(os.getpid())
     for name in os.listdir(folder) if folder else ():
-        os.remove(os.path.join(folder, name))
+        if name.endswith(".json"):
+            os.remove(os.path.join(folder, name))
 
 
 def shard_faults() -> list[dict]:
-    """The faults this process and its DataLoader workers noted (each shard, reason and row once)."""
-    folder, faults = _FAULT_LOG.get(os.getpid()), {}
-    for name in sorted(os.listdir(folder)) if folder else ():
-        with open(os.path.join(folder, name)) as handle:
-            for line in handle:
-                fault = json.loads(line)
-                faults.setdefault((fault["split"], fault["shard"], fault["reason"], fault["key"]), fault)
-    return list(faults.values())
+    """The faults this process and its DataLoader workers noted (each shard, reason and row once), in order."""
+    folder, faults = _FAULT_LOG.get(os.getpid()), []
+    for name in os.listdir(folder) if folder else ():
+        if name.endswith(".json"):  # written whole (_write_once)
+            faults.append(json.loads(Path(folder, name).read_text()))
+    return sorted(faults, key=lambda fault: (fault["split"], fault["shard"], fault["key"] or "", fault["reason"]))
 
 
 def shard_fault_report(faults: list[dict], evaluation_split: Optional[str] = None) -> dict[str, int]:
@@ -366,6 +405,9 @@ def shard_fault_report(faults: list[dict], evaluation_split: Optional[str] = Non
     ``.../rows_missing_from_shards``, each shard, reason and row counted once however often it was read."""
     from .loading import _split_name
 
+    fatal = next((fault for fault in faults if fault.get("fatal")), None)
+    if fatal is not None:  # noted under agreed_failure and not raised yet: every process has the same list
+        raise ShardError(_failure_message(fatal))
     report, seen = Counter(), set()
     for fault in faults:
         identity = (fault["split"], fault["shard"], fault["reason"], fault["key"])

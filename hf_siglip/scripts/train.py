@@ -63,8 +63,10 @@ def load_named_splits(script_args: SiglipScriptArguments):
         splits = make_demo_dataset(n_train=script_args.demo_train_size, n_test=script_args.demo_test_size,
                                    image_size=script_args.demo_image_size, seed=0)
     else:
+        # a training stream's failure is raised at a batch every process agrees on (hf_siglip.stream_training)
         splits = load_image_text_dataset(script_args.dataset, split=None, image_column=script_args.image_column,
-                                         caption_column=script_args.caption_column, bad_shards=bad_shards)
+                                         caption_column=script_args.caption_column, bad_shards=bad_shards,
+                                         agreed_failure=True)
     train = select_split(splits, script_args.train_split, script_args.dataset)
     evaluation, eval_split = None, script_args.eval_split
     if script_args.eval_split == AUTO:

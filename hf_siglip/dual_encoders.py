@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, CLIPModel, PreTrainedModel, Siglip2Model, SiglipModel
 from transformers import initialization as init
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_siglip_bottleneck import LOADABLE_MODEL_TYPES
 from .finite import check_finite_weights
@@ -55,6 +57,7 @@ class DualEncoderMixin:
         model.__class__ = cls
         return model
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -67,8 +70,8 @@ class DualEncoderMixin:
         return_loss: bool | None = None,
         image_ids: torch.LongTensor | None = None,
         text_ids: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> SiglipBottleneckOutput:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SiglipBottleneckOutput | tuple:
         r"""Normalised embeddings, t, b and the logits `t * x_i . y_j + b`, from the native towers.
 
         image_embeds (`torch.Tensor` of shape `(batch, dim)`, *optional*):
@@ -82,10 +85,11 @@ class DualEncoderMixin:
             image_inputs = {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask,
                             "spatial_shapes": spatial_shapes}
             vision_outputs = self.get_image_features(
-                **{name: value for name, value in image_inputs.items() if value is not None}, **kwargs)
+                **{name: value for name, value in image_inputs.items() if value is not None}, return_dict=True,
+                **kwargs)
             image_embeds = vision_outputs.pooler_output
         text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
-                                              position_ids=position_ids, **kwargs)
+                                              position_ids=position_ids, return_dict=True, **kwargs)
         text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
         image_embeds = nn.functional.normalize(image_embeds, dim=-1).to(text_embeds.device, text_embeds.dtype)
 

@@ -8,16 +8,27 @@ This file imports only `transformers`, torch and its sibling files: `register_fo
 beside a saved checkpoint for `trust_remote_code=True` loading.
 """
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, SiglipPreTrainedModel, SiglipTextModel, SiglipVisionModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    PreTrainedConfig,
+    SiglipPreTrainedModel,
+    SiglipTextModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.siglip.modeling_siglip import SiglipEncoder, SiglipOutput, SiglipTextEmbeddings
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
 from .loss import sigmoid_loss
@@ -39,7 +50,9 @@ class SiglipBottleneckOutput(SiglipOutput):
 class BottleneckTokenEmbedding(nn.Module):
     """Token embedding factorised as an `N x K` table followed by a `K x W` projection (SigLIP section 4.3).
 
-    Holds `N*K + K*W` parameters instead of `N*W`; the full `N x W` table is never allocated.
+    Holds `N*K + K*W` parameters instead of `N*W`; the full `N x W` table is never allocated. The model's
+    `get_input_embeddings()` is `table`, the part indexed by token id: `resize_token_embeddings` grows or shrinks it
+    (new rows initialised as transformers initialises added rows) and keeps `projection`.
     """
 
     def __init__(self, vocab_size: int, bottleneck_dim: int, hidden_size: int):
@@ -86,12 +99,20 @@ class SiglipBottleneckPreTrainedModel(SiglipPreTrainedModel):
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary with a readable error. Reading the ids back is free only for CPU
+    tensors in eager mode: on an accelerator it would be a device-to-host synchronisation every step (there the
+    embedding lookup's own device-side bounds check stops the step), and `torch.compile` / `torch.export` would
+    see a data-dependent branch, so both cases skip it."""
     if input_ids is None:
         raise ValueError("You have to specify input_ids")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    if input_ids.device.type != "cpu" or not input_ids.numel() or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
         raise ValueError(
-            f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): min {int(input_ids.min())}, "
-            f"max {int(input_ids.max())}. Was the text tokenized with this model's tokenizer?"
+            f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): min {low}, max {high}. Was the "
+            f"text tokenized with this model's tokenizer? (After adding tokens, call model.resize_token_embeddings.)"
         )
 
 
@@ -115,17 +136,57 @@ class SiglipBottleneckTextModel(SiglipTextModel):
         self.head = nn.Linear(config.hidden_size, config.projection_size)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token table indexed by id: `vocab_size x hidden_size`, or with the bottleneck the `vocab_size x K`
+        table (its `K x hidden_size` projection stays in `embeddings.token_embedding.projection`)."""
+        return _token_table(self.embeddings.token_embedding)
+
+    def set_input_embeddings(self, value: nn.Module):
+        """Replace what `get_input_embeddings` returns (with the bottleneck, the table; the projection stays). A
+        [`BottleneckTokenEmbedding`] replaces the whole token embedding (what `hf-siglip convert` does)."""
+        current = self.embeddings.token_embedding
+        if isinstance(current, BottleneckTokenEmbedding) and not isinstance(value, BottleneckTokenEmbedding):
+            current.table = value
+        else:
+            self.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         _check_input_ids(input_ids, self.config.vocab_size)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
-def _build_vision_tower(config: SiglipBottleneckConfig) -> tuple[nn.Module, nn.Linear | None]:
+def _token_table(token_embedding: nn.Module) -> nn.Module:
+    return token_embedding.table if isinstance(token_embedding, BottleneckTokenEmbedding) else token_embedding
+
+
+def _build_vision_tower(
+    vision_config: PreTrainedConfig, projection_size: int | None
+) -> tuple[nn.Module, nn.Linear | None]:
     """The vision backbone and, for non-SigLIP backbones, its projection to the shared embedding size."""
-    if config.uses_siglip_vision_tower:
-        return SiglipVisionModel._from_config(config.vision_config), None
-    backbone = AutoModel.from_config(config.vision_config)
-    return backbone, nn.Linear(_backbone_width(config.vision_config), config.embed_dim, bias=False)
+    if vision_config.model_type == SiglipVisionConfig.model_type:
+        return SiglipVisionModel._from_config(vision_config), None
+    if projection_size is None:
+        raise ValueError(f"A '{vision_config.model_type}' vision backbone needs a projection to the shared embedding "
+                         f"size: set projection_size on its config (a SiglipBottleneckConfig does this itself).")
+    backbone = AutoModel.from_config(vision_config)
+    return backbone, nn.Linear(_backbone_width(vision_config), projection_size, bias=False)
+
+
+def _vision_tower_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The vision tower's own config. A dual encoder's [`SiglipBottleneckConfig`] gives (a copy of) its
+    `vision_config`; a non-SigLIP backbone's carries `projection_size`, the width of the shared embedding space."""
+    if not isinstance(config, SiglipBottleneckConfig):
+        return config
+    vision_config = copy.deepcopy(config.vision_config)
+    if not config.uses_siglip_vision_tower:
+        vision_config.projection_size = config.embed_dim
+    return vision_config
 
 
 def _backbone_width(vision_config: PreTrainedConfig) -> int:
@@ -163,8 +224,9 @@ def _backbone_features(
     projection to the shared embedding size)."""
     _check_pixel_values(pixel_values, vision_model.config, interpolate_pos_encoding)
     if not projected:
-        return vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-    outputs = vision_model(pixel_values=pixel_values, **kwargs)
+        return vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                            return_dict=True, **kwargs)
+    outputs = vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
     pooled = getattr(outputs, "pooler_output", None)
     if pooled is None:  # backbones without a pooler: use the first token (ViT's CLS)
         pooled = outputs.last_hidden_state[:, 0]
@@ -198,24 +260,55 @@ def _normalize_pooled(outputs: BaseModelOutputWithPooling, normalize: bool) -> B
 
 
 class SiglipBottleneckVisionModel(SiglipBottleneckPreTrainedModel):
-    """The vision tower of [`SiglipBottleneckModel`] alone (with its projection, if any).
+    """The vision tower of [`SiglipBottleneckModel`] alone (with its projection, if any), built from its own config:
+    a [`SiglipVisionConfig`] as `transformers.SiglipVisionModel`, or another backbone's config carrying
+    `projection_size` (a whole [`SiglipBottleneckConfig`] is also taken: its vision tower's config is used).
 
     Loads from a full checkpoint of either model, ignoring the text tower and logit parameters.
     """
 
+    config: SiglipVisionConfig
+    config_class = SiglipVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_(scale|bias)$"]
 
-    def __init__(self, config: SiglipBottleneckConfig):
+    def __init__(self, config: PreTrainedConfig):
+        config = _vision_tower_config(config)
         super().__init__(config)
-        self.vision_model, self.visual_projection = _build_vision_tower(config)
+        self.vision_model, self.visual_projection = _build_vision_tower(config, getattr(config, "projection_size", None))
         self.post_init()
 
-    def forward(self, pixel_values, interpolate_pos_encoding: bool = False, normalize: bool = False, **kwargs):
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's patch embedding (a SigLIP tower's `Conv2d`), as `transformers.SiglipVisionModel`."""
+        return self.vision_model.get_input_embeddings()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        normalize: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """Image embeddings as `pooler_output` (L2-normalised if `normalize`)."""
-        outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding, **kwargs)
+        outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding,
+                                  **kwargs)
         return _normalize_pooled(outputs, normalize)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also from a full dual-encoder checkpoint with a non-SigLIP backbone: its config is then read whole and
+        turned into the tower's own (the default config class, `SiglipVisionConfig`, reads SigLIP towers only)."""
+        if kwargs.get("config") is None and not args:
+            options = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                       if k in kwargs}
+            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **options)
+            vision = config_dict.get("vision_config") or {}
+            if config_dict.get("model_type") == SiglipBottleneckConfig.model_type and \
+                    vision.get("model_type", SiglipVisionConfig.model_type) != SiglipVisionConfig.model_type:
+                kwargs["config"] = _vision_tower_config(SiglipBottleneckConfig.from_dict(config_dict))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
@@ -244,40 +337,57 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
     def __init__(self, config: SiglipBottleneckConfig):
         super().__init__(config)
         self.text_model = SiglipBottleneckTextModel._from_config(config.text_config)
-        self.vision_model, self.visual_projection = _build_vision_tower(config)
+        self.vision_model, self.visual_projection = _build_vision_tower(config.vision_config, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.empty(1))
         self.logit_bias = nn.Parameter(torch.empty(1))
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The text tower's token table indexed by id (with the bottleneck, the `vocab_size x K` table: see
+        [`SiglipBottleneckTextModel.get_input_embeddings`]); what `resize_token_embeddings` resizes."""
+        return self.text_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module):
-        self.text_model.embeddings.token_embedding = value
+        self.text_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_text_features(
-        self, input_ids, attention_mask=None, position_ids=None, normalize: bool = False, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        normalize: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """Text tower outputs; `pooler_output` is the text embedding (L2-normalised only if `normalize`)."""
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  return_dict=True, **kwargs)
         return _normalize_pooled(outputs, normalize)
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values, interpolate_pos_encoding: bool = False, normalize: bool = False, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        normalize: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """Vision tower outputs; `pooler_output` is the image embedding (L2-normalised only if `normalize`)."""
-        outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding, **kwargs)
+        outputs = _image_features(self.vision_model, self.visual_projection, pixel_values, interpolate_pos_encoding,
+                                  **kwargs)
         return _normalize_pooled(outputs, normalize)
 
+    @can_return_tuple
     def get_locked_image_features(
-        self, pixel_values, interpolate_pos_encoding: bool = False, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling | tuple:
         """What a locked vision tower computes (SigLiT): `pooler_output` is the tower's pooled output, before
         `visual_projection` (the new head of a foreign backbone, which trains even when the tower is locked). The
         image-embedding cache stores it; `forward(image_embeds=...)` takes it in place of `pixel_values`."""
         return _backbone_features(self.vision_model, pixel_values, interpolate_pos_encoding,
                                   self.visual_projection is not None, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -289,8 +399,8 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
         image_ids: torch.LongTensor | None = None,
         text_ids: torch.LongTensor | None = None,
         image_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> SiglipBottleneckOutput:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SiglipBottleneckOutput | tuple:
         r"""
         image_ids, text_ids (`torch.LongTensor`, *optional*):
             Image i and text j are a positive pair iff their ids are equal (several captions per image,
@@ -303,7 +413,8 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
         """
         vision_outputs = None
         if image_embeds is None:
-            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                                     return_dict=True, **kwargs)
             image_embeds = vision_outputs.pooler_output
         else:
             width = self.config.embed_dim if self.visual_projection is None else self.visual_projection.in_features
@@ -312,7 +423,7 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
                                  f"{tuple(image_embeds.shape)}.")
             if self.visual_projection is not None:
                 image_embeds = self.visual_projection(image_embeds)
-        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         image_embeds = nn.functional.normalize(image_embeds, dim=-1)
         text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
 

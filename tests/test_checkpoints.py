@@ -36,7 +36,7 @@ def test_convert_reports_the_true_reconstruction_error(native_checkpoint, tmp_pa
     table = SiglipModel.from_pretrained(native_checkpoint).get_input_embeddings().weight.detach()
     converted = AutoModel.from_pretrained(tmp_path / "k8")
     assert isinstance(converted, SiglipBottleneckModel) and converted.config.text_config.bottleneck_dim == 8
-    embedding = converted.get_input_embeddings()
+    embedding = converted.text_model.embeddings.token_embedding
     rebuilt = embedding.table.weight @ embedding.projection.weight.T
     actual = ((table - rebuilt).norm() / table.norm()).item()
     assert reported == pytest.approx(actual, abs=1e-5)

@@ -86,8 +86,9 @@ def test_new_heads_start_at_paper_values_and_are_configurable():
 def test_bottleneck_never_allocates_full_table_and_round_trips(tmp_path):
     vocab, width, k = 99, 32, 8
     model = SiglipBottleneckModel(tiny_config(bottleneck_dim=k)).eval()
-    embedding = model.get_input_embeddings()
-    assert isinstance(embedding, BottleneckTokenEmbedding)
+    assert isinstance(model.text_model.embeddings.token_embedding, BottleneckTokenEmbedding)
+    # the id-indexed part is the input embedding (what resize_token_embeddings resizes); the projection stays apart
+    assert model.get_input_embeddings() is model.text_model.embeddings.token_embedding.table
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert (vocab, width) not in shapes and (vocab, k) in shapes and (width, k) in shapes
     plain = SiglipBottleneckModel(tiny_config())
@@ -102,7 +103,7 @@ def test_bottleneck_never_allocates_full_table_and_round_trips(tmp_path):
 
 def test_bottleneck_embedding_is_table_times_projection():
     model = SiglipBottleneckModel(tiny_config(bottleneck_dim=8))
-    embedding = model.get_input_embeddings()
+    embedding = model.text_model.embeddings.token_embedding
     ids = torch.tensor([[0, 5, 98]])
     expected = embedding.table.weight[ids] @ embedding.projection.weight.T
     assert torch.allclose(embedding(ids), expected)
@@ -142,6 +143,10 @@ def test_vision_backbone_from_any_pretrained_hf_model(native_checkpoint, tmp_pat
     reloaded = AutoModel.from_pretrained(tmp_path / "dual").eval()
     assert reloaded.config.vision_config.model_type == "vit"
     assert_same_outputs(model, reloaded, atol=0.0)
+    tower = SiglipBottleneckVisionModel.from_pretrained(tmp_path / "dual").eval()  # the ViT tower alone, projected
+    assert tower.config.model_type == "vit" and tower.config.projection_size == 32
+    with torch.no_grad():
+        assert torch.equal(tower(pixel_values).pooler_output, model.get_image_features(pixel_values).pooler_output)
 
     fresh_text = SiglipBottleneckModel.from_vision_text_pretrained(
         tmp_path / "vit", text_config=tiny_text_config(bottleneck_dim=4)

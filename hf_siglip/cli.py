@@ -452,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     weights; a peer that stopped answering) prints the same way and returns 1; anything else keeps its traceback.
     `--debug` anywhere on the command line (or HF_SIGLIP_DEBUG=1) shows the traceback of every error."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("HF_SIGLIP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-    argv = [arg for arg in argv if arg != "--debug"]
+    # a bare --debug is ours; `--debug underflow_overflow` stays TrainingArguments' own field
+    ours = [i for i, arg in enumerate(argv) if arg == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("-"))]
+    debug = bool(ours) or os.environ.get("HF_SIGLIP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    argv = [arg for i, arg in enumerate(argv) if i not in ours]
     prog = f"hf-siglip {argv[0]}" if argv and argv[0] in _COMMANDS else "hf-siglip"
     try:
         if argv and argv[0] in ("train", "eval"):

@@ -16,6 +16,7 @@ from data_fixtures import write_image_folder
 
 import hf_siglip as hs
 from hf_siglip.cli import main as cli_main
+from hf_siglip.errors import UsageError
 
 # Seconds a usage error may take as a subprocess: the imports (~5 s alone, ~15 s on a loaded 2-core machine), no data,
 # no Hub: asking the Hub about a missing folder took 75 s of retries.
@@ -155,7 +156,8 @@ CONFIGURATION_MISTAKES = [
                                    r"'train'\]$"),
     ({"dataset": "./no-such-folder"}, r"^dataset \./no-such-folder: no such file or folder$"),
     ({"model_name_or_path": "./no-such-model"}, r"^model_name_or_path \./no-such-model: no such file or folder$"),
-    ({"config": "no-such-recipe.yaml"}, r"^--config no-such-recipe\.yaml: no such file, and no packaged recipe of that name \(they are: "),
+    ({"config": "no-such-recipe.yaml"},
+     r"^--config no-such-recipe\.yaml: no such file, and no packaged recipe of that name \(they are: "),
 ]
 
 
@@ -242,6 +244,8 @@ def test_user_errors_are_one_line_with_status_2_and_a_traceback_with_debug(tmp_p
                             "--output_dir", str(tmp_path / "out")], env=cli_env(HF_SIGLIP_DEBUG="1"),
                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "UsageError" in debug.stderr
+    with pytest.raises(UsageError, match="per_device_train_batch_size must be a positive integer, got 0"):
+        cli_main(["train", "--per_device_train_batch_size", "0", "--debug"])  # the flag: in-process, raised
     assert not (tmp_path / "out").exists()
 
 

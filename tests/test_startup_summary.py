@@ -119,14 +119,18 @@ def test_a_stream_has_unknown_rows_and_epochs(tmp_path, capsys):
     assert lines[3].endswith("; 2 step(s), epochs unknown (a stream: max_steps decides)")
 
 
-def test_eval_results_record_every_data_steps_settings(tmp_path):
-    steps = [{"caption_sampling": {"k": 2}}, {"image_augmentation": {}}]
+def test_eval_results_record_every_data_steps_settings(tmp_path, capsys):
+    steps = [{"label_noise": {"text": 0.25}}, {"caption_sampling": {"k": 2}}, {"image_augmentation": {}}]
     assert cli_main(["train", *flags({**TINY, "output_dir": tmp_path / "out", "data_steps": json.dumps(steps)})]) == 0
+    line = summary(capsys.readouterr().out)[6]
+    settings = [dataclasses.asdict(config) for _, config in parse_data_steps(steps)]
+    assert line == (f"  data steps: label_noise {json.dumps(settings[0])} (32 -> 32 rows), caption_sampling "
+                    f"{json.dumps(settings[1])}, image_augmentation {json.dumps(settings[2])}")
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     expected = [{name: json.loads(json.dumps(dataclasses.asdict(config))) for name, config in [step]}
                 for step in parse_data_steps(steps)]
     assert results["data_steps"] == expected
-    augmentation = results["data_steps"][1]["image_augmentation"]
+    augmentation = results["data_steps"][2]["image_augmentation"]
     assert augmentation["crop_scale"] == [0.9, 1.0] and augmentation["horizontal_flip"] == 0.5  # defaults, spelt out
 
 

@@ -140,8 +140,21 @@ def data_step_settings(script_args) -> list[dict]:
             for name, config in script_args.steps()]
 
 
-def describe_run(script_args, model_args, train, evaluation, eval_split, model, processor) -> dict:
-    """What the summary says about the data and model (process 0 computes it: it reads a sample of the data)."""
+def step_rows(script_args, report: dict | None) -> list[tuple[int, int] | None]:
+    """(rows in, rows out) of each data step that changed the rows of a Dataset (its counts in `report`, under the
+    step's name, or `name_N` for its N-th use), else None."""
+    seen, rows = {}, []
+    for name, _ in script_args.steps():
+        seen[name] = seen.get(name, 0) + 1
+        counts = (report or {}).get(name if seen[name] == 1 else f"{name}_{seen[name]}") or {}
+        rows.append((counts["rows_in"], counts["rows_out"]) if "rows_in" in counts and "rows_out" in counts else None)
+    return rows
+
+
+def describe_run(script_args, model_args, train, evaluation, eval_split, model, processor,
+                 report: dict | None = None) -> dict:
+    """What the summary says about the data and model (process 0 computes it: it reads a sample of the data).
+    `report`: the data steps' counts (`DataContext.report`)."""
     vision_config = getattr(model.config, "vision_config", None)
     image_size = getattr(vision_config, "image_size", None)
     sizes = sample_image_sizes(train)
@@ -159,6 +172,7 @@ def describe_run(script_args, model_args, train, evaluation, eval_split, model, 
         "max_length": script_args.max_length,
         "truncation": truncation(processor.tokenizer, sample_captions(train), script_args.max_length),
         "data_steps": data_step_settings(script_args),
+        "data_step_rows": step_rows(script_args, report),
     }
     return facts
 
@@ -199,7 +213,9 @@ def summary_lines(facts: dict, args, state, model) -> list[str]:
     batch = (f"batch: {global_batch:,} global = {per_device:,} per device x "
              f"{args.world_size} process(es) x {accumulation} accumulation step(s); {state.max_steps:,} step(s), "
              f"{epochs}")
-    steps = ", ".join(f"{name} {json.dumps(settings, default=str)}" for step in facts["data_steps"]
+    steps = ", ".join(f"{name} {json.dumps(settings, default=str)}" + (f" ({rows[0]:,} -> {rows[1]:,} rows)" if rows
+                                                                        else "")
+                      for step, rows in zip(facts["data_steps"], facts.get("data_step_rows") or [None] * 99)
                       for name, settings in step.items()) or "none"
     device = args.device.type + (" (bf16)" if args.bf16 else " (fp16)" if args.fp16 else "")
     return [f"Training on {rows}", f"  {image}", f"  {text}", f"  {batch}",

@@ -314,7 +314,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     train = run_data_steps(train, script_args.steps(), context)
     model, processor = training_model(train)
     # what the run is about to do, printed when training begins (process 0 reads a sample of the data for it)
-    facts = (describe_run(script_args, model_args, train, evaluation, eval_split, model, processor)
+    facts = (describe_run(script_args, model_args, train, evaluation, eval_split, model, processor, context.report)
              if training_args.process_index == 0 else None)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
     collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,

@@ -354,3 +354,27 @@ def test_eval_on_a_split_the_data_does_not_have_is_one_line(tmp_path, capsys):
     report = usage_error(["eval", "--checkpoint", str(tmp_path / "model"), "--dataset", str(tmp_path / "data"),
                           "--eval_split", "test"], capsys)
     assert report == f"hf-siglip eval: error: {tmp_path / 'data'} has no split 'test'; its splits are ['train']"
+
+
+def test_a_column_the_data_does_not_have_is_one_line(tmp_path, capsys):
+    write_image_folder(tmp_path / "data", good_rows(2))
+    report = usage_error(["train", *flags({**FOLDER, "dataset": tmp_path / "data", "caption_column": "text",
+                                           "output_dir": tmp_path / "out"})], capsys)
+    assert re.fullmatch(r"hf-siglip train: error: column\(s\) \['text'\] not found; the dataset has columns .*",
+                        report), report
+
+
+def test_the_library_raises_every_problem_as_one_value_error():
+    """`validate_arguments` (what run_train and recipe_arguments call) raises a UsageError, a ValueError too."""
+    from hf_siglip.scripts.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
+    from hf_siglip.training_args import SiglipTrainingArguments
+
+    training = SiglipTrainingArguments(output_dir="unused", per_device_train_batch_size=0, learning_rate=-1.0,
+                                       use_cpu=True, report_to=[])
+    with pytest.raises(ValueError) as raised:
+        validate_arguments(SiglipScriptArguments(), SiglipModelArguments(patch_size=5), training)
+    assert isinstance(raised.value, UsageError)
+    assert raised.value.problems == ["per_device_train_batch_size must be a positive integer, got 0",
+                                     "learning_rate must be a positive number, got -1.0",
+                                     "image_size 32 is not a multiple of patch_size 5: the tower would see only 30 x 30 "
+                                     "pixels of each image; choose an image_size that patch_size divides"]

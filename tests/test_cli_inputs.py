@@ -374,7 +374,8 @@ def test_the_library_raises_every_problem_as_one_value_error():
     with pytest.raises(ValueError) as raised:
         validate_arguments(SiglipScriptArguments(), SiglipModelArguments(patch_size=5), training)
     assert isinstance(raised.value, UsageError)
-    assert raised.value.problems == ["per_device_train_batch_size must be a positive integer, got 0",
-                                     "learning_rate must be a positive number, got -1.0",
-                                     "image_size 32 is not a multiple of patch_size 5: the tower would see only 30 x 30 "
-                                     "pixels of each image; choose an image_size that patch_size divides"]
+    assert raised.value.problems == [
+        "per_device_train_batch_size must be a positive integer, got 0",
+        "learning_rate must be a positive number, got -1.0",
+        "image_size 32 is not a multiple of patch_size 5: the tower would see only 30 x 30 pixels of each image; "
+        "choose an image_size that patch_size divides"]

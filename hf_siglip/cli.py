@@ -167,6 +167,9 @@ def _recipe_values(parser, config_path: str, problems: list[str]) -> dict:
     for key, value in loaded.items():
         if key in _RENAMED_FIELDS or key in _MOVED_TO_DATA_STEPS:
             continue
+        if key in fields and isinstance(value, bool) and fields[key].choices and \
+                {"no", "yes"} & {str(choice) for choice in fields[key].choices}:
+            value = "yes" if value else "no"  # YAML reads an unquoted `save_strategy: no` as false
         if key not in fields:
             problems.append(f"--config {config_path}: unknown field {key}{_did_you_mean(str(key), fields)}")
         elif _value_problem(fields[key], value):

@@ -200,6 +200,18 @@ def test_recipe_file_mistakes(tmp_path, capsys, no_data_read):
     assert report.endswith(f"--config {a_list}: a recipe is a mapping of field: value, got list")
 
 
+def test_an_unquoted_yaml_no_is_the_strategy_no(tmp_path):
+    from hf_siglip.cli import parse_with_config
+    from hf_siglip.scripts.arguments import SiglipModelArguments, SiglipScriptArguments
+    from hf_siglip.training_args import SiglipTrainingArguments
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("save_strategy: no\neval_strategy: no\n")  # YAML 1.1 reads both as false
+    _, _, training = parse_with_config((SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments),
+                                       ["--config", str(recipe), "--use_cpu", "true", "--output_dir", "unused"])
+    assert (training.save_strategy.value, training.eval_strategy.value) == ("no", "no")
+
+
 def test_unknown_flags_suggest_the_close_match_and_abbreviations_are_refused(capsys):
     assert usage_error(["train", "--learning_rat", "0.1"], capsys) == (
         "hf-siglip train: error: unknown flag --learning_rat (did you mean --learning_rate?)")

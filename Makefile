@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e ".[test,data,augment]"
 	# test oracle only: open_clip's loss.py needs torch alone, its torchvision dependency breaks beside CPU torch
 	$(PIP) install --no-deps open_clip_torch
+	# transformers' shared model tests (tests/test_transformers_conformance.py): the installed version's source
+	# distribution, from the package registry, unpacked into ~/.cache/hf_siglip (the tests fetch it themselves too)
+	$(PY) tests/upstream_tests.py || echo "warning: transformers' tests unavailable; the conformance tests will skip"
 	touch $@
 
 install: $(VENV)/.installed

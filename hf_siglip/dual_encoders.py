@@ -52,6 +52,12 @@ class DualEncoderMixin:
         return frozenset(TOWERS) if self.name_or_path else frozenset()
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, as for the native class (see `modeling_siglip_bottleneck._initialised_as_transformers_code`):
+        transformers' custom-code shortcut would skip SigLIP's attention and MLP inits."""
+        return False
+
+    @classmethod
     def adapt(cls, model: PreTrainedModel) -> "DualEncoderMixin":
         """`model` (a `cls.native_class`) as this adapter, in place."""
         model.__class__ = cls
@@ -156,7 +162,11 @@ class CLIPDualEncoder(DualEncoderMixin, CLIPModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, CLIPDualEncoder):  # from_pretrained: b is never in the weights file
+        # from_pretrained: b is never in the weights file; CLIPDualEncoder(config): CLIPModel's post_init runs before
+        # __init__ creates b (with the config's value)
+        if isinstance(module, CLIPModel):  # transformers' CLIP init leaves t' to __init__: missing weights need it too
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        if isinstance(module, CLIPDualEncoder) and "logit_bias" in module._parameters:
             init.constant_(module.logit_bias, _config_logit_bias(module.config))
 
     @classmethod

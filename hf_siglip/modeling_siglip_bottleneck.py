@@ -82,11 +82,23 @@ class SiglipBottleneckTextEmbeddings(SiglipTextEmbeddings):
         self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
 
 
+def _initialised_as_transformers_code(cls) -> bool:
+    """`is_custom_code` of our model classes: False, so weights are initialised as for transformers' own classes.
+    transformers' shortcut for custom code (meant for code that writes weights in place) treats a module without
+    parameters of its own (SiglipAttention, SiglipMLP) as initialised, so a new model's text tower, and any weights
+    `from_pretrained` fills in, would keep the plain Linear init instead of SigLIP's there. Our `_init_weights` uses
+    `transformers.initialization`, which leaves loaded weights alone, and no module is shared between two places
+    (the flag's other use)."""
+    return False
+
+
 class SiglipBottleneckPreTrainedModel(SiglipPreTrainedModel):
     """Weight initialisation and loading conventions shared by the models of this file."""
 
     config: SiglipBottleneckConfig
     _no_split_modules = SiglipPreTrainedModel._no_split_modules + ["SiglipBottleneckTextEmbeddings"]
+
+    is_custom_code = classmethod(_initialised_as_transformers_code)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -125,6 +137,7 @@ class SiglipBottleneckTextModel(SiglipTextModel):
 
     config: SiglipBottleneckTextConfig
     config_class = SiglipBottleneckTextConfig
+    is_custom_code = classmethod(_initialised_as_transformers_code)
 
     def __init__(self, config: SiglipBottleneckTextConfig):
         # Skip SiglipTextModel.__init__ (it builds the full token table); the layout below is identical.
@@ -269,6 +282,7 @@ class SiglipBottleneckVisionModel(SiglipBottleneckPreTrainedModel):
 
     config: SiglipVisionConfig
     config_class = SiglipVisionConfig
+    base_model_prefix = "vision_model"  # as transformers.SiglipVisionModel: the attribute holding the backbone
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^logit_(scale|bias)$"]

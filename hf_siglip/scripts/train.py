@@ -120,6 +120,7 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
     if model_args.model_name_or_path:  # SigLIP (ours or native), SigLIP 2, CLIP: by config.json's model type
         model = load_dual_encoder(model_args.model_name_or_path, logit_bias_init_value=model_args.logit_bias_init_value)
         processor = AutoProcessor.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+        fit_token_table(model, processor.tokenizer)
         return model, processor
 
     saved_processor = resume_from and os.path.exists(os.path.join(resume_from, "processor_config.json"))
@@ -154,7 +155,26 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
         vision_config=None if model_args.vision_model_name_or_path else vision_config,
         logit_bias_init_value=model_args.logit_bias_init_value,
     )
+    if model_args.text_model_name_or_path:
+        fit_token_table(model, tokenizer)
     return model, processor
+
+
+def fit_token_table(model, tokenizer) -> None:
+    """A tokenizer with more tokens than the model's vocabulary (tokens added for fine-tuning) gets them:
+    `resize_token_embeddings` grows the token table (with bottleneck embeddings, the N x K table; the projection
+    stays), new rows initialised as transformers does. A smaller tokenizer leaves the table as it is."""
+    text_config = model.config.get_text_config()
+    old, new = text_config.vocab_size, len(tokenizer)
+    if new <= old:
+        return
+    try:
+        model.resize_token_embeddings(new)
+    except NotImplementedError:  # transformers.CLIPModel keeps its token table in its text tower only
+        model.text_model.resize_token_embeddings(new)
+        text_config.vocab_size = new
+    logger.warning("The tokenizer holds %d tokens, the model's vocabulary %d: the token table now has %d rows.",
+                   new, old, new)
 
 
 def _iter_captions(dataset, column, counts: dict):

@@ -1,6 +1,7 @@
 """Fine-tuning with added tokens, as a user does it: a tokenizer with 10 added tokens, `hf-siglip train
 --model_name_or_path <bottleneck checkpoint> --tokenizer_name_or_path <that tokenizer>`; the command resizes the
-N x K bottleneck table (`resize_token_embeddings`), trains, and saves a model that reloads."""
+N x K bottleneck table (`resize_token_embeddings`), trains (two steps: the first runs at warmup's zero learning
+rate), and saves a model that reloads with the tokenizer."""
 
 import torch
 from cli_helpers import TINY, run_train

@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             reason = re.sub(r"^\[[^]]*\]\s*", "", str(error).splitlines()[0])  # gloo's source location first
             message = (f"another process did not answer within --ddp_timeout (it froze, stopped, died or ran out of "
                        f"memory); this process stops too. {reason}")
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {message}\n")  # one write: processes sharing stderr do not interleave
+        sys.stderr.flush()
         _end_process_group()
         return 2 if usage else 1
 

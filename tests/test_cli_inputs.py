@@ -358,6 +358,17 @@ def test_hub_and_other_path_mistakes_are_one_line(tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_neither_here_nor_reachable_on_the_hub_is_one_line(tmp_path, capsys):
+    # offline (conftest): a Hub id that is not in the cache cannot be read
+    for argv, field in ((["train", "--model_name_or_path", "someone/no-such-model", "--output_dir",
+                          str(tmp_path / "out")], "model_name_or_path"),
+                        (["eval", "--checkpoint", "someone/no-such-model", "--dataset", "demo"], "checkpoint")):
+        report = usage_error(argv, capsys)
+        assert report.startswith(f"hf-siglip {argv[0]}: error: {field}='someone/no-such-model' is not a model "
+                                 "checkpoint folder or Hub id: ") and "\n" not in report, report
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_on_a_split_the_data_does_not_have_is_one_line(tmp_path, capsys):
     model, processor, _, _ = tiny_training_setup()
     model.save_pretrained(tmp_path / "model")

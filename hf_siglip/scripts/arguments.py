@@ -156,7 +156,8 @@ def _checkpoint_config(path: str, what: str):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{what}={path!r} is not a model checkpoint folder or Hub id: {error}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{what}={path!r} is not a model checkpoint folder or Hub id: {reason}") from None
 
 
 def checkpoint_text_length(checkpoint: str) -> int | None:

@@ -86,7 +86,8 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     (captions) and `zero_shot_classes` count what was evaluated."""
     from transformers import AutoModel, AutoProcessor
 
-    args.evaluated_from = resolve_eval_arguments(args)
+    with own_messages_as_usage_errors():  # a checkpoint neither here nor on the Hub: one line
+        args.evaluated_from = resolve_eval_arguments(args)
     try:
         model = AutoModel.from_pretrained(args.checkpoint).eval()
     except OSError as error:  # neither a model folder nor a model on the Hub

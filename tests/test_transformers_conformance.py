@@ -35,8 +35,8 @@ ids_tensor = UPSTREAM.modeling.ids_tensor
 floats_tensor = UPSTREAM.modeling.floats_tensor
 random_attention_mask = UPSTREAM.modeling.random_attention_mask
 
-BATCH, SEQ, VOCAB, WIDTH, LAYERS, HEADS = 4, 7, 99, 32, 2, 4
-IMAGE, PATCH = 16, 4
+BATCH, SEQ, VOCAB, WIDTH, LAYERS, HEADS = 3, 7, 99, 32, 1, 4
+IMAGE, PATCH = 16, 8
 BOTTLENECK = 8
 
 
@@ -270,6 +270,14 @@ class _DualTests(_Common):
                           "not one `attentions`; attentions are tested in the tower tests (as upstream for SiglipModel)")
     def test_attention_outputs(self):
         pass
+
+
+EAGER_VS_SDPA_IN_TOWERS = (
+    "attention runs only inside the towers, whose classes here compare eager with sdpa in every setting; the dual "
+    "encoder's choice of implementation per tower is tested by test_sdpa_can_dispatch_composite_models and "
+    "test_attn_implementation_composite_models")
+for _name in [name for name in dir(ModelTesterMixin) if name.startswith("test_eager_matches_sdpa_inference")]:
+    setattr(_DualTests, _name, unittest.skip(reason=EAGER_VS_SDPA_IN_TOWERS)(lambda self: None))
 
 
 class DualEncoderTest(_DualTests, unittest.TestCase):

@@ -77,7 +77,8 @@ class SiglipBottleneckTextEmbeddings(SiglipTextEmbeddings):
         if config.bottleneck_dim is None:
             self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         else:
-            self.token_embedding = BottleneckTokenEmbedding(config.vocab_size, config.bottleneck_dim, config.hidden_size)
+            self.token_embedding = BottleneckTokenEmbedding(config.vocab_size, config.bottleneck_dim,
+                                                            config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
 
@@ -290,7 +291,8 @@ class SiglipBottleneckVisionModel(SiglipBottleneckPreTrainedModel):
     def __init__(self, config: PreTrainedConfig):
         config = _vision_tower_config(config)
         super().__init__(config)
-        self.vision_model, self.visual_projection = _build_vision_tower(config, getattr(config, "projection_size", None))
+        self.vision_model, self.visual_projection = _build_vision_tower(config,
+                                                                        getattr(config, "projection_size", None))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -443,7 +445,8 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
 
         logit_scale = self.logit_scale.to(text_embeds.device).exp()
         logit_bias = self.logit_bias.to(text_embeds.device)
-        logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.device, text_embeds.dtype) * logit_scale + logit_bias
+        logits_per_text = (text_embeds @ image_embeds.t().to(text_embeds.device, text_embeds.dtype) * logit_scale
+                           + logit_bias)
 
         loss = None
         if return_loss:
@@ -509,7 +512,8 @@ class SiglipBottleneckModel(SiglipBottleneckPreTrainedModel):
             model.vision_model = vision_tower
         if text_tower is not None:
             model.text_model = text_tower
-        model.pretrained_towers = frozenset(name for name, tower in (("vision", vision_tower), ("text", text_tower)) if tower is not None)
+        model.pretrained_towers = frozenset(name for name, tower in (("vision", vision_tower), ("text", text_tower))
+                                            if tower is not None)
         if "dtype" in load_kwargs:
             model.to(next(model.text_model.parameters()).dtype)
         return model

@@ -70,7 +70,8 @@ def fetch(version: str = transformers.__version__) -> Path:
                 member.name = "tests/" + member.name[len(prefix):]
             archive.extractall(partial, members=members, filter="data")
     if not (partial / "tests" / "test_modeling_common.py").exists():
-        raise UpstreamTestsUnavailable(f"transformers {version}'s source distribution holds no tests/test_modeling_common.py")
+        raise UpstreamTestsUnavailable(
+            f"transformers {version}'s source distribution holds no tests/test_modeling_common.py")
     _ensure(target)
     os.replace(partial / "tests", target / "tests")  # atomic: a cache folder is complete or absent
     partial.rmdir()

@@ -50,6 +50,7 @@ def fetch(version: str = transformers.__version__) -> Path:
         return target / "tests"
     with tempfile.TemporaryDirectory() as download:
         command = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                   "--retries", "1", "--timeout", "20",  # no registry: skip within a minute, not after pip's retries
                    "--no-binary", ":all:", f"transformers=={version}", "-d", download]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -147,7 +147,7 @@ CONFIGURATION_MISTAKES = [
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive integer, got 0$"),
     ({"per_device_train_batch_size": 16.5}, "per_device_train_batch_size must be an integer, got 16.5$"),
     ({"per_device_eval_batch_size": -2}, "per_device_eval_batch_size must be a positive integer, got -2$"),
-    ({"learning_rate": -0.001}, "learning_rate must be a positive number, got -0.001$"),
+    ({"learning_rate": -0.001}, "learning_rate must be a number >= 0, got -0.001$"),
     ({"learning_rate": "fast"}, "learning_rate must be a number, got fast$"),
     ({"num_train_epochs": 0, "max_steps": -1}, "nothing to train: num_train_epochs is 0.0 and max_steps is unset"),
     ({"lr_scheduler_type": "cosin"}, r"lr_scheduler_type must be one of .* got cosin \(did you mean cosine\?\)$"),
@@ -399,6 +399,6 @@ def test_the_library_raises_every_problem_as_one_value_error():
     assert isinstance(raised.value, UsageError)
     assert raised.value.problems == [
         "per_device_train_batch_size must be a positive integer, got 0",
-        "learning_rate must be a positive number, got -1.0",
+        "learning_rate must be a number >= 0, got -1.0",
         "image_size 32 is not a multiple of patch_size 5: the tower would see only 30 x 30 pixels of each image; "
         "choose an image_size that patch_size divides"]

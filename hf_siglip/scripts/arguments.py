@@ -240,8 +240,9 @@ def _training_problems(training_args) -> list[str]:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         problems += _positive(name, getattr(training_args, name))
     rate = training_args.learning_rate
-    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-        problems.append(f"learning_rate must be a positive number, got {rate!r}")
+    # 0 is allowed: a run that only evaluates (and re-cards) a checkpoint through the training pipeline
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0):
+        problems.append(f"learning_rate must be a number >= 0, got {rate!r}")
     epochs, steps = training_args.num_train_epochs, training_args.max_steps
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0):
         problems.append(f"num_train_epochs must be a number >= 0, got {epochs!r}")

@@ -74,7 +74,7 @@ class SiglipScriptArguments:
         "help": "The data steps, in order: a list of {step: settings} (JSON on the command line), e.g. "
                 "'[{\"cat_filter\": {\"min_complexity\": 2}}, {\"caption_sampling\": {\"k\": 5}}]'. Steps: "
                 "pseudo_captions, cat_filter, capfilt, positive_groups, label_noise, concept_targets, "
-                "image_embedding_cache, caption_sampling, image_augmentation (README: Data steps)."})
+                "image_embedding_cache, caption_sampling, image_augmentation (docs/REFERENCE.md: Data steps)."})
     image_fast_path: str | None = field(default="torch", metadata={
         "help": "How the collator makes pixel_values when the processor only resizes and normalises: 'torch' "
                 "(antialiased uint8 resize, within 2/255 of the processor, several times faster), 'pil' (Pillow's "

@@ -38,7 +38,8 @@ def start_cpu_process_group(timeout_seconds: float, backend: str | None = None) 
     finds the group and keeps it. True when this call started it."""
     import torch.distributed as dist
 
-    if not (_launcher_world_size() > 1 and "MASTER_ADDR" in os.environ and dist.is_available()) or dist.is_initialized():
+    launched = _launcher_world_size() > 1 and "MASTER_ADDR" in os.environ
+    if not (launched and dist.is_available()) or dist.is_initialized():
         return False
     from datetime import timedelta
 

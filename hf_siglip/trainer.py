@@ -717,8 +717,9 @@ def _as_siglip_arguments(args) -> SiglipTrainingArguments:
 
 
 def _is_map_style(dataset) -> bool:
-    return (dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset) and not _is_stream(dataset)
-            and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or _is_stream(dataset):
+        return False
+    return hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
 
 
 def _is_stream(dataset) -> bool:

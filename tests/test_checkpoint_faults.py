@@ -23,7 +23,8 @@ EVERY_STEP = {**RESUMABLE, "save_steps": 1}
 def _kill_during_a_save(output_dir: Path, rng: random.Random, after: int, resume: bool) -> None:
     """Start the run and SIGKILL it while checkpoint-N (N > after) is being written: as soon as its folder
     appears, after a random delay of 0-30 ms."""
-    values = {**EVERY_STEP, "save_total_limit": 3, "output_dir": output_dir, **({"resume_from_checkpoint": "true"} if resume else {})}
+    values = {**EVERY_STEP, "save_total_limit": 3, "output_dir": output_dir,
+              **({"resume_from_checkpoint": "true"} if resume else {})}
     process = subprocess.Popen(train_command(values), env=cli_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     target = output_dir / f"checkpoint-{after + rng.randint(1, 3)}"
@@ -85,7 +86,8 @@ def test_momentum_teacher_resumes_from_a_checkpoint_in_another_folder(tmp_path):
         (tmp_path / "straight" / "checkpoint-2" / MANIFEST_NAME).read_text())["files"]
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path / "straight" / "checkpoint-2", moved / "checkpoint-2")
-    resumed = run_train({**teacher, "output_dir": tmp_path / "elsewhere", "resume_from_checkpoint": moved / "checkpoint-2"})
+    resumed = run_train({**teacher, "output_dir": tmp_path / "elsewhere",
+                         "resume_from_checkpoint": moved / "checkpoint-2"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert logged_losses(tmp_path / "elsewhere")[-2:] == logged_losses(tmp_path / "straight")[-2:]
     assert_same_weights(tmp_path / "elsewhere", tmp_path / "straight")

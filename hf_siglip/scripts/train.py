@@ -267,8 +267,9 @@ def resolve_resume(training_args: SiglipTrainingArguments, overwrite_output_dir:
     """The checkpoint to resume from (`--resume_from_checkpoint PATH|true`), or None for a fresh start.
 
     `true` takes the newest complete checkpoint (`hf_siglip.checkpoint_files`: one a kill cut short while it was
-    written is skipped and named). A fresh start into an output_dir that holds checkpoints is refused unless `overwrite_output_dir`, which then
-    deletes them (a stale checkpoint-N left beside the new run's would be what `true` resumes next time).
+    written is skipped and named). A fresh start into an output_dir that holds checkpoints is refused unless
+    `overwrite_output_dir`, which then deletes them (a stale checkpoint-N left beside the new run's would be what
+    `true` resumes next time).
     """
     from transformers.trainer_utils import get_last_checkpoint
 

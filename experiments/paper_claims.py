@@ -13,7 +13,7 @@
 6. The FFF recipes through `hf-siglip train` (the demo's own 4 captions instead of a captioner's): mining off vs
    FFF as published (recipes/fff_multi_positive.yaml) vs the project's safe variant (fff_multi_positive_safe.yaml).
 
-Every run is `hf_siglip.scripts.train.run_train` with the same small model and data; only the named
+Every run is `hf_siglip.cli.train.run_train` with the same small model and data; only the named
 setting changes. Every run is repeated for each of --seeds (the seed sets the initialisation and the data order;
 folder names end in _seedS). Results go to OUTPUT_DIR/results.json (per setting, each seed's metrics) and to stdout:
 per setting the mean +- sample standard deviation over seeds and the per-seed values; per compared pair of settings
@@ -33,13 +33,13 @@ import time
 import yaml
 
 from hf_siglip.data.demo import DIGITS_CLASSES, DIGITS_TEMPLATES, make_digits_dataset
-from hf_siglip.scripts.train import (
+from hf_siglip.cli.train import (
     DEMO_TRAINING_DEFAULTS,
     SiglipModelArguments,
     SiglipScriptArguments,
     run_train,
 )
-from hf_siglip.training_args import SiglipTrainingArguments
+from hf_siglip.training.training_args import SiglipTrainingArguments
 
 
 def save_digits_dataset(path: str) -> str:
@@ -247,7 +247,7 @@ def run_fff_recipe_mining(results, output_dir, seed) -> list:
     is downloaded here; no augmentation), on 2,000 images for 16 epochs (~250 steps): mining off (the published
     recipe with only `normalize: row` left in its loss_config), the published recipe (fff_multi_positive.yaml) and,
     when it exists, the safe variant (fff_multi_positive_safe.yaml). Returns the pairs it compares."""
-    from hf_siglip.cli import main as cli_main
+    from hf_siglip.cli.main import main as cli_main
 
     recipes = os.path.join(os.path.dirname(__file__), "..", "recipes")
     published = os.path.join(recipes, "fff_multi_positive.yaml")
@@ -279,7 +279,7 @@ def run_fff_recipe_mining(results, output_dir, seed) -> list:
 def run_weight_decay_on_pretrained(results, output_dir, seed, demo):
     """Pretrain = the k=4 demo run of the same seed; fine-tune on digits at the full learning rate (multiplier 1)
     so that the decay, `lr * wd` per step in AdamW, has room to act within a short run."""
-    from hf_siglip.scripts.evaluate import SiglipEvalArguments, run_eval
+    from hf_siglip.cli.evaluate import SiglipEvalArguments, run_eval
 
     pretrained = os.path.join(output_dir, f"k4_positives_seed{seed}")
     digits = save_digits_dataset(os.path.join(output_dir, "digits"))

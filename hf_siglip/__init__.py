@@ -23,10 +23,11 @@ _LAZY = {
     "SiglipDataCollator": ".data", "make_demo_dataset": ".data", "build_model_card": ".hub", "push_to_hub": ".hub",
     "SigmoidLoss": ".loss", "dense_sigmoid_loss": ".loss", "sigmoid_loss": ".loss", "SiglipLossConfig": ".loss_config",
     "positive_pairs": ".positives",
-    "build_processor": ".processing", "train_caption_tokenizer": ".processing", "SiglipTrainer": ".trainer",
-    "SiglipTrainingArguments": ".training_args", "as_dual_encoder": ".dual_encoders", "load_dual_encoder": ".dual_encoders",
-    "load_recipe": ".recipes", "recipe_arguments": ".recipes", "build_model_and_processor": ".scripts.train",
-    "load_splits": ".scripts.train",
+    "build_processor": ".processing", "train_caption_tokenizer": ".processing", "SiglipTrainer": ".training.trainer",
+    "SiglipTrainingArguments": ".training.training_args", "as_dual_encoder": ".dual_encoders",
+    "load_dual_encoder": ".dual_encoders",
+    "load_recipe": ".recipes", "recipe_arguments": ".recipes", "build_model_and_processor": ".cli.train",
+    "load_splits": ".cli.train",
 }
 
 

@@ -26,11 +26,12 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_siglip_bottleneck import LOADABLE_MODEL_TYPES
-from .finite import check_finite_weights
+from .training.finite import check_finite_weights
 from .loss import sigmoid_loss
 from .modeling_siglip_bottleneck import SiglipBottleneckModel, SiglipBottleneckOutput
-from .training_args import TOWERS
 
+# The two towers of a dual encoder, as settings name them (pretrained_towers, learning-rate multipliers).
+TOWERS = ("text", "vision")
 # The modules of each tower, by attribute name. The default fits SigLIP (its heads live inside the towers) and
 # SiglipBottleneckModel (whose `visual_projection`, when it has one, is a new head for a foreign backbone).
 DEFAULT_TOWER_MODULES = {"text": ("text_model",), "vision": ("vision_model",)}
@@ -209,7 +210,7 @@ def as_dual_encoder(model: nn.Module, logit_bias_init_value: float = LOGIT_BIAS_
 def load_dual_encoder(name_or_path: str, logit_bias_init_value: float = LOGIT_BIAS_INIT, **kwargs) -> nn.Module:
     """The checkpoint at `name_or_path` as a trainable dual encoder, chosen by its config.json model type: `siglip` and
     `siglip_bottleneck` as [`SiglipBottleneckModel`], `siglip2` and `clip` as their adapters. `kwargs` go to
-    `from_pretrained`. Weights holding NaN or infinity are refused (`hf_siglip.finite.NonFiniteError`, naming the
+    `from_pretrained`. Weights holding NaN or infinity are refused (`hf_siglip.training.finite.NonFiniteError`, naming the
     safetensors file and tensor)."""
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type in LOADABLE_MODEL_TYPES:

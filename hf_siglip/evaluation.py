@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.embedding import embed_images, embed_texts
-from .finite import NonFiniteError, finite_or_none
+from .training.finite import NonFiniteError, finite_or_none
 from .positives import positive_pairs
 
 

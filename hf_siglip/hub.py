@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
-from .finite import check_finite_weights
+from .training.finite import check_finite_weights
 
 TEMPLATE_NAME = "model_card_template.md"
 
@@ -316,7 +316,7 @@ def push_to_hub(
     `from_folder` (a folder `hf-siglip train` wrote), its saved card is uploaded instead, its usage snippet loading
     `repo_id` and `base_model` / `datasets` / `license` from `card_kwargs` added to its metadata. Raises
     `HubAccessError` (one line) before anything is written when the Hub cannot be reached or no token is set, and
-    `hf_siglip.finite.NonFiniteError` when the model's weights hold NaN or infinity.
+    `hf_siglip.training.finite.NonFiniteError` when the model's weights hold NaN or infinity.
     """
     check_hub_access(token)
     check_finite_weights(model, consequence="not pushed")

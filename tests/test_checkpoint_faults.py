@@ -15,7 +15,7 @@ from pathlib import Path
 from cli_helpers import cli_env, logged_losses, run_train, train_command
 from test_cli_runs import RESUMABLE, assert_same_weights
 
-from hf_siglip.checkpoint_files import MANIFEST_NAME, checkpoint_problem, last_complete_checkpoint
+from hf_siglip.training.checkpoint_files import MANIFEST_NAME, checkpoint_problem, last_complete_checkpoint
 
 EVERY_STEP = {**RESUMABLE, "save_steps": 1}
 

@@ -14,7 +14,7 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModel, AutoProcessor, SiglipConfig, SiglipModel
 
 from hf_siglip import SiglipBottleneckConfig, SiglipBottleneckModel
-from hf_siglip.cli import main as cli_main
+from hf_siglip.cli.main import main as cli_main
 from hf_siglip.convert import convert_to_bottleneck
 from hf_siglip.hub import push_to_hub
 from hf_siglip.processing import build_processor, train_caption_tokenizer

@@ -15,7 +15,7 @@ from conftest import tiny_training_setup
 from data_fixtures import write_image_folder
 
 import hf_siglip as hs
-from hf_siglip.cli import main as cli_main
+from hf_siglip.cli.main import main as cli_main
 from hf_siglip.errors import UsageError
 
 # Seconds a usage error may take as a subprocess: the imports (~5 s alone, ~15 s on a loaded 2-core machine), no data,
@@ -118,7 +118,7 @@ def usage_error(argv, capsys) -> str:
 @pytest.fixture
 def no_data_read(monkeypatch):
     """Reading the data (the demo's included) fails the test: a configuration problem must stop the run first."""
-    import hf_siglip.scripts.train as train_script
+    import hf_siglip.cli.train as train_script
 
     def refuse(*args, **kwargs):
         raise AssertionError("data was read before the configuration was checked")
@@ -201,9 +201,9 @@ def test_recipe_file_mistakes(tmp_path, capsys, no_data_read):
 
 
 def test_an_unquoted_yaml_no_is_the_strategy_no(tmp_path):
-    from hf_siglip.cli import parse_with_config
-    from hf_siglip.scripts.arguments import SiglipModelArguments, SiglipScriptArguments
-    from hf_siglip.training_args import SiglipTrainingArguments
+    from hf_siglip.cli.main import parse_with_config
+    from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments
+    from hf_siglip.training.training_args import SiglipTrainingArguments
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("save_strategy: no\neval_strategy: no\n")  # YAML 1.1 reads both as false
@@ -389,8 +389,8 @@ def test_a_column_the_data_does_not_have_is_one_line(tmp_path, capsys):
 
 def test_the_library_raises_every_problem_as_one_value_error():
     """`validate_arguments` (what run_train and recipe_arguments call) raises a UsageError, a ValueError too."""
-    from hf_siglip.scripts.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
-    from hf_siglip.training_args import SiglipTrainingArguments
+    from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
+    from hf_siglip.training.training_args import SiglipTrainingArguments
 
     training = SiglipTrainingArguments(output_dir="unused", per_device_train_batch_size=0, learning_rate=-1.0,
                                        use_cpu=True, report_to=[])

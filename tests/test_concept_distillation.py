@@ -15,9 +15,9 @@ from data_fixtures import save_tiny_vit_teacher
 from transformers import AutoModel
 
 import hf_siglip as hs
-from hf_siglip.concept_distillation import WEIGHTS_NAME, distillation_losses
+from hf_siglip.training.concept_distillation import WEIGHTS_NAME, distillation_losses
 from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps
-from hf_siglip.scripts.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
+from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
 
 SCRIPT = REPO / "tests" / "scripts" / "train_concept_tiny.py"
 N_CLASSES = 10

@@ -19,12 +19,12 @@ from transformers import (AutoModel, CLIPConfig, CLIPImageProcessorPil, CLIPMode
                           Siglip2ImageProcessorPil, Siglip2Model, Siglip2Processor, SiglipConfig, SiglipModel)
 
 import hf_siglip as hs
-from hf_siglip.cli import main as cli_main
+from hf_siglip.cli.main import main as cli_main
 from hf_siglip.data.embedding import add_image_embeddings
 from hf_siglip.dual_encoders import (CLIPDualEncoder, Siglip2DualEncoder, SiglipDualEncoder, as_dual_encoder,
                                      load_dual_encoder, tower_modules)
 from hf_siglip.hub import usage_code
-from hf_siglip.trainer import MODEL_INPUTS
+from hf_siglip.training.trainer import MODEL_INPUTS
 
 KINDS = ("siglip", "siglip2", "clip")
 NATIVE_CLASSES = {"siglip": SiglipModel, "siglip2": Siglip2Model, "clip": CLIPModel}

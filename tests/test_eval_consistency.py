@@ -103,7 +103,7 @@ def _evaluate(checkpoint: Path, output: Path, *extra) -> tuple[str, dict]:
 
 
 def _evaluate_here(capsys, checkpoint: Path, output: Path, *extra) -> tuple[str, dict]:
-    from hf_siglip.cli import main as cli_main
+    from hf_siglip.cli.main import main as cli_main
 
     capsys.readouterr()
     assert cli_main(["eval", "--checkpoint", str(checkpoint), "--output_file", str(output), *extra]) == 0
@@ -201,7 +201,7 @@ def test_hf_siglip_eval_of_a_trained_folder_repeats_the_trainings_evaluation(pho
 def test_a_checkpoint_without_the_record_asks_for_a_dataset(photos, tmp_path, capsys):
     from data_fixtures import make_tiny_siglip
 
-    from hf_siglip.cli import main as cli_main
+    from hf_siglip.cli.main import main as cli_main
 
     processor = make_processor(image_size=32, words=CAPTION_WORDS)
     processor.tokenizer.model_max_length = 12
@@ -223,7 +223,7 @@ def test_a_checkpoint_without_the_record_asks_for_a_dataset(photos, tmp_path, ca
 def test_a_demo_checkpoint_evaluates_on_the_demo_it_was_trained_on(tmp_path, capsys):
     from cli_helpers import TINY
 
-    from hf_siglip.cli import main as cli_main
+    from hf_siglip.cli.main import main as cli_main
 
     assert cli_main(["train", *flags({**TINY, "demo_test_size": 24, "output_dir": tmp_path / "demo"})]) == 0
     capsys.readouterr()

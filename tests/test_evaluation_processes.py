@@ -14,7 +14,7 @@ import torch
 from cli_helpers import REPO, TINY, cli_env, launcher_binary
 from data_fixtures import write_captioned_splits
 
-from hf_siglip.trainer import _count_rows_once
+from hf_siglip.training.trainer import _count_rows_once
 
 TRAINING = {key: value for key, value in TINY.items() if not key.startswith("demo_")}
 USERS_DATA = {**TRAINING, "per_device_train_batch_size": 4, "max_steps": 3, "per_device_eval_batch_size": 16,

@@ -11,7 +11,7 @@ from data_fixtures import write_photo_folder
 from huggingface_hub import HfApi, ModelCard
 
 from hf_siglip import SiglipBottleneckConfig, SiglipBottleneckModel
-from hf_siglip.cli import main as cli_main
+from hf_siglip.cli.main import main as cli_main
 from hf_siglip.hub import REPO_ID_PLACEHOLDER, build_model_card, is_hub_id, usage_code
 
 

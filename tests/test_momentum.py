@@ -7,7 +7,7 @@ from conftest import tiny_training_setup
 from transformers import TrainerCallback
 
 import hf_siglip as hs
-from hf_siglip.momentum import WEIGHTS_NAME
+from hf_siglip.training.momentum import WEIGHTS_NAME
 
 
 def training_args(tmp_path, **overrides):
@@ -117,7 +117,7 @@ def test_mining_with_the_teacher_uses_the_teachers_similarities(tmp_path):
     trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"],
                                callbacks=[recorder])
     box.append(trainer)
-    from hf_siglip.momentum import MomentumTeacher
+    from hf_siglip.training.momentum import MomentumTeacher
 
     teacher = MomentumTeacher(model, 0.999999)
     with torch.no_grad():  # a teacher that maps every image and every text to (almost) one direction

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 import hf_siglip as hs
 from hf_siglip import cli
 from hf_siglip.evaluation import to_json
-from hf_siglip.finite import NonFiniteError, nonfinite_in_checkpoint
+from hf_siglip.training.finite import NonFiniteError, nonfinite_in_checkpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "nonfinite_tiny.py"
 # constant 1e20 from the first step: step 1's update throws every weight to ~1e20, the next forward overflows

@@ -11,10 +11,10 @@ from cli_helpers import REPO, TINY, flags
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModel, AutoProcessor
 
-from hf_siglip.cli import parse_with_config
+from hf_siglip.cli.main import parse_with_config
 from hf_siglip.hub import HubAccessError, usage_code
-from hf_siglip.scripts.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
-from hf_siglip.training_args import SiglipTrainingArguments
+from hf_siglip.cli.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
+from hf_siglip.training.training_args import SiglipTrainingArguments
 
 MARKER = "<!-- tests/test_readme_python.py runs this snippet"
 CALL = 'hs.recipe_arguments("siglip_from_scratch", output_dir="my-siglip")'
@@ -65,7 +65,7 @@ def test_the_readme_snippet_trains_with_the_recipe_saves_then_pushes(tmp_path, m
         uploaded[repo_id] = {path.name for path in (tmp_path / folder_path).iterdir()}
         uploaded["README.md"] = (tmp_path / folder_path / "README.md").read_text()
 
-    with mock.patch("hf_siglip.trainer.check_hub_access"), \
+    with mock.patch("hf_siglip.training.trainer.check_hub_access"), \
             mock.patch.object(HfApi, "create_repo", return_value=mock.Mock(repo_id="someone/my-siglip")), \
             mock.patch.object(HfApi, "upload_folder", upload_folder):
         trainer.push_to_hub()

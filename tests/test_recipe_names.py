@@ -10,12 +10,12 @@ import yaml
 from cli_helpers import RECIPES, REPO, cli_env
 
 from hf_siglip import recipes
-from hf_siglip.cli import main as cli_main
-from hf_siglip.cli import parse_with_config
+from hf_siglip.cli.main import main as cli_main
+from hf_siglip.cli.main import parse_with_config
 from hf_siglip.errors import UsageError
-from hf_siglip.scripts.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+from hf_siglip.cli.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
                                         validate_arguments)
-from hf_siglip.training_args import SiglipTrainingArguments
+from hf_siglip.training.training_args import SiglipTrainingArguments
 
 TYPES = (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments)
 

@@ -19,7 +19,7 @@ from data_fixtures import save_tiny_blip_captioner, save_tiny_vit_teacher
 from huggingface_hub import ModelCard
 from transformers import SiglipModel
 
-from hf_siglip.cli import main as cli_main
+from hf_siglip.cli.main import main as cli_main
 from hf_siglip.hub import usage_code
 
 

@@ -1,4 +1,4 @@
-"""The start-up summary of `hf-siglip train` (hf_siglip.scripts.startup): what the run is about to do, printed once
+"""The start-up summary of `hf-siglip train` (hf_siglip.cli.startup): what the run is about to do, printed once
 before the first step, with a warning when the text length cuts many captions or a new vision tower's image size is
 far above the data's; eval_results.json records every data step's settings; no warning about transformers' own
 default config when a saved model loads."""
@@ -14,9 +14,9 @@ from cli_helpers import TINY, cli_env, flags, warning_lines
 from data_fixtures import make_tokenizer, write_image_folder
 from safetensors.torch import load_file
 
-from hf_siglip.cli import main as cli_main
+from hf_siglip.cli.main import main as cli_main
 from hf_siglip.data.steps import parse_data_steps
-from hf_siglip.scripts.startup import truncation
+from hf_siglip.cli.startup import truncation
 
 FOLDER = {key: value for key, value in TINY.items() if key not in ("demo_train_size", "demo_test_size",
                                                                      "demo_image_size", "image_size", "max_length")}

@@ -35,6 +35,9 @@ from typing import Optional
 
 import datasets
 
+from .shards import is_shard_source, load_webdataset_shards
+from .splits import select_split, split_name
+
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -44,8 +47,6 @@ def _is_saved_to_disk(path: Path) -> bool:
 
 _METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # datasets' own split names for common folder names (its data-files patterns map these the same way)
-_SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test", "eval"),
-                  "train": ("train", "training")}
 
 
 def _metadata_files(path: Path) -> list[Path]:
@@ -83,7 +84,6 @@ def load_image_text_dataset(source: str, split: Optional[str] = "train", image_c
             process (:func:`~hf_siglip.data.shards.load_webdataset_shards`).
         **load_kwargs: passed to ``datasets.load_dataset``.
     """
-    from .shards import is_shard_source, load_webdataset_shards
 
     path = Path(os.path.expanduser(str(source)))
     if is_shard_source(source):
@@ -147,10 +147,6 @@ def _has_mixed_caption_types(metadata: Path, caption_column: str) -> bool:
     return len(kinds) > 1
 
 
-def _split_name(folder: str) -> str:
-    return next((split for split, aliases in _SPLIT_ALIASES.items() if folder.lower() in aliases), folder)
-
-
 def _load_mixed_metadata(path: Path, metadata_files: list[Path], image_column: str, caption_column: str, split, streaming):
     """imagefolder fallback for a caption column mixing strings and lists: every cell becomes a list
     (a string -> one-element list; None stays None and is counted where captions are used). A top-level
@@ -165,7 +161,7 @@ def _load_mixed_metadata(path: Path, metadata_files: list[Path], image_column: s
             if isinstance(row.get(caption_column), str):
                 row[caption_column] = [row[caption_column]]
             rows.append(row)
-        name = "train" if metadata.parent == path else _split_name(metadata.parent.name)
+        name = "train" if metadata.parent == path else split_name(metadata.parent.name)
         parts[name] = datasets.Dataset.from_list(rows).cast_column(image_column, datasets.Image())
     dataset = datasets.DatasetDict(parts)
     if split is not None:
@@ -174,20 +170,6 @@ def _load_mixed_metadata(path: Path, metadata_files: list[Path], image_column: s
         dataset = (datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dataset.items()})
                    if isinstance(dataset, datasets.DatasetDict) else dataset.to_iterable_dataset())
     return dataset
-
-
-def select_split(splits, name: str, source: str = "the dataset"):
-    """``splits[name]``, accepting datasets' aliases ('dev' / 'val' find 'validation' and back); a plain
-    Dataset is the 'train' split. Raises ``KeyError`` listing the splits there are."""
-    if not isinstance(splits, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        splits = {"train": splits}
-    if name in splits:
-        return splits[name]
-    canonical = _split_name(name)
-    for key in splits:
-        if _split_name(key) == canonical:
-            return splits[key]
-    raise KeyError(f"{source} has no split {name!r}; its splits are {sorted(splits)}")
 
 
 def check_columns(dataset, columns) -> None:

@@ -25,7 +25,7 @@ Bad shards, found where they are read (policy ``bad_shards``): a tar that does n
 is skipped alone; a shard with fewer rows than its stats file records is short. With ``"skip"`` each is named in a
 warning and noted in this process's fault log (DataLoader workers included): :func:`shard_faults` reads it back
 and :func:`shard_fault_report` counts each fault once for the data report. With ``"fail"`` a :class:`ShardError`
-names the shard (``hf_siglip.stream_training`` raises it on every process).
+names the shard (``hf_siglip.training.stream_training`` raises it on every process).
 
 Distributed training: the stream's ``n_shards`` is the number of tar files; ``SiglipTrainer`` hands each process
 its own shards (accelerate's ``IterableDataset.shard`` path) and ends an epoch on every process when the first
@@ -58,6 +58,7 @@ import datasets
 import pyarrow as pa
 
 from ..errors import HfSiglipError  # a leaf module: data/ still imports nothing else of the package
+from .splits import split_name
 from .text import normalize_captions
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,6 @@ def _caption_of(metadata, text, several: bool):
 def _shard_files(source: str) -> dict[str, list[str]]:
     """{split: sorted tar files}: a glob or file is 'train'; a folder's top-level tars are 'train', each sub-folder
     holding tars is a split of its name (datasets' aliases: dev/val -> validation)."""
-    from .loading import _split_name
 
     text = os.path.expanduser(str(source))
     if any(char in text for char in "*?[") or Path(text).is_file():
@@ -123,7 +123,7 @@ def _shard_files(source: str) -> dict[str, list[str]]:
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         files = sorted(str(p) for p in folder.glob(f"*{SHARD_SUFFIX}"))
         if files:
-            splits.setdefault(_split_name(folder.name), []).extend(files)
+            splits.setdefault(split_name(folder.name), []).extend(files)
     return splits
 
 
@@ -135,10 +135,9 @@ def load_webdataset_shards(source, split: Optional[str] = "train", streaming: bo
     say). ``split=None`` returns every split (an ``IterableDatasetDict`` / ``DatasetDict``). ``bad_shards``:
     ``"skip"`` (name, skip and note them: :func:`shard_fault_report`) or ``"fail"`` (:class:`ShardError`).
     ``agreed_failure`` (with ``"fail"``, for streams): a fault is named and noted as fatal and reading goes on;
-    :func:`pending_shard_failure` tells it, for ``hf_siglip.stream_training`` to raise on every process at the next
+    :func:`pending_shard_failure` tells it, for ``hf_siglip.training.stream_training`` to raise on every process at the next
     batch they agree on (a stream read by one process alone, for a start-up summary say, must not fail alone).
     """
-    from .loading import _split_name
 
     if bad_shards not in BAD_SHARDS:
         raise ValueError(f"bad_shards must be one of {BAD_SHARDS}, got {bad_shards!r}")
@@ -147,7 +146,7 @@ def load_webdataset_shards(source, split: Optional[str] = "train", streaming: bo
         raise FileNotFoundError(f"{source}: no {SHARD_SUFFIX} shards found")
     if split is not None:  # only this split's files are read (select_split's aliases: dev / val -> validation)
         name = next((key for key in files if key == split), None) or next(
-            (key for key in files if _split_name(key) == _split_name(split)), None)
+            (key for key in files if split_name(key) == split_name(split)), None)
         if name is None:
             raise KeyError(f"{source} has no split {split!r}; its splits are {sorted(files)}")
         files = {name: files[name]}
@@ -403,7 +402,6 @@ def shard_faults() -> list[dict]:
 def shard_fault_report(faults: list[dict], evaluation_split: Optional[str] = None) -> dict[str, int]:
     """Counts for the data report: ``train/<reason>`` (``evaluation/<reason>`` for the evaluation split) and
     ``.../rows_missing_from_shards``, each shard, reason and row counted once however often it was read."""
-    from .loading import _split_name
 
     fatal = next((fault for fault in faults if fault.get("fatal")), None)
     if fatal is not None:  # noted under agreed_failure and not raised yet: every process has the same list
@@ -414,7 +412,7 @@ def shard_fault_report(faults: list[dict], evaluation_split: Optional[str] = Non
         if identity in seen:
             continue
         seen.add(identity)
-        evaluation = evaluation_split is not None and _split_name(fault["split"]) == _split_name(evaluation_split)
+        evaluation = evaluation_split is not None and split_name(fault["split"]) == split_name(evaluation_split)
         stage = "evaluation" if evaluation else "train"
         report[f"{stage}/{fault['reason']}"] += fault["count"]
         if fault["missing"]:

@@ -94,9 +94,9 @@ def recipe_arguments(name_or_path: str | os.PathLike, **overrides):
     in `hf-siglip train` only (in Python, the `hf_siglip.data` functions are the steps)."""
     import dataclasses
 
-    from ..scripts.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+    from ..cli.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
                                      validate_arguments)
-    from ..training_args import SiglipTrainingArguments
+    from ..training.training_args import SiglipTrainingArguments
 
     values = {**DEMO_TRAINING_DEFAULTS, **load_recipe(name_or_path), **overrides}
     kinds = (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments)

@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-import hf_siglip.trainer as trainer_module
-from hf_siglip.cli import main
+import hf_siglip.training.trainer as trainer_module
+from hf_siglip.cli.main import main
 
 rows_file = sys.argv[1]
 original_step = trainer_module.SiglipTrainer.training_step

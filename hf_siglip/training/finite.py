@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .errors import HfSiglipError
+from ..errors import HfSiglipError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

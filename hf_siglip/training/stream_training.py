@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .errors import HfSiglipError
+from ..errors import HfSiglipError
 
 
 class StreamPosition(TrainerCallback, ExportableState):
@@ -114,7 +114,7 @@ def _next_batch(iterator):
     """(batch or None at the end, None) or (None, the data's HfSiglipError): raised by the stream, or a bad shard
     noted as fatal by this process or its DataLoader workers, in this batch or in any read before (a start-up
     summary or a data step on the main process alone)."""
-    from .data.shards import ShardError, pending_shard_failure
+    from ..data.shards import ShardError, pending_shard_failure
 
     try:
         batch = next(iterator, None)

@@ -302,7 +302,8 @@ def local_split_names(dataset: str) -> list[str] | None:
     (no data is read); None where that cannot tell (shards, files, Hub datasets)."""
     from pathlib import Path
 
-    from ..data.loading import _is_saved_to_disk, _metadata_files, _split_name
+    from ..data.loading import _is_saved_to_disk, _metadata_files
+    from ..data.splits import split_name
 
     if dataset == DEMO:
         return ["test", "train"]
@@ -319,13 +320,13 @@ def local_split_names(dataset: str) -> list[str] | None:
         return None
     if any(file.parent == path for file in files):
         return ["train"]
-    return sorted({_split_name(file.parent.name) for file in files})
+    return sorted({split_name(file.parent.name) for file in files})
 
 
 def split_problems(script_args) -> list[str]:
     """A train or evaluation split the dataset does not have (for the datasets whose split names the folder
     layout tells: `local_split_names`), with the splits there are."""
-    from ..data.loading import _split_name
+    from ..data.splits import split_name
 
     splits = local_split_names(script_args.dataset)
     if not splits:
@@ -333,7 +334,7 @@ def split_problems(script_args) -> list[str]:
     problems = []
     for flag in ("train_split", "eval_split"):
         name = getattr(script_args, flag)
-        if not name or name == AUTO or _split_name(name) in {_split_name(split) for split in splits}:
+        if not name or name == AUTO or split_name(name) in {split_name(split) for split in splits}:
             continue
         problems.append(f"{flag} {name!r}: {script_args.dataset} has no such split; its splits are {splits}")
     return problems

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .launching import start_cpu_process_group
-from .loss_config import SiglipLossConfig
+from ..dual_encoders import TOWERS
+from ..loss_config import SiglipLossConfig
 
 logger = logging.getLogger(__name__)
 
-TOWERS = ("text", "vision")
 CONCEPT_DISTILLATION_LOSSES = ("auto", "kl", "cosine")
 ON_NONFINITE = ("stop", "skip")
 
@@ -90,7 +90,7 @@ class SiglipTrainingArguments(TrainingArguments):
         metadata={
             "help": "ALBEF momentum distillation: keep an EMA copy of the model (this momentum per optimizer step; "
             "ALBEF: 0.995) whose embeddings give soft targets, mixed with the ids' targets by "
-            "loss_config.teacher_weight (hf_siglip.momentum). None: off."
+            "loss_config.teacher_weight (hf_siglip.training.momentum). None: off."
         },
     )
     teacher_warmup_steps: int = field(
@@ -103,7 +103,7 @@ class SiglipTrainingArguments(TrainingArguments):
         metadata={
             "help": "DiHT concept distillation (section 3): weight of the loss of a linear head on the image "
             "embedding that learns a frozen teacher's outputs, stored per row by the concept_targets data step "
-            "(hf_siglip.concept_distillation). 0: off."
+            "(hf_siglip.training.concept_distillation). 0: off."
         },
     )
     concept_distillation_loss: str = field(
@@ -143,7 +143,7 @@ class SiglipTrainingArguments(TrainingArguments):
 
     @functools.cached_property
     def _setup_devices(self):
-        # on CPU, accelerate would start the gloo group without --ddp_timeout (hf_siglip.launching)
+        # on CPU, accelerate would start the gloo group without --ddp_timeout (hf_siglip.training.launching)
         if self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
             start_cpu_process_group(self.ddp_timeout, self.ddp_backend)
         return TrainingArguments._setup_devices.func(self)

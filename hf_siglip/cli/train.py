@@ -20,18 +20,19 @@ from ..data import SiglipDataCollator, add_image_ids, load_image_text_dataset, m
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import embed_images
 from ..data.images import decode_decodable
-from ..data.loading import canonical_columns, select_split
+from ..data.loading import canonical_columns
+from ..data.splits import select_split
 from ..data.shards import clear_shard_faults, shard_fault_report, shard_faults
-from ..checkpoint_files import resolve_checkpoint
+from ..training.checkpoint_files import resolve_checkpoint
 from ..dual_encoders import load_dual_encoder
 from ..errors import own_messages_as_usage_errors
 from ..data.steps import DataContext, run_data_steps
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
-from ..launching import check_process_world
+from ..training.launching import check_process_world
 from ..modeling_siglip_bottleneck import SiglipBottleneckModel
 from ..processing import build_processor, train_caption_tokenizer
-from ..trainer import SiglipTrainer
-from ..training_args import SiglipTrainingArguments
+from ..training.trainer import SiglipTrainer
+from ..training.training_args import SiglipTrainingArguments
 from .arguments import (AUTO, DEMO, DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
                         validate_arguments)
 from .startup import StartupSummary, data_step_settings, describe_run, quiet_local_loading
@@ -63,7 +64,7 @@ def load_named_splits(script_args: SiglipScriptArguments):
         splits = make_demo_dataset(n_train=script_args.demo_train_size, n_test=script_args.demo_test_size,
                                    image_size=script_args.demo_image_size, seed=0)
     else:
-        # a training stream's failure is raised at a batch every process agrees on (hf_siglip.stream_training)
+        # a training stream's failure is raised at a batch every process agrees on (hf_siglip.training.stream_training)
         splits = load_image_text_dataset(script_args.dataset, split=None, image_column=script_args.image_column,
                                          caption_column=script_args.caption_column, bad_shards=bad_shards,
                                          agreed_failure=True)
@@ -266,7 +267,7 @@ def save_training_curves(log_history: list[dict], path: str) -> str | None:
 def resolve_resume(training_args: SiglipTrainingArguments, overwrite_output_dir: bool) -> str | None:
     """The checkpoint to resume from (`--resume_from_checkpoint PATH|true`), or None for a fresh start.
 
-    `true` takes the newest complete checkpoint (`hf_siglip.checkpoint_files`: one a kill cut short while it was
+    `true` takes the newest complete checkpoint (`hf_siglip.training.checkpoint_files`: one a kill cut short while it was
     written is skipped and named). A fresh start into an output_dir that holds checkpoints is refused unless
     `overwrite_output_dir`, which then deletes them (a stale checkpoint-N left beside the new run's would be what
     `true` resumes next time).

@@ -2,7 +2,7 @@
 
 By default it evaluates on what the checkpoint was trained and evaluated with: the dataset, evaluation split,
 columns, text length and zero-shot classes and templates that `hf-siglip train` records in `hf_siglip_eval.json`
-(:mod:`hf_siglip.scripts.eval_record`); flags override them one by one. A checkpoint without that file (a native
+(:mod:`hf_siglip.cli.eval_record`); flags override them one by one. A checkpoint without that file (a native
 transformers model, say) needs `--dataset`. The images are decoded in full and prepared by the checkpoint's processor,
 as the trainer's evaluation does, so both give the same numbers on the same weights.
 """
@@ -16,7 +16,7 @@ from ..data.embedding import embed_images, embed_texts
 from ..data.text import normalize_captions
 from ..errors import UsageError, error_message, own_messages_as_usage_errors
 from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
-from ..finite import check_finite_weights
+from ..training.finite import check_finite_weights
 from .arguments import DEFAULT_MAX_LENGTH, SiglipScriptArguments, checkpoint_text_length
 from .eval_record import EVAL_RECORD_NAME, EvaluationDataError, apply_evaluation_record, read_evaluation_record
 from .startup import quiet_local_loading

@@ -21,7 +21,7 @@ import sys
 
 import yaml
 
-from .errors import HfSiglipError, UsageError, error_message
+from ..errors import HfSiglipError, UsageError, error_message
 
 
 # Fields of earlier releases that became data steps: a recipe or flag using one gets told where it went.
@@ -208,7 +208,7 @@ def parse_with_config(dataclass_types, argv: list[str], defaults: dict | None = 
     config_reader.error = _raise_usage_error
     config_path = config_reader.parse_known_args(argv)[0].config
     if config_path:
-        from .recipes import RecipeNotFoundError, recipe_path
+        from ..recipes import RecipeNotFoundError, recipe_path
 
         try:
             config_path = recipe_path(config_path)  # a file as given, or the name of a packaged recipe
@@ -262,12 +262,12 @@ def _move_generic_trainer_fields_last(parser, dataclass_types) -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from .launching import prepare_cpu_torchrun
+    from ..training.launching import prepare_cpu_torchrun
 
     prepare_cpu_torchrun()  # before the arguments set up devices: torchrun on CPU gets gloo processes
-    from .scripts.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
+    from .arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
                                     configuration_problems)
-    from .training_args import SiglipTrainingArguments
+    from ..training.training_args import SiglipTrainingArguments
 
     problems = []  # every problem of the flags, the recipe and the configuration, in one report
     script_args, model_args, training_args = parse_with_config(
@@ -276,8 +276,8 @@ def _train(argv: list[str]) -> int:
     problems += configuration_problems(script_args, model_args, training_args)
     if problems:
         raise UsageError(problems)
-    from .evaluation import format_metrics  # the heavy imports only once the arguments parse (--help stays quick)
-    from .scripts.train import run_train
+    from ..evaluation import format_metrics  # the heavy imports only once the arguments parse (--help stays quick)
+    from .train import run_train
 
     metrics = run_train(script_args, model_args, training_args)
     if training_args.process_index == 0:  # one report, also under accelerate launch
@@ -294,8 +294,8 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .evaluation import format_metrics, to_json
-    from .scripts.evaluate import SiglipEvalArguments, eval_problems, evaluation_summary, run_eval
+    from ..evaluation import format_metrics, to_json
+    from .evaluate import SiglipEvalArguments, eval_problems, evaluation_summary, run_eval
 
     problems = []
     (args,) = parse_with_config((SiglipEvalArguments,), argv, prog="hf-siglip eval", problems=problems)
@@ -313,7 +313,7 @@ def _eval(argv: list[str]) -> int:
 
 def _require_existing(path: str, what: str) -> None:
     """A local-looking path that does not exist: one line at once, not the Hub's retries (hf_siglip.paths)."""
-    from .paths import missing_local_path
+    from ..paths import missing_local_path
 
     problem = missing_local_path(path, what)
     if problem:
@@ -321,7 +321,7 @@ def _require_existing(path: str, what: str) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert_to_bottleneck
+    from ..convert import convert_to_bottleneck
 
     _require_existing(args.src, "src")
     _, result = convert_to_bottleneck(args.src, args.dst, args.bottleneck_dim)
@@ -336,14 +336,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import check_hub_access
+    from ..hub import check_hub_access
 
     check_hub_access()  # before the model is loaded: one line if the Hub cannot be reached
     _require_existing(args.checkpoint, "checkpoint")
     from transformers import AutoProcessor
 
-    from .dual_encoders import load_dual_encoder
-    from .hub import push_to_hub
+    from ..dual_encoders import load_dual_encoder
+    from ..hub import push_to_hub
 
     model = load_dual_encoder(args.checkpoint)  # SigLIP (native or ours), SigLIP 2, CLIP: saved in their own format
     try:
@@ -368,8 +368,8 @@ def _shards(args: argparse.Namespace) -> int:
     import os
 
     _require_existing(args.src, "src")
-    from .data import load_image_text_dataset
-    from .data.shards import write_webdataset_shards
+    from ..data import load_image_text_dataset
+    from ..data.shards import write_webdataset_shards
 
     splits = load_image_text_dataset(args.src, split=None, image_column=args.image_column,
                                      caption_column=args.caption_column)
@@ -383,7 +383,7 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from .recipes import accelerate_config_names, accelerate_config_path, describe, recipe_path
+    from ..recipes import accelerate_config_names, accelerate_config_path, describe, recipe_path
 
     if args.path is None:
         print(describe())
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_collective_timeout(error: BaseException) -> bool:
-    from .launching import is_collective_timeout
+    from ..training.launching import is_collective_timeout
 
     return is_collective_timeout(error)
 

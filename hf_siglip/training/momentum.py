@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint_files import save_beside_checkpoint
-from .loss import Teacher
+from ..loss import Teacher
 
 WEIGHTS_NAME = "momentum_teacher.safetensors"
 

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .checkpoint_files import save_beside_checkpoint
-from .data.embedding import _features
+from ..data.embedding import _features
 
 HEAD_NAME = "concept_head"
 WEIGHTS_NAME = "concept_head.safetensors"

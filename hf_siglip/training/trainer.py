@@ -31,13 +31,13 @@ from transformers import Trainer, TrainerCallback
 from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint
 from .concept_distillation import COLUMN as CONCEPT_TARGETS
 from .concept_distillation import ConceptDistillation
-from .data.collator import SiglipDataCollator, collator_epoch_callback
-from .dual_encoders import as_dual_encoder, restore_config_parameters, tower_modules, tower_prefixes
-from .evaluation import retrieval_metrics
+from ..data.collator import SiglipDataCollator, collator_epoch_callback
+from ..dual_encoders import as_dual_encoder, restore_config_parameters, tower_modules, tower_prefixes
+from ..evaluation import retrieval_metrics
 from .finite import NonFiniteError, check_finite_weights, describe_nonfinite_weights, nonfinite_parameters
-from .hub import build_model_card, check_hub_access
+from ..hub import build_model_card, check_hub_access
 from .launching import check_process_world, fsdp_request_ignored
-from .loss import dense_sigmoid_loss, sigmoid_loss
+from ..loss import dense_sigmoid_loss, sigmoid_loss
 from .momentum import teacher_targets
 from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
@@ -124,7 +124,7 @@ class SiglipTrainer(Trainer):
 
     Logged each `logging_steps`: the global loss, `t`, `b` and what the loss saw in the global batch:
     `positives_per_image` (mined pairs included), `logit_positive_mean` / `logit_negative_mean`, `pairs_per_image`;
-    with DiHT concept distillation on, `concept_distillation_loss` (hf_siglip.concept_distillation).
+    with DiHT concept distillation on, `concept_distillation_loss` (hf_siglip.training.concept_distillation).
     `evaluate()` reports the loss and retrieval recall@1/5/10 both ways on the evaluation set.
 
     Bad rows: the collator's per-batch drop counts (`dropped_rows`) are summed in `data_counts`. A step in
@@ -133,7 +133,7 @@ class SiglipTrainer(Trainer):
     gradient are not updated) while the step counter and learning-rate schedule move on. Skipped batches and
     the rows skipped with them are counted; `data_report()` sums the counts over processes.
 
-    Non-finite values (hf_siglip.finite): a step whose loss, gradient norm, t or b is NaN or infinite stops the
+    Non-finite values (hf_siglip.training.finite): a step whose loss, gradient norm, t or b is NaN or infinite stops the
     run with a `NonFiniteError` naming the step, or with `args.on_nonfinite="skip"` leaves the weights as they are
     and is counted (`nonfinite_steps_skipped`); every process takes the same decision. The weights are checked
     finite before and after training, after loading a checkpoint, and before a model card or a push.
@@ -154,7 +154,7 @@ class SiglipTrainer(Trainer):
                 module.requires_grad_(False)
         if _is_stream(train_dataset):
             train_dataset = _prepare_stream(train_dataset, args)
-        # DiHT concept distillation: its head joins the model before Trainer wraps it (hf_siglip.concept_distillation)
+        # DiHT concept distillation: its head joins the model before Trainer wraps it (hf_siglip.training.concept_distillation)
         self.concept_distillation = (ConceptDistillation(model, args, train_dataset)
                                      if args.concept_distillation_weight > 0 else None)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -214,7 +214,7 @@ class SiglipTrainer(Trainer):
         """The loss of a batch: `inputs` holds its ids; `micro_batches` the model inputs when the embeddings were
         made in parts (gradient accumulation), for a teacher to embed the same rows."""
         config, teacher = self.args.loss_config.at_step(self.state.global_step), None
-        if self.args.teacher_momentum is not None:  # ALBEF momentum distillation (hf_siglip.momentum)
+        if self.args.teacher_momentum is not None:  # ALBEF momentum distillation (hf_siglip.training.momentum)
             config, teacher = teacher_targets(self, micro_batches or [inputs], config)
         loss, self._loss_statistics = sigmoid_loss(
             image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"), inputs.get("text_ids"),
@@ -233,7 +233,7 @@ class SiglipTrainer(Trainer):
 
     def _concept_factor(self, losses: torch.Tensor) -> float:
         """Concept distillation: the factor on this process's sum of per-image losses (weight * processes / global
-        image count, hf_siglip.concept_distillation); the global mean loss goes to the logs."""
+        image count, hf_siglip.training.concept_distillation); the global mean loss goes to the logs."""
         factor, mean = self.concept_distillation.scale(self.accelerator, losses.sum(), len(losses))
         self._metrics["concept_distillation_loss"].append(mean)
         return factor
@@ -323,7 +323,7 @@ class SiglipTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.concept_distillation is not None:  # before any batch: 'auto' follows the data step's report
             self.concept_distillation.resolve_loss(self.args, self.data_steps_report)
-        if resume_from_checkpoint is True:  # the newest complete checkpoint (hf_siglip.checkpoint_files)
+        if resume_from_checkpoint is True:  # the newest complete checkpoint (hf_siglip.training.checkpoint_files)
             resume_from_checkpoint = resolve_checkpoint(self.args.output_dir, True)
         if resume_from_checkpoint and _is_stream(self.train_dataset):
             self._stream_position().restore(resume_from_checkpoint)
@@ -337,7 +337,7 @@ class SiglipTrainer(Trainer):
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, StreamPosition))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if _is_stream(self.train_dataset):  # an epoch ends on every process together (hf_siglip.stream_training)
+        if _is_stream(self.train_dataset):  # an epoch ends on every process together (hf_siglip.training.stream_training)
             batch_samples, left = fetch_agreed_batches(epoch_iterator, num_batches, self.accelerator,
                                                        self._stream_position())
             for batch in left:
@@ -447,7 +447,7 @@ class SiglipTrainer(Trainer):
                 self.accelerator.backward(surrogate)
         return loss.detach() + concept_term
 
-    # --- non-finite values (hf_siglip.finite) ----------------------------------------------------------
+    # --- non-finite values (hf_siglip.training.finite) ----------------------------------------------------------
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's gradient norm. Every optimizer step passes here once, after backward (plain and GradCache

@@ -1,1 +1,0 @@
-"""The jobs behind the `hf-siglip` command, one module each (as TRL's scripts)."""

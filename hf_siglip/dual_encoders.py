@@ -248,5 +248,66 @@ def restore_config_parameters(model: nn.Module, checkpoint: str) -> None:
         model.logit_bias.fill_(_config_logit_bias(config))
 
 
-__all__ = ["CLIPDualEncoder", "Siglip2DualEncoder", "SiglipDualEncoder", "as_dual_encoder", "load_dual_encoder",
-           "restore_config_parameters", "tower_modules", "tower_prefixes"]
+# --- FLIP patch dropout ------------------------------------------------------------------------------------------
+
+# Vision embedding modules patch dropout works on: their class name -> tokens in front of the patches, always kept
+# (CLIP's and ViT's class token, which they pool). Siglip2VisionEmbeddings (NaFlex) is not here: its padding mask
+# travels beside the tokens to the encoder and the head, so dropping tokens from the embeddings alone would break it.
+PATCH_DROPOUT_PREFIX_TOKENS = {"SiglipVisionEmbeddings": 0, "CLIPVisionEmbeddings": 1, "ViTEmbeddings": 1}
+
+
+class PatchDropout:
+    """FLIP's patch dropout (Li et al. 2023), as open_clip's `PatchDropout`: a forward hook on a vision tower's
+    embeddings module that, in training mode only, keeps `max(1, int(patches * (1 - ratio)))` randomly chosen patch
+    tokens of each image (after the position embeddings, before the encoder layers) and the class token if any.
+    The choice comes from torch's global RNG (so a resumed run and GradCache's replayed re-forward drop the same
+    tokens); kept tokens stay in their original order. In eval mode (evaluation, a locked tower) it does nothing."""
+
+    def __init__(self, ratio: float, prefix_tokens: int):
+        self.ratio, self.prefix_tokens = ratio, prefix_tokens
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        prefix, patches = output[:, :self.prefix_tokens], output[:, self.prefix_tokens:]
+        batch, count, width = patches.shape
+        keep = max(1, int(count * (1.0 - self.ratio)))
+        # uniform noise, drawn element by element on CPU: rows of a batch of 16 get the noise of two batches of 8
+        noise = torch.rand(batch, count, device=output.device)
+        indices = noise.topk(keep, dim=-1).indices.sort(dim=-1).values
+        kept = patches.gather(1, indices.unsqueeze(-1).expand(batch, keep, width))
+        return torch.cat([prefix, kept], dim=1) if self.prefix_tokens else kept
+
+
+def set_patch_dropout(model: nn.Module, ratio: float) -> nn.Module:
+    """Give the vision tower of `model` (a `SiglipBottleneckModel`, an adapter or native SigLIP / CLIP model) FLIP
+    patch dropout at `ratio` in [0, 1) (see `PatchDropout`); 0 removes it. A hook only: weights, config and the saved
+    checkpoint are unchanged. `SiglipTrainer` calls it with `SiglipTrainingArguments.patch_dropout`."""
+    from .errors import UsageError
+
+    if not 0.0 <= ratio < 1.0:  # also refuses nan
+        raise UsageError(f"patch_dropout must be in [0, 1) (the fraction of patch tokens dropped), got {ratio!r}")
+    towers = tower_modules(model, "vision")
+    # CLIP's visual_projection has no embeddings; a backbone without them (ResNet) cannot drop patches
+    embedding_modules = [getattr(tower, "embeddings", None) for tower in towers]
+    embedding_modules = [module for module in embedding_modules if isinstance(module, nn.Module)]
+    if ratio and not embedding_modules:
+        raise UsageError(f"patch_dropout: the vision tower ({', '.join(type(tower).__name__ for tower in towers)}) has "
+                         f"no patch embeddings to drop tokens from")
+    for embeddings in embedding_modules:
+        for key, hook in list(embeddings._forward_hooks.items()):
+            if isinstance(hook, PatchDropout):
+                del embeddings._forward_hooks[key]
+        if ratio == 0.0:
+            continue
+        prefix_tokens = PATCH_DROPOUT_PREFIX_TOKENS.get(type(embeddings).__name__)
+        if prefix_tokens is None:
+            raise UsageError(f"patch_dropout: the vision tower's embeddings ({type(embeddings).__name__}) are not "
+                             f"supported; it works on {sorted(PATCH_DROPOUT_PREFIX_TOKENS)} (SigLIP, SigLIP 2 FixRes, "
+                             f"CLIP, ViT backbones; not SigLIP 2 NaFlex)")
+        embeddings.register_forward_hook(PatchDropout(ratio, prefix_tokens))
+    return model
+
+
+__all__ = ["CLIPDualEncoder", "PatchDropout", "Siglip2DualEncoder", "SiglipDualEncoder", "as_dual_encoder",
+           "load_dual_encoder", "restore_config_parameters", "set_patch_dropout", "tower_modules", "tower_prefixes"]

@@ -15,7 +15,7 @@ from data_fixtures import save_tiny_vit_teacher
 from transformers import AutoModel
 
 import hf_siglip as hs
-from hf_siglip.training.concept_distillation import WEIGHTS_NAME, distillation_losses
+from hf_siglip.objectives.concept_distillation import WEIGHTS_NAME, distillation_losses
 from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps
 from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
 
@@ -100,7 +100,7 @@ def test_distillation_loss_goes_down(tmp_path, classifier_teacher):
 def test_auto_takes_cosine_for_a_feature_teacher(tmp_path, feature_teacher):
     trainer = train(tmp_path, feature_teacher, max_steps=1, concept_distillation_loss="auto")
     assert trainer.args.concept_distillation_loss == "cosine"  # resolved from the step's report, named in the card
-    assert trainer.concept_distillation.head.out_features == 16  # the teacher ViT's width
+    assert trainer.objective("concept_distillation").head.out_features == 16  # the teacher ViT's width
     assert 0.0 < logged(trainer, "concept_distillation_loss")[0] < 2.0  # 1 - cos lies in [0, 2]
     with pytest.raises(ValueError, match="applies to the kl loss only, and 'auto' chose cosine"):
         train(tmp_path / "hot", feature_teacher, concept_distillation_loss="auto", concept_distillation_temperature=2.0)
@@ -125,7 +125,7 @@ def test_saved_model_is_native_and_a_resumed_run_continues_with_the_head(tmp_pat
     assert json.loads((tmp_path / "final" / "config.json").read_text())["model_type"] == "siglip"
 
     resumed = train(tmp_path, classifier_teacher, resume_from=str(checkpoint), **common)
-    want, got = full.concept_distillation.head.state_dict(), resumed.concept_distillation.head.state_dict()
+    want, got = full.objective("concept_distillation").head.state_dict(), resumed.objective("concept_distillation").head.state_dict()
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
     after_resume = logged(resumed, "concept_distillation_loss")[2:]  # its history starts with the checkpoint's
@@ -145,8 +145,8 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, classifier_teach
     assert "concept_head.weight" in want
     for name, value in want.items():
         assert torch.allclose(got[name], value, atol=1e-5), name
-    moved = large.concept_distillation.head.weight - train(tmp_path / "zero", classifier_teacher, max_steps=0
-                                                           ).concept_distillation.head.weight
+    moved = large.objective("concept_distillation").head.weight - train(tmp_path / "zero", classifier_teacher, max_steps=0
+                                                           ).objective("concept_distillation").head.weight
     assert moved.abs().max() > 1e-3  # the head trained (so the comparison above is not of two untouched heads)
 
 

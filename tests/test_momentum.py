@@ -7,7 +7,7 @@ from conftest import tiny_training_setup
 from transformers import TrainerCallback
 
 import hf_siglip as hs
-from hf_siglip.training.momentum import WEIGHTS_NAME
+from hf_siglip.objectives.momentum_teacher import WEIGHTS_NAME
 
 
 def training_args(tmp_path, **overrides):
@@ -42,7 +42,7 @@ def train(tmp_path, **overrides):
 
 def test_teacher_is_the_moving_average_of_the_model(tmp_path):
     trainer, initial, after_step, _ = train(tmp_path, teacher_momentum=0.5)
-    teacher = dict(trainer._momentum_teacher.model.named_parameters())
+    teacher = dict(trainer.objective("momentum_teacher").model.named_parameters())
     moved = 0
     for name, start in initial.items():
         # two updates with m = 0.5: 0.25 initial + 0.25 after step 1 + 0.5 after step 2
@@ -75,7 +75,7 @@ def test_resumed_run_goes_on_with_the_saved_teacher(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
     assert losses[-2:] == pytest.approx(full_losses[2:], abs=1e-5)
-    teacher, want = resumed._momentum_teacher.model.state_dict(), full._momentum_teacher.model.state_dict()
+    teacher, want = resumed.objective("momentum_teacher").model.state_dict(), full.objective("momentum_teacher").model.state_dict()
     for name, value in want.items():
         assert torch.allclose(teacher[name], value, atol=1e-5), name
 
@@ -88,7 +88,7 @@ def test_accumulated_batches_get_the_teacher_targets_of_the_large_batch(tmp_path
                                       per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                                       learning_rate=0.1, loss_config={"teacher_weight": 0.5})
         runs[accumulation] = (losses, dict(trainer.model.named_parameters()),
-                              dict(trainer._momentum_teacher.model.named_parameters()))
+                              dict(trainer.objective("momentum_teacher").model.named_parameters()))
     (losses, student, teacher), (acc_losses, acc_student, acc_teacher) = runs[1], runs[2]
     assert acc_losses == pytest.approx(losses, rel=1e-5)
     assert losses[2] != pytest.approx(losses[0], rel=1e-3)  # the steps changed the model
@@ -117,17 +117,13 @@ def test_mining_with_the_teacher_uses_the_teachers_similarities(tmp_path):
     trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"],
                                callbacks=[recorder])
     box.append(trainer)
-    from hf_siglip.training.momentum import MomentumTeacher
-
-    teacher = MomentumTeacher(model, 0.999999)
+    teacher = trainer.objective("momentum_teacher")
     with torch.no_grad():  # a teacher that maps every image and every text to (almost) one direction
         for name, parameter in teacher.model.named_parameters():
             if name.endswith(("post_layernorm.weight", "final_layer_norm.weight")):
                 parameter.zero_()
             if name.endswith(("post_layernorm.bias", "final_layer_norm.bias")):
                 parameter.fill_(1.0)
-    trainer._momentum_teacher = teacher
-    trainer.add_callback(teacher)
     trainer.train()
     n_texts = 2 * 16  # two captions per image, 16 images per batch
     assert recorder.mined[0] == pytest.approx(n_texts - 2)  # every text of the batch, less the two by ids

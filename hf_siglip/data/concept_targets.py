@@ -1,5 +1,5 @@
 """Concept targets for DiHT's concept distillation (arXiv 2301.02280, section 3): a frozen teacher's outputs per
-image, computed once before training (see :mod:`hf_siglip.training.concept_distillation` for the head and loss).
+image, computed once before training (see :mod:`hf_siglip.objectives.concept_distillation` for the head and loss).
 
 The teacher is any ``AutoModelForImageClassification`` checkpoint (targets: its class logits) or image-feature model
 (targets: ``get_image_features`` where the model has it, CLIP / SigLIP; else the ``pooler_output`` of ``AutoModel``,

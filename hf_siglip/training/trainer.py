@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -28,18 +27,18 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint
-from .concept_distillation import COLUMN as CONCEPT_TARGETS
-from .concept_distillation import ConceptDistillation
+from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint, save_beside_checkpoint
 from ..data.collator import SiglipDataCollator, collator_epoch_callback
 from ..dual_encoders import as_dual_encoder, restore_config_parameters, set_patch_dropout, tower_modules, \
     tower_prefixes
 from ..evaluation import retrieval_metrics
+from .optimizer_groups import siglip_parameter_groups  # noqa: F401 (re-exported)
 from .finite import NonFiniteError, check_finite_weights, describe_nonfinite_weights, nonfinite_parameters
 from ..hub import build_model_card, check_hub_access
 from .launching import check_process_world, fsdp_request_ignored
 from ..loss import dense_sigmoid_loss, sigmoid_loss
-from .momentum import teacher_targets
+from ..objectives import build_objectives
+from ..objectives.base import Objective
 from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
 
@@ -48,55 +47,8 @@ logger = logging.getLogger(__name__)
 # what the collator emits that the model takes (NaFlex images come with their patch mask and grid shapes)
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_embeds", "attention_mask", "position_ids", "pixel_attention_mask",
                 "spatial_shapes")
-# Parameters SigLIP/ViT practice never decays: biases, norms (matched by module type below), the learnable
-# temperature and bias, position embeddings, the attention-pooling probe, class tokens.
-NO_DECAY_NAME_PATTERN = re.compile(
-    r"(\.bias$|^logit_scale$|^logit_bias$|position_embedding|\.probe$|cls_token|mask_token|register_tokens)"
-)
 # the column evaluation rows carry: their position in the evaluation set (SiglipTrainer.evaluate)
 EVALUATION_ROW = "_evaluation_row"
-NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
-
-
-def _tower_of(name: str, prefixes_by_tower: dict[str, tuple[str, ...]]) -> str | None:
-    for tower, prefixes in prefixes_by_tower.items():
-        if name.startswith(prefixes):
-            return tower
-    return None  # heads: logit_scale, logit_bias, a new backbone's visual_projection
-
-
-def siglip_parameter_groups(model: nn.Module, args: SiglipTrainingArguments, pretrained_towers) -> list[dict]:
-    """Optimizer parameter groups: decay or not, pretrained tower (lr multiplier, own decay) or new weights.
-
-    Each group also carries a `name` (e.g. "pretrained/no_decay") so tests and logs can find it.
-    """
-    norm_parameters = {
-        id(parameter)
-        for module in model.modules()
-        if isinstance(module, NORM_MODULES)
-        for parameter in module.parameters(recurse=False)
-    }
-    prefixes = tower_prefixes(model)  # CLIP's projections belong to their towers
-    groups = defaultdict(list)
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        decay = id(parameter) not in norm_parameters and not NO_DECAY_NAME_PATTERN.search(name)
-        origin = "pretrained" if _tower_of(name, prefixes) in pretrained_towers else "new"
-        groups[(origin, decay)].append(parameter)
-
-    result = []
-    for (origin, decay), parameters in sorted(groups.items()):
-        pretrained = origin == "pretrained"
-        weight_decay = (args.pretrained_weight_decay if pretrained else args.weight_decay) if decay else 0.0
-        learning_rate = args.learning_rate * (args.pretrained_learning_rate_multiplier if pretrained else 1.0)
-        result.append({
-            "params": parameters,
-            "weight_decay": weight_decay,
-            "lr": learning_rate,
-            "name": f"{origin}/{'decay' if decay else 'no_decay'}",
-        })
-    return result
 
 
 class _ClampLogitScale(TrainerCallback):
@@ -109,6 +61,23 @@ class _ClampLogitScale(TrainerCallback):
         if model is not None:
             with torch.no_grad():
                 model.logit_scale.clamp_(max=self.max_log)
+
+
+class _ObjectiveEvents(TrainerCallback):
+    """The objectives' part of the Trainer's events: their side files in each checkpoint, their per-step updates."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        for objective in self.trainer.objectives:
+            objective.on_optimizer_step(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        for objective in self.trainer.objectives:
+            if objective.side_file is not None:  # state_dict() is a collective under FSDP: every process
+                save_beside_checkpoint(objective.state_dict(), args, state, objective.side_file)
 
 
 class SiglipTrainer(Trainer):
@@ -125,7 +94,7 @@ class SiglipTrainer(Trainer):
 
     Logged each `logging_steps`: the global loss, `t`, `b` and what the loss saw in the global batch:
     `positives_per_image` (mined pairs included), `logit_positive_mean` / `logit_negative_mean`, `pairs_per_image`;
-    with DiHT concept distillation on, `concept_distillation_loss` (hf_siglip.training.concept_distillation).
+    and `<objective>_loss` for each training objective with a loss term (hf_siglip.objectives).
     `evaluate()` reports the loss and retrieval recall@1/5/10 both ways on the evaluation set.
 
     Bad rows: the collator's per-batch drop counts (`dropped_rows`) are summed in `data_counts`. A step in
@@ -155,9 +124,8 @@ class SiglipTrainer(Trainer):
                 module.requires_grad_(False)
         if _is_stream(train_dataset):
             train_dataset = _prepare_stream(train_dataset, args)
-        # DiHT concept distillation: its head joins the model before Trainer wraps it (hf_siglip.training.concept_distillation)
-        self.concept_distillation = (ConceptDistillation(model, args, train_dataset)
-                                     if args.concept_distillation_weight > 0 else None)
+        # training objectives (hf_siglip.objectives): their heads join the model before Trainer wraps it
+        self.objectives = build_objectives(model, args, processing_class, train_dataset)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         fsdp_ignored = fsdp_request_ignored(self.accelerator.distributed_type)
@@ -176,8 +144,10 @@ class SiglipTrainer(Trainer):
             self.add_callback(collator_epoch_callback(self.data_collator))
         if _is_stream(self.train_dataset):
             self.add_callback(StreamPosition())  # saved in checkpoints: where a resumed stream picks up
-        if self.concept_distillation is not None:
-            self.add_callback(self.concept_distillation)  # writes the head into each checkpoint
+        for objective in self.objectives:
+            objective.setup(self)
+        if self.objectives:
+            self.add_callback(_ObjectiveEvents(self))  # side files in each checkpoint, updates after each step
         self.add_callback(CheckpointManifest(self.accelerator))  # kept last by add_callback: marks checkpoints complete
         self.resumed_from = None  # the checkpoint folder this run resumed from (side files are read from it)
         self.card_info = {}  # extra model card fields (datasets, recipe, training_curve, ...) for create_model_card
@@ -185,6 +155,13 @@ class SiglipTrainer(Trainer):
         self._loss_before_step = None  # the Trainer's running loss sum before this step (a skipped step adds nothing)
         self._window = Counter()  # optimizer steps and skipped steps since the last logged loss
         self.nonfinite_steps_skipped = 0  # on_nonfinite="skip": steps left without an update (equal on every process)
+
+    def objective(self, name: str) -> Objective:
+        """The running objective called `name` (hf_siglip.objectives)."""
+        for objective in self.objectives:
+            if objective.name == name:
+                return objective
+        raise KeyError(f"no objective {name!r} in this run; it has {[o.name for o in self.objectives]}")
 
     def pretrained_towers(self) -> set[str]:
         """Towers treated as pretrained by the optimizer groups (locked towers are not trained at all)."""
@@ -215,8 +192,9 @@ class SiglipTrainer(Trainer):
         """The loss of a batch: `inputs` holds its ids; `micro_batches` the model inputs when the embeddings were
         made in parts (gradient accumulation), for a teacher to embed the same rows."""
         config, teacher = self.args.loss_config.at_step(self.state.global_step), None
-        if self.args.teacher_momentum is not None:  # ALBEF momentum distillation (hf_siglip.training.momentum)
-            config, teacher = teacher_targets(self, micro_batches or [inputs], config)
+        for objective in self.objectives:  # e.g. the momentum teacher's soft targets
+            config, given = objective.pair_loss(self, config, micro_batches or [inputs])
+            teacher = given if given is not None else teacher
         loss, self._loss_statistics = sigmoid_loss(
             image_embeds, text_embeds, logit_scale, logit_bias, inputs.get("image_ids"), inputs.get("text_ids"),
             config=config, teacher=teacher, return_statistics=True)
@@ -227,27 +205,42 @@ class SiglipTrainer(Trainer):
         loss = self._loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, outputs.logit_bias, inputs)
         if model.training:
             self._record_metrics(outputs.logit_scale, outputs.logit_bias)
-        if model.training and self.concept_distillation is not None:  # DiHT concept distillation
-            losses = self.concept_distillation.losses(outputs.image_embeds, inputs)
-            loss = loss + self._concept_factor(losses) * losses.sum()
+        if model.training and self._loss_terms():
+            sums = [objective.loss_sum(outputs, inputs) for objective in self._loss_terms()]
+            counts = [objective.count(inputs) for objective in self._loss_terms()]
+            factors = self._objective_factors(counts, [value.detach() for value in sums])
+            loss = loss + sum(factor * value for factor, value in zip(factors, sums))
         return (loss, outputs) if return_outputs else loss
 
-    def _concept_factor(self, losses: torch.Tensor) -> float:
-        """Concept distillation: the factor on this process's sum of per-image losses (weight * processes / global
-        image count, hf_siglip.training.concept_distillation); the global mean loss goes to the logs."""
-        factor, mean = self.concept_distillation.scale(self.accelerator, losses.sum(), len(losses))
-        self._metrics["concept_distillation_loss"].append(mean)
-        return factor
+    # --- training objectives (hf_siglip.objectives) ----------------------------------------------------------
 
-    def _concept_window(self, image_embeds: torch.Tensor, inputs) -> tuple[float | None, float]:
-        """Concept distillation over an accumulation window: (the factor each micro-batch's re-forward puts on its
-        images' loss sum, the weighted term for the reported loss); (None, 0.0) when it is off."""
-        if self.concept_distillation is None:
-            return None, 0.0
-        with torch.no_grad():
-            losses = self.concept_distillation.losses(image_embeds, inputs)
-        factor = self._concept_factor(losses)
-        return factor, factor * losses.sum().item()
+    def _loss_terms(self) -> list[Objective]:
+        """The objectives that add a loss term (those that only change the pair loss, as a teacher, add none)."""
+        return [objective for objective in self.objectives if type(objective).loss_sum is not Objective.loss_sum]
+
+    def _global_sums(self, values: list) -> list[float]:
+        """Each value summed over the processes (one all-reduce for the list)."""
+        totals = torch.tensor([float(value) for value in values], device=self.args.device, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return totals.tolist()
+
+    def _objective_factors(self, counts: list, sums: list | None = None) -> list[float]:
+        """Each loss term's factor on this process's loss sum: weight * processes / global unit count, so DDP's
+        gradient average is the gradient of the global mean (hf_siglip.objectives.base). With `sums`, the global
+        mean of each term goes to the logs (the same all-reduce)."""
+        totals = self._global_sums(list(counts) + list(sums or []))
+        global_counts, global_sums = totals[:len(counts)], totals[len(counts):]
+        factors = [objective.weight * self.accelerator.num_processes / count if count > 0 else 0.0
+                   for objective, count in zip(self._loss_terms(), global_counts)]
+        if sums is not None:
+            self._log_objective_means(global_sums, global_counts)
+        return factors
+
+    def _log_objective_means(self, global_sums: list[float], global_counts: list[float]) -> None:
+        for objective, total, count in zip(self._loss_terms(), global_sums, global_counts):
+            if count > 0:
+                self._metrics[f"{objective.name}_loss"].append(total / count)
 
     @torch.no_grad()
     def _record_metrics(self, logit_scale, logit_bias) -> None:
@@ -322,8 +315,8 @@ class SiglipTrainer(Trainer):
         return dataloader
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if self.concept_distillation is not None:  # before any batch: 'auto' follows the data step's report
-            self.concept_distillation.resolve_loss(self.args, self.data_steps_report)
+        for objective in self.objectives:  # before any batch (concept distillation's 'auto' reads the data report)
+            objective.before_training(self)
         if resume_from_checkpoint is True:  # the newest complete checkpoint (hf_siglip.training.checkpoint_files)
             resume_from_checkpoint = resolve_checkpoint(self.args.output_dir, True)
         if resume_from_checkpoint and _is_stream(self.train_dataset):
@@ -418,8 +411,9 @@ class SiglipTrainer(Trainer):
                 text_parts.append(outputs.text_embeds)
         image_embeds = torch.cat(image_parts).detach().requires_grad_(True)
         text_embeds = torch.cat(text_parts).detach().requires_grad_(True)
-        merged = {key: torch.cat([batch[key] for batch in micro_batches])
-                  for key in ("image_ids", "text_ids", CONCEPT_TARGETS) if key in micro_batches[0]}
+        columns = ("image_ids", "text_ids", *(column for objective in self.objectives
+                                              for column in objective.batch_columns))
+        merged = {key: torch.cat([batch[key] for batch in micro_batches]) for key in columns if key in micro_batches[0]}
 
         unwrapped = self.accelerator.unwrap_model(model)
         logit_scale, logit_bias = unwrapped.logit_scale.detach().exp().requires_grad_(True), \
@@ -428,7 +422,9 @@ class SiglipTrainer(Trainer):
             loss = self._loss(image_embeds, text_embeds, logit_scale, logit_bias, merged, micro_batches)
         loss.backward()
         self._record_metrics(logit_scale, logit_bias)
-        concept_factor, concept_term = self._concept_window(image_embeds.detach(), merged)  # DiHT concept distillation
+        terms = self._loss_terms()  # each objective's term, per unit: every micro-batch adds its own units' losses
+        factors = self._objective_factors([sum(o.count(batch) for batch in micro_batches) for o in terms])
+        term_sums = [0.0] * len(terms)
 
         image_grads = image_embeds.grad.split([len(part) for part in image_parts])
         text_grads = text_embeds.grad.split([len(part) for part in text_parts])
@@ -442,11 +438,16 @@ class SiglipTrainer(Trainer):
                 if index == last:  # t and b enter the graph once, with their whole-batch gradients
                     surrogate = surrogate + (outputs.logit_scale * logit_scale.grad).sum() + \
                         (outputs.logit_bias * logit_bias.grad).sum()
-                if concept_factor is not None:  # per image: each micro-batch adds its own images' concept loss
-                    surrogate = surrogate + concept_factor * self.concept_distillation.losses(outputs.image_embeds,
-                                                                                              batch).sum()
+                for position, (objective, factor) in enumerate(zip(terms, factors)):
+                    value = objective.loss_sum(outputs, batch)
+                    surrogate = surrogate + factor * value
+                    term_sums[position] += value.detach().item()
                 self.accelerator.backward(surrogate)
-        return loss.detach() + concept_term
+        if terms:
+            global_sums = self._global_sums(term_sums)
+            counts = self._global_sums([sum(o.count(batch) for batch in micro_batches) for o in terms])
+            self._log_objective_means(global_sums, counts)
+        return loss.detach() + sum(factor * value for factor, value in zip(factors, term_sums))
 
     # --- non-finite values (hf_siglip.training.finite) ----------------------------------------------------------
 
@@ -516,7 +517,7 @@ class SiglipTrainer(Trainer):
 
     def add_callback(self, callback):
         """`Trainer.add_callback`, keeping the checkpoint manifest last: it must see every file other callbacks
-        write on save (the momentum teacher's callback is added at the first step)."""
+        write on save (callbacks added later, by a user, too)."""
         super().add_callback(callback)
         manifests = [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointManifest)]
         for manifest in manifests:
@@ -528,8 +529,15 @@ class SiglipTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         restore_config_parameters(model or self.model, resume_from_checkpoint)  # CLIP's b is in config.json
         self._check_finite_weights(resume_from_checkpoint, "not resumed", model=model)
-        if self.concept_distillation is not None:  # the head is saved beside the weights, not in them
-            self.concept_distillation.load(resume_from_checkpoint)
+        for objective in self.objectives:  # heads and teachers are saved beside the weights, not in them
+            objective.load_from(resume_from_checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.is_world_process_zero():  # the finished model: what objectives add to it
+            for objective in self.objectives:
+                objective.save_pretrained(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
+                                          self.processing_class)
 
     def _load_best_model(self):
         super()._load_best_model()
@@ -585,6 +593,7 @@ class SiglipTrainer(Trainer):
                 "weight decay": args.weight_decay, "Adam betas": f"({args.adam_beta1}, {args.adam_beta2})",
                 "precision": precision, "seed": args.seed,
                 "loss options": json.dumps(_loss_options(args)) if _loss_options(args) else "defaults",
+                **({"objectives": json.dumps({o.name: o.card() for o in self.objectives})} if self.objectives else {}),
                 **self.card_info.get("extra_hyperparameters", {})}
 
     def _card_hardware(self) -> str:
@@ -743,16 +752,10 @@ def _prepare_stream(dataset, args: SiglipTrainingArguments):
 
 
 def _loss_options(args: SiglipTrainingArguments) -> dict:
-    """The loss settings that differ from the defaults, with momentum and concept distillation's when they are on."""
+    """The loss settings that differ from the defaults (the teacher's weight too when a momentum teacher runs)."""
     options = args.loss_config.changed()
     if args.teacher_momentum is not None:
-        options.update(teacher_momentum=args.teacher_momentum, teacher_warmup_steps=args.teacher_warmup_steps,
-                       teacher_weight=args.loss_config.teacher_weight)
-    if args.concept_distillation_weight > 0:
-        options.update(concept_distillation_weight=args.concept_distillation_weight,
-                       concept_distillation_loss=args.concept_distillation_loss)
-        if args.concept_distillation_loss != "cosine":
-            options.update(concept_distillation_temperature=args.concept_distillation_temperature)
+        options.update(teacher_weight=args.loss_config.teacher_weight)
     return options
 
 

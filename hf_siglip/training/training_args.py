@@ -15,7 +15,6 @@ from ..loss_config import SiglipLossConfig
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_DISTILLATION_LOSSES = ("auto", "kl", "cosine")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -63,6 +62,13 @@ class SiglipTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={"help": "Weight decay on pretrained towers (SigLIP section 4.5: off, so they stay near their init)."},
     )
+    layer_lr_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise learning-rate decay in pretrained towers (BEiT, timm fine-tuning; e.g. 0.75): a "
+                  "tower's block i of N trains at decay^(N - i) times its rate, its embeddings at decay^(N + 1), "
+                  "what follows the blocks and the heads at the full rate; composed with "
+                  "pretrained_learning_rate_multiplier (hf_siglip.training.optimizer_groups). None: off."},
+    )
     lock_text_tower: bool = field(
         default=False, metadata={"help": "Freeze the text tower and keep it in eval mode (LiT-style locking)."}
     )
@@ -97,7 +103,7 @@ class SiglipTrainingArguments(TrainingArguments):
         metadata={
             "help": "ALBEF momentum distillation: keep an EMA copy of the model (this momentum per optimizer step; "
             "ALBEF: 0.995) whose embeddings give soft targets, mixed with the ids' targets by "
-            "loss_config.teacher_weight (hf_siglip.training.momentum). None: off."
+            "loss_config.teacher_weight (hf_siglip.objectives.momentum_teacher). None: off."
         },
     )
     teacher_warmup_steps: int = field(
@@ -110,7 +116,7 @@ class SiglipTrainingArguments(TrainingArguments):
         metadata={
             "help": "DiHT concept distillation (section 3): weight of the loss of a linear head on the image "
             "embedding that learns a frozen teacher's outputs, stored per row by the concept_targets data step "
-            "(hf_siglip.training.concept_distillation). 0: off."
+            "(hf_siglip.objectives.concept_distillation). 0: off."
         },
     )
     concept_distillation_loss: str = field(
@@ -137,6 +143,14 @@ class SiglipTrainingArguments(TrainingArguments):
             "run either way: they are weights, and skipping steps cannot repair them. With fp16 loss scaling the "
             "gradient norm is left to the scaler, which skips overflowing steps by design. Under DeepSpeed the engine "
             "updates inside backward, before this check: 'stop' stops after that update and 'skip' cannot undo it."
+        },
+    )
+    objectives: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Training objectives beside the pair loss (hf_siglip.objectives), name -> settings: a mapping in a "
+            "recipe, JSON on the command line, e.g. '{\"captioning\": {\"weight\": 2.0}}'. A name is a built-in "
+            "objective or 'package.module:Class'. Checked when the arguments are built."
         },
     )
     loss_config: dict | str | None = field(
@@ -170,6 +184,8 @@ class SiglipTrainingArguments(TrainingArguments):
         if not 0.0 <= self.patch_dropout < 1.0:  # also refuses nan
             raise ValueError(f"patch_dropout must be in [0, 1) (the fraction of patch tokens dropped), got "
                              f"{self.patch_dropout!r}")
+        if self.layer_lr_decay is not None and not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ValueError(f"layer_lr_decay must be in (0, 1] (None: off), got {self.layer_lr_decay!r}")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
         if self.lock_text_tower and self.lock_vision_tower:
@@ -177,28 +193,21 @@ class SiglipTrainingArguments(TrainingArguments):
         # a SiglipLossConfig from a mapping (recipe), JSON (flag) or itself; a bad setting fails here, not at step 1
         self.loss_config = SiglipLossConfig.from_value(self.loss_config, "loss_config")
         self._match_pairs_seen()
-        if self.teacher_momentum is not None:
-            if not 0.0 <= self.teacher_momentum < 1.0:
-                raise ValueError(f"teacher_momentum must be in [0, 1), got {self.teacher_momentum!r}")
-            if self.teacher_warmup_steps < 0:
-                raise ValueError(f"teacher_warmup_steps must be >= 0, got {self.teacher_warmup_steps!r}")
         if self.loss_config.mine_with == "teacher" and self.teacher_momentum is None:
             raise ValueError("loss_config.mine_with='teacher' mines with the momentum teacher: set teacher_momentum "
                              "(e.g. 0.995; loss_config.teacher_weight: 0 for mining without its soft targets)")
-        self._check_concept_distillation()
+        self._parse_objectives()
 
-    def _check_concept_distillation(self):
-        if not self.concept_distillation_weight >= 0:  # also refuses nan
-            raise ValueError(f"concept_distillation_weight must be >= 0 (0: off), got "
-                             f"{self.concept_distillation_weight!r}")
-        if self.concept_distillation_loss not in CONCEPT_DISTILLATION_LOSSES:
-            raise ValueError(f"concept_distillation_loss must be one of {CONCEPT_DISTILLATION_LOSSES}, got "
-                             f"{self.concept_distillation_loss!r}")
-        if not self.concept_distillation_temperature > 0:
-            raise ValueError(f"concept_distillation_temperature must be > 0, got "
-                             f"{self.concept_distillation_temperature!r}")
-        if self.concept_distillation_loss == "cosine" and self.concept_distillation_temperature != 1.0:
-            raise ValueError("concept_distillation_temperature applies to the kl loss only (cosine has none)")
+    def _parse_objectives(self):
+        """`objectives` as `{name: validated settings dataclass}`, with those the flat flags turn on."""
+        from ..objectives import flag_objectives, parse_objectives
+
+        objectives = parse_objectives(self.objectives)
+        for name, config in flag_objectives(self).items():
+            if name in objectives:
+                raise ValueError(f"objectives.{name} is also set by its flags ({name} settings): use one of the two")
+            objectives[name] = config
+        self.objectives = objectives
 
     def _match_pairs_seen(self):
         """SigLIP 4.8's 'matching total pairs seen': a masked run trains longer by the factor of pairs it drops."""
@@ -216,4 +225,5 @@ class SiglipTrainingArguments(TrainingArguments):
     def to_dict(self):
         values = super().to_dict()
         values["loss_config"] = dataclasses.asdict(self.loss_config)  # JSON-ready, and accepted back as a mapping
+        values["objectives"] = {name: dataclasses.asdict(config) for name, config in (self.objectives or {}).items()}
         return values

@@ -1,4 +1,4 @@
-"""DiHT's concept distillation (Radenovic et al., CVPR 2023, arXiv 2301.02280, section 3) for `SiglipTrainer`.
+"""DiHT's concept distillation (Radenovic et al., CVPR 2023, arXiv 2301.02280, section 3) as a training objective.
 
 A frozen teacher image model (an ImageNet-style classifier, or any image-feature model) sees every training image
 once, before training: the `concept_targets` data step stores its class logits or its feature vector per row. A
@@ -15,20 +15,19 @@ model's `_keys_to_ignore_on_save` (transformers' own mechanism, which every `sav
 resume check honour), so a saved model stays in its native format; the head is written beside each checkpoint
 (`concept_head.safetensors`) and read back on resume.
 
-Averaging: a process's term is `weight * (sum of its images' losses) * W / (global image count)`, so DDP's average of
-the gradients is the gradient of the mean over the global batch, also with unequal local batches (DESIGN decision 2).
-The logged `concept_distillation_loss` is that global mean, unweighted.
+Averaging is the objectives' rule (`hf_siglip.objectives.base`): the mean over the global batch's images. The logged
+`concept_distillation_loss` is that global mean, unweighted.
 """
 
-import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
 
-from .checkpoint_files import save_beside_checkpoint
 from ..data.embedding import _features
+from . import register_objective
+from .base import Objective, ObjectiveConfig, attach_module, full_state, load_into
 
 HEAD_NAME = "concept_head"
 WEIGHTS_NAME = "concept_head.safetensors"
@@ -90,33 +89,58 @@ def image_embedding_dim(model) -> int:
     return _features(output, normalize=False).shape[-1]
 
 
-def attach_head(model, in_features: int, out_features: int, seed: int) -> nn.Linear:
-    """A linear head registered as `model.concept_head`, initialised from `seed` alone (the same head whatever ran
-    before), its keys left out of what `save_pretrained` writes."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(in_features, out_features)
-    parameter = next(model.parameters())
-    head.to(device=parameter.device, dtype=parameter.dtype)
-    model.add_module(HEAD_NAME, head)
-    keys = {f"{HEAD_NAME}.{name}" for name, _ in head.named_parameters()}
-    model._keys_to_ignore_on_save = {*(getattr(model, "_keys_to_ignore_on_save", None) or ()), *keys}
-    return head
+@dataclass
+class ConceptDistillationConfig(ObjectiveConfig):
+    """Settings of concept distillation; the flags `concept_distillation_weight` / `_loss` / `_temperature` set them."""
+
+    loss: str = field(default="auto", metadata={"help": "'kl' (a classifier teacher's logits), 'cosine' (a feature "
+                                                       "teacher's vectors) or 'auto' (what the data step stored)."})
+    temperature: float = field(default=1.0, metadata={"help": "kl only: softmax temperature T (loss scaled by T^2)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the head's initialisation (the run's seed)."})
+
+    def validate(self, name: str) -> None:
+        if not (isinstance(self.weight, (int, float)) and self.weight >= 0):  # also refuses nan
+            raise ValueError(f"concept_distillation_weight must be >= 0 (0: off), got {self.weight!r}")
+        if self.loss not in CONCEPT_DISTILLATION_LOSSES:
+            raise ValueError(f"concept_distillation_loss must be one of {CONCEPT_DISTILLATION_LOSSES}, got "
+                             f"{self.loss!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"concept_distillation_temperature must be > 0, got {self.temperature!r}")
+        if self.loss == "cosine" and self.temperature != 1.0:
+            raise ValueError("concept_distillation_temperature applies to the kl loss only (cosine has none)")
 
 
-class ConceptDistillation(TrainerCallback):
-    """The head, the loss settings, and the head's file in each checkpoint (`on_save`; `load` on resume).
+CONCEPT_DISTILLATION_LOSSES = ("auto", "kl", "cosine")
 
-    Args:
-        model: the dual encoder (before `Trainer` wraps it); gets the `concept_head` submodule.
-        args: `SiglipTrainingArguments` with `concept_distillation_weight` > 0.
-        train_dataset: the training rows, with the `concept_targets` column (its length sizes the head).
-    """
 
-    def __init__(self, model, args, train_dataset):
-        self.weight, self.temperature = args.concept_distillation_weight, args.concept_distillation_temperature
-        self.kind = None if args.concept_distillation_loss == "auto" else args.concept_distillation_loss
-        self.head = attach_head(model, image_embedding_dim(model), target_dim(train_dataset), args.seed)
+@register_objective
+class ConceptDistillation(Objective):
+    """A linear head `concept_head` on the image embedding, sized from the training data's `concept_targets`
+    vectors, trained to predict them; the head's file is written beside each checkpoint."""
+
+    name = "concept_distillation"
+    config_class = ConceptDistillationConfig
+    side_file = WEIGHTS_NAME
+    batch_columns = (COLUMN,)
+
+    def __init__(self, config, model, args, processing_class=None, train_dataset=None):
+        super().__init__(config, model, args)
+        self.temperature = config.temperature
+        self.kind = None if config.loss == "auto" else config.loss
+        in_features, out_features = image_embedding_dim(model), target_dim(train_dataset)
+        self.head = attach_module(model, HEAD_NAME, lambda: nn.Linear(in_features, out_features), seed=config.seed)
+
+    @classmethod
+    def flags_turn_on(cls, args) -> bool:
+        return args.concept_distillation_weight > 0
+
+    @classmethod
+    def config_from_flags(cls, args):
+        return ConceptDistillationConfig(weight=args.concept_distillation_weight, loss=args.concept_distillation_loss,
+                                         temperature=args.concept_distillation_temperature, seed=args.seed)
+
+    def before_training(self, trainer) -> None:
+        self.resolve_loss(trainer.args, trainer.data_steps_report)  # 'auto' follows the data step's report
 
     def resolve_loss(self, args, data_steps_report: dict) -> str:
         """The loss to use: the arguments' choice, or for 'auto' the one fitting the concept_targets step's output
@@ -143,35 +167,24 @@ class ConceptDistillation(TrainerCallback):
         predictions = self.head(image_embeds.to(self.head.weight.dtype))
         return distillation_losses(predictions, inputs[COLUMN], self.kind, self.temperature)
 
-    def scale(self, accelerator, local_sum: torch.Tensor, local_images: int) -> tuple[float, float]:
-        """`(weight * W / global image count, global mean loss)`: one all-reduce of two numbers."""
-        totals = torch.stack([local_sum.detach().float().reshape(()),
-                              torch.tensor(float(local_images), device=local_sum.device)])
-        if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals, reduction="sum")
-        total, images = totals.tolist()
-        return self.weight * accelerator.num_processes / images, total / images
+    def count(self, batch) -> int:
+        return len(batch[COLUMN]) if COLUMN in batch else 0
 
-    def on_save(self, args, state, control, **kwargs):
-        weights = {name: _full(value).detach().cpu() for name, value in self.head.state_dict().items()}
-        save_beside_checkpoint(weights, args, state, WEIGHTS_NAME)
+    def loss_sum(self, outputs, batch) -> torch.Tensor:
+        return self.losses(outputs.image_embeds, batch).sum()
 
-    def load(self, checkpoint_folder: str) -> None:
-        """Take the head saved with a checkpoint (a checkpoint of a run without concept distillation has none)."""
-        path = os.path.join(checkpoint_folder, WEIGHTS_NAME)
-        if not os.path.exists(path):
-            raise ValueError(f"resuming concept distillation needs {WEIGHTS_NAME} in {checkpoint_folder}")
-        from safetensors.torch import load_file
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return full_state(self.head)
 
-        weights = load_file(path, device="cpu")
-        with torch.no_grad():
-            for name, value in self.head.state_dict().items():
-                value.copy_(weights[name])
+    def load_state_dict(self, state) -> None:
+        load_into(self.head, state)
+
+    def card(self) -> dict:
+        card = {"concept_distillation_weight": self.weight, "concept_distillation_loss": self.kind or "auto"}
+        if self.kind != "cosine":
+            card["concept_distillation_temperature"] = self.temperature
+        return card
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter FSDP2 shards (a collective: every process saves), else the tensor itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-__all__ = ["ConceptDistillation", "distillation_losses", "target_dim"]
+__all__ = ["COLUMN", "ConceptDistillation", "ConceptDistillationConfig", "WEIGHTS_NAME", "distillation_losses",
+           "target_dim"]

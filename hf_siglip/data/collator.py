@@ -4,7 +4,10 @@ Output (all ``torch.Tensor``):
 
 * ``pixel_values`` ``(B, C, H, W)`` float — or ``image_embeds`` ``(B, D)`` float when rows carry a
   precomputed ``image_embeds`` column (locked / cached image tower, SigLiT); with a NaFlex image processor
-  (Siglip2) ``pixel_values`` are patches ``(B, N, P)``, beside its ``pixel_attention_mask`` and ``spatial_shapes``;
+  (Siglip2) ``pixel_values`` are patches ``(B, N, P)``, beside its ``pixel_attention_mask`` and ``spatial_shapes``.
+  With ``normalize_on_device=True`` (what ``SiglipTrainer`` sets, see "Images") the fast path's ``pixel_values``
+  are ``uint8`` instead, beside ``pixel_normalization`` ``(B, 2, 3)`` float32 (each image's per-channel scale and
+  offset): :func:`normalize_pixel_values` turns them into the float values, on the device;
 * ``input_ids`` ``(T, max_length)`` long, padded to ``max_length`` and truncated (as SigLIP was
   trained: no attention mask is needed; pass ``return_attention_mask=True`` if your text tower wants one);
 * ``image_ids`` ``(B,)`` long and ``text_ids`` ``(T,)`` long: image i and text j are a positive pair iff
@@ -50,6 +53,16 @@ patches, torchvision-backend processors) is always called as it is. Both shortcu
 :meth:`SiglipDataCollator.for_evaluation` (what ``SiglipTrainer`` evaluates with) decodes in full and calls the
 processor, so evaluation sees the pixels the saved processor makes.
 
+Normalising on the device: a float32 batch costs 4x the bytes of its ``uint8`` pixels, and handing it from a
+DataLoader worker costs the worker a page fault per 4 KB of shared memory (~0.4 ms per 224 px image, more than the
+resize). With ``normalize_on_device=True`` the fast path stops at the ``uint8`` batch and the consumer calls
+:func:`normalize_pixel_values` on the batch once it is on the device (``SiglipTrainer`` does, in
+``_prepare_inputs``, as timm's ``PrefetchLoader`` does): the same float32 values as the collator's own
+normalisation, bit for bit. ``SiglipTrainer`` switches it on when the option is left at None (the default; None
+and False give float ``pixel_values``, so a collator used on its own, or with a plain ``transformers.Trainer``,
+gives what the model takes). Batches from the processor (any processor the fast path does not reproduce, and
+evaluation batches) stay float, and :func:`normalize_pixel_values` leaves them as they are.
+
 Use with ``transformers.Trainer``: set ``remove_unused_columns=False`` (the image/caption columns are
 not arguments of the model's ``forward``). ``set_epoch`` changes this object; ``DataLoader`` workers
 hold copies made when they start, so call it before each epoch's iterator is created (the default,
@@ -68,12 +81,14 @@ import numpy as np
 import torch
 
 from .captions import CaptionSampler
-from .image_preprocessing import RESIZE_BACKENDS, FixedSizeImagePreprocessing, unsupported_reason
+from .image_preprocessing import RESIZE_BACKENDS, FixedSizeImagePreprocessing, normalize_uint8, unsupported_reason
 from .images import ImageDecodeError, decode_image
 from .text import normalize_captions
 
 logger = logging.getLogger(__name__)
 
+# beside uint8 pixel_values (normalize_on_device): (B, 2, 3) float32, each image's per-channel scale and offset
+PIXEL_NORMALIZATION = "pixel_normalization"
 _PROCESS_SHIFT = 48
 _WORKER_SHIFT = 40
 
@@ -109,6 +124,9 @@ class SiglipDataCollator:
             row_id, epoch)`` (e.g. :class:`~hf_siglip.data.augmentation.ImageAugmentation`).
         image_fast_path: ``"torch"`` (default), ``"pil"`` or None: how ``pixel_values`` are made when the image
             processor is a plain fixed-size resize + rescale + normalise (see "Images" in the module docstring).
+        normalize_on_device: True: the fast path's ``pixel_values`` are ``uint8`` with ``pixel_normalization``, for
+            :func:`normalize_pixel_values` on the device; None (default; ``SiglipTrainer`` makes it True) or False:
+            float ``pixel_values``.
         draft_decode: decode JPEGs at the smallest DCT scale that covers the output size (True, for training
             speed) or in full (False: the pixels the saved processor sees; :meth:`for_evaluation` turns it off).
         return_attention_mask: also emit ``attention_mask``.
@@ -130,6 +148,7 @@ class SiglipDataCollator:
     caption_sampler: Optional[CaptionSampler] = None
     image_transform: Optional[Any] = None
     image_fast_path: Optional[str] = "torch"
+    normalize_on_device: Optional[bool] = None
     draft_decode: bool = True
     return_attention_mask: bool = False
     return_drop_counts: bool = False
@@ -153,7 +172,7 @@ class SiglipDataCollator:
         exactly as the saved processor makes them (full decoding, the processor itself: no draft JPEG decoding, no
         fast resize), so the trainer's evaluation equals `hf-siglip eval`'s and any evaluator's on the same weights."""
         return dataclasses.replace(self, caption_sampler=None, image_transform=None, image_fast_path=None,
-                                   draft_decode=False)
+                                   draft_decode=False, normalize_on_device=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch used by ``caption_sampler`` (fresh, reproducible captions each epoch)."""
@@ -268,13 +287,19 @@ class SiglipDataCollator:
         size = getattr(self.image_processor, "size", None) or {}
         return size.get("height", size.get("shortest_edge", 0)), size.get("width", size.get("shortest_edge", 0))
 
-    def _pixel_values(self, images: list) -> torch.Tensor:
-        if not images:
-            return torch.zeros(0, 3, *self._image_size())
+    def _pixel_values(self, images: list) -> dict[str, torch.Tensor]:
         fast = self._fast_image_preprocessing()
+        if fast is not None and self.normalize_on_device:
+            # uint8 pixels and each image's scale and offset (per image: a batch split or concatenated along its
+            # first dimension keeps them), normalised on the device by normalize_pixel_values
+            scale_offset = torch.from_numpy(np.stack([fast.scale.reshape(3), fast.offset.reshape(3)]))
+            return {"pixel_values": fast.uint8_batch([fast.resize(image) for image in images]),
+                    PIXEL_NORMALIZATION: scale_offset.expand(len(images), 2, 3).contiguous()}
+        if not images:
+            return {"pixel_values": torch.zeros(0, 3, *self._image_size())}
         if fast is not None:
-            return fast(images)
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+            return {"pixel_values": fast(images)}
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()}
 
     def _fast_image_preprocessing(self) -> FixedSizeImagePreprocessing | None:
         """The processor's fast equivalent, or None (fast path off, or a processor it does not reproduce). Read
@@ -292,7 +317,7 @@ class SiglipDataCollator:
         """`pixel_values` and whatever else the image processor makes for the model beside them (Siglip2's NaFlex
         patches come with `pixel_attention_mask` and `spatial_shapes`)."""
         if list(getattr(self.image_processor, "model_input_names", ["pixel_values"])) == ["pixel_values"]:
-            return {"pixel_values": self._pixel_values(images)}
+            return self._pixel_values(images)
         from PIL import Image
 
         # an empty batch gets every input with no rows: those of one blank image, cut to none
@@ -314,6 +339,20 @@ class SiglipDataCollator:
         if self.return_attention_mask:
             out["attention_mask"] = torch.from_numpy(np.asarray(encoded["attention_mask"], dtype=np.int64))
         return out
+
+
+def normalize_pixel_values(batch: dict[str, Any], dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """Turn a ``normalize_on_device`` batch's ``uint8`` ``pixel_values`` into float pixel values where they are (call
+    it once the batch is on the device): ``pixel_values * scale + offset`` per channel in float32, bit for bit the
+    values the collator makes without the option, then cast to ``dtype`` (the model's; a float32 model gets them as
+    they are). Removes ``pixel_normalization`` from ``batch``; a batch without it (float pixel values, cached
+    ``image_embeds``) is returned as it is, so calling it twice is harmless."""
+    normalization = batch.pop(PIXEL_NORMALIZATION, None)
+    pixels = batch.get("pixel_values")
+    if normalization is not None and pixels is not None and pixels.dtype == torch.uint8:
+        dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        batch["pixel_values"] = normalize_uint8(pixels, normalization[:, 0], normalization[:, 1], dtype)
+    return batch
 
 
 def collator_epoch_callback(collator: SiglipDataCollator):

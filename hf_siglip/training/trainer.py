@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint, save_beside_checkpoint
-from ..data.collator import SiglipDataCollator, collator_epoch_callback
+from ..data.collator import SiglipDataCollator, collator_epoch_callback, normalize_pixel_values
 from ..dual_encoders import as_dual_encoder, restore_config_parameters, set_patch_dropout, tower_modules, \
     tower_prefixes
 from ..evaluation import retrieval_metrics
@@ -117,6 +117,8 @@ class SiglipTrainer(Trainer):
             data_collator = SiglipDataCollator(processor=processing_class)
         if hasattr(data_collator, "return_drop_counts"):
             data_collator.return_drop_counts = True  # counts from DataLoader workers reach `data_counts`
+        if getattr(data_collator, "normalize_on_device", False) is None:
+            data_collator.normalize_on_device = True  # uint8 batches from the workers: `_prepare_inputs` normalises
         # a native SiglipModel / Siglip2Model / CLIPModel gets the forward this trainer needs (hf_siglip.dual_encoders)
         model = set_patch_dropout(as_dual_encoder(model), args.patch_dropout)  # FLIP, a training-time hook
         for tower in _locked_towers(args):
@@ -178,6 +180,10 @@ class SiglipTrainer(Trainer):
         return self.optimizer
 
     # --- loss ----------------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, inputs):
+        # uint8 pixels (the collator's normalize_on_device) become the model's pixel values on the device
+        return normalize_pixel_values(super()._prepare_inputs(inputs), getattr(self.model, "dtype", None))
 
     def _embed(self, model, inputs):
         unwrapped = self.accelerator.unwrap_model(model)

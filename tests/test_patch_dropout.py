@@ -142,8 +142,8 @@ def test_gradient_accumulation_drops_the_same_patches_as_the_large_batch(tmp_pat
     for name, batch, accumulation, ratio in (("one", 16, 1, 0.5), ("accumulated", 8, 2, 0.5), ("off", 16, 1, 0.0)):
         model, _, collator, dataset = tiny_training_setup(image_size=32)
         seen = encoder_inputs(model)
-        args = training_args(tmp_path / name, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                             patch_dropout=ratio)
+        args = training_args(tmp_path / name, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, patch_dropout=ratio)
         trainer = hs.SiglipTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset["train"])
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -175,6 +175,6 @@ def test_a_bad_patch_dropout_flag_is_one_line(tmp_path, capsys, value):
     assert cli_main(["train", *flags]) == 2
     err = capsys.readouterr().err.rstrip("\n")
     report = err[err.rindex("hf-siglip train: error: "):]
-    assert report == f"hf-siglip train: error: patch_dropout must be in [0, 1) (the fraction of patch tokens dropped), " \
-                     f"got {float(value)!r}"
+    assert report == "hf-siglip train: error: patch_dropout must be in [0, 1) (the fraction of patch tokens " \
+                     f"dropped), got {float(value)!r}"
     assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ Batched, L2-normalised embeddings come from `hf_siglip.data.embedding` (also hom
 the SigLiT embedding cache).
 
 Ties are neither hits nor misses: a query scores the expected hit under a random order of the tied candidates
-(DESIGN decision 12), so a collapsed model gets chance, and NaN embeddings raise instead of scoring.
+(decision 12 in docs/ARCHITECTURE.md), so a collapsed model gets chance, and NaN embeddings raise instead of scoring.
 Everything returns plain dicts of floats; `to_json` writes them for papers' tables.
 """
 

@@ -4,7 +4,7 @@
 whole (global) batch, written with ordinary autograd, for tests and for users who want to check. Settings are a
 `SiglipLossConfig` (or its fields as keyword arguments); positives follow `hf_siglip.positives.positive_pairs`.
 
-Convention (DESIGN decision 2). Image i and text j are a positive pair iff their ids are equal,
+Convention (decision 2 in docs/ARCHITECTURE.md). Image i and text j are a positive pair iff their ids are equal,
 wherever they live among the processes (without ids: text j of a process is the positive of image j
 of the same process), or mining adds them. With N the global number of images and W the number of processes, the
 global loss is `L = -sum_{all i, all j} log sigmoid(z_ij (t x_i.y_j + b)) / N`. Each process returns

@@ -1,4 +1,4 @@
-"""The loss options as per-tile terms (DESIGN decision 8): what `sigmoid_loss` computes, written once.
+"""The loss options as per-tile terms (decision 8 in docs/ARCHITECTURE.md): what `sigmoid_loss` computes, written once.
 
 A `Tile` is a block of pairs: some local images (rows) against some texts (columns), with their logits
 `l = t x.y + b`, positives, global indices, the row/column statistics the active terms asked for and the

@@ -1,6 +1,6 @@
 """Which image-text pairs are positives: the one rule the loss, the trainer's metrics and evaluation share.
 
-Image i and text j are a positive pair iff their ids are equal (DESIGN decision 1), or FFF's in-batch mining
+Image i and text j are a positive pair iff their ids are equal (decision 1 in docs/ARCHITECTURE.md), or FFF's in-batch mining
 (Bulat et al. 2024, section 3.1) adds them, each rule with its cosine-similarity threshold (None = off):
 
 - image-text: cos(x_i, y_j) >= mine_image_text;

@@ -1,4 +1,4 @@
-"""Data steps on several processes (DESIGN decision 7; issue 21 item 3): a step that runs a model over the data or
+"""Data steps on several processes (decision 7 in docs/ARCHITECTURE.md) issue 21 item 3): a step that runs a model over the data or
 writes files runs once, on the main process, and every process ends with the same rows, counts and random state as
 one process would; label_noise, a pure function of (seed, row key), runs on each process alike. One torchrun launch
 of 2 gloo processes runs every registered step (tests/scripts/data_steps_ranks.py)."""

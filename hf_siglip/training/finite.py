@@ -1,4 +1,4 @@
-"""NaN and infinity: refused wherever a number would be reported or a model kept (DESIGN decision 12).
+"""NaN and infinity: refused wherever a number would be reported or a model kept (decision 12 in docs/ARCHITECTURE.md).
 
 - A training step whose loss, gradient norm, t or b is not finite stops the run, or with
   `SiglipTrainingArguments.on_nonfinite="skip"` is skipped and counted (`SiglipTrainer._check_finite_step`).

@@ -1,6 +1,6 @@
 """Data steps: the papers' data pipelines as an ordered list in a recipe.
 
-The contract (DESIGN decision 7). A data step is one module here that registers
+The contract (decision 7 in docs/ARCHITECTURE.md). A data step is one module here that registers
 
 * a typed config dataclass (validated when it is built, so a bad recipe fails before any data is read), and
 * ``apply(dataset, config, context) -> dataset``, which adds or replaces named columns of a ``Dataset``

@@ -1,4 +1,4 @@
-"""NaN and infinity are never reported as numbers (DESIGN decision 12, issue 20 item 2).
+"""NaN and infinity are never reported as numbers (decision 12 in docs/ARCHITECTURE.md; issue 20 item 2).
 
 A diverging run (a learning rate of 1e20: the weights overflow after one step) stops with one line naming the
 step, or with `on_nonfinite: skip` skips and counts the steps; corrupt weights (random bytes written over part of

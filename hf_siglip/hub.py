@@ -112,6 +112,29 @@ def _data_table(report: dict | None) -> str:
     return "| step / reason | count |\n|---|---|\n" + "\n".join(rows)
 
 
+def _wise_ft_section(result: dict | None) -> str:
+    """The card's WiSE-FT section: what was mixed, the rule, each mix's target and anchor metrics (the saved one
+    marked), the curve and where the fine-tuned end point lives."""
+    if not result:
+        return ""
+    rows = "\n".join(
+        f"| {row['alpha']:g} | {row['target']:.4f} | {row['anchor']:.4f} |"
+        + (" **saved here** |" if index == result["chosen"] else " |")
+        for index, row in enumerate(result["rows"]))
+    anchor = _local_name(str(result.get("anchor_dataset") or "the anchor set"))
+    text = (f"### Fine-tuning that does not forget (WiSE-FT)\n\n"
+            f"The weights in this folder mix the starting and the fine-tuned weights: (1 - α) start + α fine-tuned "
+            f"with α = {result['alpha']:g} (Wortsman et al., 2022). Each mix was evaluated on the target's held-out "
+            f"split ({result['target_metric']}) and zero-shot on {anchor} (top-1: what fine-tuning forgets). "
+            f"Rule: {result['rule_text']}.")
+    if result.get("finetuned"):
+        text += f" The fine-tuned end point (α = 1) is in `{result['finetuned']}/`."
+    text += f"\n\n| α | target {result['target_metric']} | {anchor} zero-shot top-1 | |\n|---|---|---|---|\n{rows}"
+    if result.get("curve"):
+        text += f"\n\n![WiSE-FT trade-off: target metric against anchor accuracy per mix]({result['curve']})"
+    return text
+
+
 # model-index: the metrics the Hub shows as results (recall@k both ways, zero-shot accuracy), with readable names
 _INDEXED = {"i2t_recall@": ("image-text-retrieval", "recall", "image-to-text recall@{}"),
             "t2i_recall@": ("image-text-retrieval", "recall", "text-to-image recall@{}"),
@@ -161,6 +184,7 @@ def build_model_card(
     intended_use: str | None = None,
     limitations: str = "",
     data_report: dict | None = None,
+    wise_ft: dict | None = None,
 ) -> ModelCard:
     """Fill the package's model card template for `model` (a `SiglipBottleneckModel` or a `hf_siglip.dual_encoders`
     adapter of SiglipModel / Siglip2Model / CLIPModel).
@@ -172,7 +196,9 @@ def build_model_card(
     results the Hub displays (recall@k both ways, zero-shot accuracy). `evaluation_protocol` says how they were
     measured; `hyperparameters` and `hardware` describe the run; `intended_use` replaces the default statement (the
     demo's toy notice); `training_curve` is a path relative to the repo root; `data_report` holds the data steps'
-    counts (rows dropped or skipped, per reason). Framework versions are read from the installed packages.
+    counts (rows dropped or skipped, per reason); `wise_ft` is a WiSE-FT sweep (`hf_siglip.training.wise_ft.run_sweep`
+    plus `curve`, `finetuned`, `anchor_dataset`), shown as a table of the mixes and the trade-off curve. Framework
+    versions are read from the installed packages.
     """
     datasets = [datasets] if isinstance(datasets, str) else datasets
     pushed = is_hub_id(repo_id) and "/" in repo_id
@@ -217,6 +243,7 @@ def build_model_card(
         eval_table=_eval_table(metrics),
         evaluation_protocol=evaluation_protocol or "",
         data_table=_data_table(data_report),
+        wise_ft_section=_wise_ft_section(wise_ft),
         intended_use=intended_use or ("Image-text retrieval and zero-shot image classification, and a starting point "
                                       "for fine-tuning on similar data."),
         limitations=limitations,

@@ -93,6 +93,29 @@ class SiglipScriptArguments:
                 "decode, fewer rows than its <shard>_stats.json records). 'skip': named in a warning, skipped "
                 "(the rows read before the fault are kept) and counted in the data report (eval_results.json, "
                 "model card); 'fail': the run stops with one line naming the shard. Every process alike."})
+    # fine-tuning that does not forget (hf_siglip.cli.anchor, hf_siglip.training.wise_ft)
+    anchor_dataset: str | None = field(default=None, metadata={
+        "help": "A labelled set with class names ('demo', or an image/caption/label dataset as --dataset takes) "
+                "whose zero-shot top-1 is evaluated before, at each evaluation and after training, logged as "
+                "eval_anchor_zero_shot_top1 beside the target metrics: what fine-tuning forgets."})
+    anchor_split: str = field(default=AUTO, metadata={"help": "Anchor split. 'auto': 'test', else 'validation'."})
+    anchor_label_column: str = field(default="label", metadata={"help": "Anchor label column (class index)."})
+    anchor_classes: list[str] | None = field(default=None, metadata={
+        "help": "Anchor class names (default: the demo's, else the label column's ClassLabel names)."})
+    anchor_templates: list[str] | None = field(default=None, metadata={
+        "help": "Anchor prompt templates with '{}' (default: the demo's)."})
+    anchor_max_samples: int | None = field(default=None, metadata={"help": "Use only the first N anchor rows."})
+    wise_ft_alphas: str | None = field(default=None, metadata={
+        "help": "WiSE-FT at the end of training: mixes (1-a)*start + a*fine-tuned for these a, e.g. "
+                "'0,0.25,0.5,0.75,1' (0 and 1 always added), each evaluated on the target and the anchor set; the "
+                "one --wise_ft_rule picks is saved in output_dir, the fine-tuned weights in output_dir/finetuned. "
+                "Needs --anchor_dataset."})
+    wise_ft_rule: str = field(default="anchor_drop", metadata={
+        "help": "Which mix is saved: 'anchor_drop' (best target recall@1 among the mixes whose anchor top-1 is at "
+                "most --wise_ft_max_anchor_drop below the start's), 'mean' (best mean of the two), 'target' (best "
+                "target recall@1), or a number: that alpha. Ties: the smaller alpha."})
+    wise_ft_max_anchor_drop: float = field(default=0.01, metadata={
+        "help": "wise_ft_rule anchor_drop: the anchor accuracy a mix may lose against the start (0.01 = 1 point)."})
 
     def __post_init__(self):
         from ..data.steps import parse_data_steps
@@ -283,6 +306,11 @@ def _data_problems(script_args, training_args) -> list[str]:
 
     if getattr(script_args, "bad_shards", "skip") not in BAD_SHARDS:
         problems.append(f"bad_shards is one of {BAD_SHARDS}, got {script_args.bad_shards!r}")
+    from ..training.wise_ft import wise_ft_problems  # fine-tuning that does not forget
+
+    problems += wise_ft_problems(script_args) + _positive("anchor_max_samples", script_args.anchor_max_samples,
+                                                          allow_none=True)
+    problems += [problem for problem in [missing_local_path(script_args.anchor_dataset, "anchor_dataset")] if problem]
     for name in ("image_column", "caption_column", "train_split"):
         if not getattr(script_args, name):
             problems.append(f"{name} must be a non-empty string")

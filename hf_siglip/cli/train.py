@@ -307,6 +307,39 @@ def seed_everything(training_args: SiglipTrainingArguments) -> None:
         set_seed(training_args.seed)
 
 
+FINETUNED_FOLDER = "finetuned"  # under output_dir: the fine-tuned end point when WiSE-FT saves a mix
+
+
+def forgetting_measures(trainer, script_args: SiglipScriptArguments, processor, evaluation, resume_from):
+    """`--anchor_dataset`: its zero-shot accuracy joins every evaluation (before training too: `eval_on_start`, on a
+    fresh run). Returns a CPU copy of the starting weights when `--wise_ft_alphas` asks for a sweep, else None."""
+    if not script_args.anchor_dataset:
+        return None
+    from ..errors import UsageError
+    from ..training.wise_ft import parse_alphas, weight_snapshot
+    from .anchor import AnchorEvaluation, anchor_callback
+
+    if evaluation is None:
+        raise UsageError(f"anchor_dataset / wise_ft_alphas need an evaluation split of {script_args.dataset} (the "
+                         "target metric): it has none; name one with --eval_split")
+    with own_messages_as_usage_errors(), quiet_local_loading(script_args.anchor_dataset):
+        anchor = AnchorEvaluation(script_args, processor)
+    trainer.add_callback(anchor_callback(trainer, anchor))
+    if resume_from is None:  # a resumed run's log already holds its start
+        trainer.args.eval_on_start = True
+    if parse_alphas(script_args.wise_ft_alphas) is None:
+        return None
+    # the weights training starts from (a resumed run's too: the checkpoint is loaded inside train())
+    return weight_snapshot(trainer.accelerator.unwrap_model(trainer.model))
+
+
+def save_wise_ft_curve(result: dict, output_dir: str, anchor_name: str) -> str | None:
+    from ..training.wise_ft import save_sweep_curve
+
+    curve = save_sweep_curve(result, os.path.join(output_dir, "wise_ft.png"), anchor_name)
+    return os.path.basename(curve) if curve else None
+
+
 def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArguments,
               training_args: SiglipTrainingArguments) -> dict:
     """The whole job; returns the evaluation metrics (also written to output_dir/eval_results.json)."""
@@ -349,7 +382,16 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     record = evaluation_record(script_args, eval_split if evaluation is not None else None)
     trainer.add_callback(evaluation_record_callback(record))
     trainer.add_callback(StartupSummary(facts))
+    start_weights = forgetting_measures(trainer, script_args, processor, evaluation, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)
+    wise_ft = None
+    if start_weights is not None:  # WiSE-FT: keep the fine-tuned end point, then load and save the chosen mix
+        from ..training.wise_ft import run_sweep, sweep_alphas
+
+        trainer.save_model(os.path.join(training_args.output_dir, FINETUNED_FOLDER))
+        alphas = sweep_alphas(script_args.wise_ft_alphas, script_args.wise_ft_rule)
+        wise_ft = run_sweep(trainer, start_weights, alphas, script_args.wise_ft_rule,
+                            script_args.wise_ft_max_anchor_drop)
 
     metrics, protocol = {}, None
     evaluation_name = "hf_siglip demo" if script_args.dataset == DEMO else script_args.dataset
@@ -391,8 +433,14 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
             base_model=model_args.model_name_or_path,
             data_report=data_report,
         )
+        if wise_ft is not None:
+            wise_ft.update(finetuned=FINETUNED_FOLDER, anchor_dataset=script_args.anchor_dataset,
+                           curve=save_wise_ft_curve(wise_ft, training_args.output_dir, script_args.anchor_dataset))
+            trainer.card_info["wise_ft"] = wise_ft
+            write_evaluation_record(record, os.path.join(training_args.output_dir, FINETUNED_FOLDER))
         trainer.create_model_card()
-        to_json({"metrics": metrics, "data": data_report, "data_steps": data_step_settings(script_args)},
+        to_json({"metrics": metrics, "data": data_report, "data_steps": data_step_settings(script_args),
+                 **({"wise_ft": wise_ft} if wise_ft is not None else {})},
                 os.path.join(training_args.output_dir, "eval_results.json"))  # data_steps: every setting of each
         write_evaluation_record(record, training_args.output_dir)
     if training_args.push_to_hub:

@@ -50,7 +50,7 @@ def test_a_step_list_works_alike_on_a_dataset_a_saved_folder_and_a_stream(tmp_pa
         outputs.append([(r["image_id"], r["caption"], r["noise"], np.asarray(decode_image(r["image"])).tobytes())
                         for r in rows])
         reports.append(context.report)
-        assert context.caption_sampler.k == 2
+        assert context.collator_options["caption_sampler"].k == 2
     assert outputs[0] == outputs[1] == outputs[2]
     kept = len(outputs[0])
     assert kept == 24  # "dog" (complexity 0) and "" are removed

@@ -127,13 +127,12 @@ class SiglipScriptArguments:
                 self.data_steps = json.loads(self.data_steps) if self.data_steps.strip() not in ("", "None") else None
             except json.JSONDecodeError as error:
                 raise ValueError(f"data_steps: not valid JSON ({error}): {self.data_steps!r}") from None
-        parse_data_steps(self.data_steps)  # an unknown step, setting or value fails here, before any data
+        # parsed once: an unknown step, setting or value fails here, before any data
+        self._steps = parse_data_steps(self.data_steps)
 
     def steps(self):
         """The data steps as ``[(name, typed config)]``."""
-        from ..data.steps import parse_data_steps
-
-        return parse_data_steps(self.data_steps)
+        return self._steps
 
 
 @dataclass
@@ -293,11 +292,14 @@ def _data_problems(script_args, training_args) -> list[str]:
         if training_args.concept_distillation_weight > 0 and "concept_targets" not in step_names:
             problems.append("concept_distillation_weight > 0 needs the concept_targets data step, which stores the "
                             "teacher's outputs per row (data_steps: [{concept_targets: {model: TEACHER}}])")
-    if "image_embedding_cache" in step_names and step_names[-1] != "image_embedding_cache" and any(
-            name in ("pseudo_captions", "capfilt", "positive_groups", "cat_filter", "concept_targets") for name in
-            step_names[step_names.index("image_embedding_cache"):]):
-        problems.append("image_embedding_cache drops the images: steps that read them (pseudo_captions, capfilt, "
-                        "positive_groups, cat_filter, concept_targets) must come before it")
+    if "image_embedding_cache" in step_names:
+        from ..data.steps import DATA_STEPS
+
+        after = step_names[step_names.index("image_embedding_cache") + 1:]
+        readers = sorted({name for name, step in DATA_STEPS.items() if step.reads_images} - {"image_embedding_cache"})
+        if any(DATA_STEPS[name].reads_images for name in after):
+            problems.append(f"image_embedding_cache drops the images: steps that read them ({', '.join(readers)}) "
+                            "must come before it")
     from ..data.image_preprocessing import RESIZE_BACKENDS
 
     if script_args.image_fast_path not in (*RESIZE_BACKENDS, None):

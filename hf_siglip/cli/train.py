@@ -373,7 +373,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
              if training_args.process_index == 0 else None)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
     collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
-                                  caption_sampler=context.caption_sampler, image_transform=context.image_transform,
+                                  **context.collator_options,  # what the batch steps hand over
                                   image_fast_path=script_args.image_fast_path)
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,
                             eval_dataset=evaluation, processing_class=processor)

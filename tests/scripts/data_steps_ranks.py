@@ -81,6 +81,7 @@ for name, config in parse_data_steps(steps_json):
                   "rows": snapshot(dataset), "random_state": random_state()})
 result = {"rank": rank, "processes": args.world_size, "steps": steps, "built_from": built_from,
           "report": {name: dict(counts) for name, counts in context.report.items()},
-          "sampler_k": context.caption_sampler.k if context.caption_sampler else None}
+          "sampler_k": context.collator_options["caption_sampler"].k if "caption_sampler" in context.collator_options
+          else None}
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))

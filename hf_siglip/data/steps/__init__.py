@@ -61,6 +61,8 @@ class DataStep:
     config_class: type
     apply: Callable  # (dataset, config, context) -> dataset
     kind: str = "rows"  # "rows": changes the dataset; "batch": configures the collator
+    reads_images: bool = False  # decodes the rows' images (so it must run before a step that drops them)
+    hands_collator: tuple[str, ...] = ()  # SiglipDataCollator arguments it sets in `context.collator_options`
 
 
 DATA_STEPS: dict[str, DataStep] = {}
@@ -69,10 +71,12 @@ _STEP_MODULES = ("pseudo_captions", "cat_filter", "capfilt", "positive_groups", 
                  "image_embedding_cache", "caption_sampling", "image_augmentation")
 
 
-def register_data_step(name: str, config_class: type, kind: str = "rows"):
-    """Decorator for a step's ``apply(dataset, config, context)``."""
+def register_data_step(name: str, config_class: type, kind: str = "rows", reads_images: bool = False,
+                       hands_collator: tuple[str, ...] = ()):
+    """Decorator for a step's ``apply(dataset, config, context)``: its kind, whether it reads the images, and which
+    collator arguments it hands over (``context.collator_options``, passed to the collator as they are)."""
     def register(apply):
-        DATA_STEPS[name] = DataStep(name, config_class, apply, kind)
+        DATA_STEPS[name] = DataStep(name, config_class, apply, kind, reads_images, tuple(hands_collator))
         return apply
     return register
 
@@ -136,8 +140,9 @@ class DataContext:
     training_model: Callable[[Any], tuple[Any, Any]] | None = None
     main_process_first: Callable[..., Any] = main_process_first
     report: dict[str, Counter] = field(default_factory=dict)
-    caption_sampler: Any = None  # set by the caption_sampling step
-    image_transform: Any = None  # set by the image_augmentation step
+    # collator arguments batch steps hand over (caption_sampling: caption_sampler; image_augmentation:
+    # image_transform): `SiglipDataCollator(..., **context.collator_options)`
+    collator_options: dict[str, Any] = field(default_factory=dict)
     run: str = ""
     _training_model_used: bool = field(default=False, init=False, repr=False)
     _shared_steps: int = field(default=0, init=False, repr=False)
@@ -277,6 +282,10 @@ def run_data_steps(dataset, steps: list[tuple[str, Any]], context: DataContext):
         rows_in = len(dataset) if isinstance(dataset, datasets.Dataset) else None
         before = set(context.report)
         dataset = DATA_STEPS[name].apply(dataset, config, context)
+        undeclared = set(context.collator_options) - {option for step in DATA_STEPS.values()
+                                                      for option in step.hands_collator}
+        if undeclared:  # a step's collator arguments are part of its registration
+            raise ValueError(f"data step {name!r} set collator option(s) {sorted(undeclared)} it does not declare")
         recorded = [key for key in context.report if key not in before
                     and (key == name or key.removeprefix(f"{name}_").isdigit())]
         counts = context.report[recorded[0]] if recorded else context.record(name, Counter())

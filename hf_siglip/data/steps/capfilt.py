@@ -28,7 +28,7 @@ class CapFiltConfig:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {self.threshold}")
 
 
-@register_data_step("capfilt", CapFiltConfig)
+@register_data_step("capfilt", CapFiltConfig, reads_images=True)
 def apply(dataset, config: CapFiltConfig, context):
     def compute(data):
         names = data.column_names or []

@@ -17,13 +17,13 @@ class CaptionSamplingConfig:
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
 
 
-@register_data_step("caption_sampling", CaptionSamplingConfig, kind="batch")
+@register_data_step("caption_sampling", CaptionSamplingConfig, kind="batch", hands_collator=("caption_sampler",))
 def apply(dataset, config: CaptionSamplingConfig, context):
     names = dataset.column_names or []
     columns = config.columns or ["caption"] + [c for c in ("pseudo_captions",) if c in names]
     missing = [c for c in columns if names and c not in names]
     if missing:
         raise KeyError(f"caption_sampling: column(s) {missing} not in the dataset's columns {names}")
-    context.caption_sampler = CaptionSampler(columns=columns, k=config.k, seed=context.seed)
+    context.collator_options["caption_sampler"] = CaptionSampler(columns=columns, k=config.k, seed=context.seed)
     context.record("caption_sampling", {"k": config.k})
     return dataset

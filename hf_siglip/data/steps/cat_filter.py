@@ -24,7 +24,7 @@ class CatFilterConfig:
             raise ValueError(f"min_complexity must be >= 0 or null, got {self.min_complexity}")
 
 
-@register_data_step("cat_filter", CatFilterConfig)
+@register_data_step("cat_filter", CatFilterConfig, reads_images=True)
 def apply(dataset, config: CatFilterConfig, context):
     def compute(data):
         data, counts = cat_filter(data, min_complexity=config.min_complexity,

@@ -27,7 +27,7 @@ class ConceptTargetsConfig:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
 
 
-@register_data_step("concept_targets", ConceptTargetsConfig)
+@register_data_step("concept_targets", ConceptTargetsConfig, reads_images=True)
 def apply(dataset, config: ConceptTargetsConfig, context):
     def compute(data):
         teacher, processor = load_concept_teacher(config.model, config.output)

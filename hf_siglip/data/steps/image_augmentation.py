@@ -7,8 +7,8 @@ from ..augmentation import ImageAugmentation
 from . import register_data_step
 
 
-@register_data_step("image_augmentation", ImageAugmentation, kind="batch")
+@register_data_step("image_augmentation", ImageAugmentation, kind="batch", hands_collator=("image_transform",))
 def apply(dataset, config: ImageAugmentation, context):
-    context.image_transform = config.seeded(context.seed)
+    context.collator_options["image_transform"] = config.seeded(context.seed)
     context.record("image_augmentation", {})
     return dataset

@@ -16,7 +16,7 @@ class ImageEmbeddingCacheConfig:
     batch_size: int = 64
 
 
-@register_data_step("image_embedding_cache", ImageEmbeddingCacheConfig)
+@register_data_step("image_embedding_cache", ImageEmbeddingCacheConfig, reads_images=True)
 def apply(dataset, config: ImageEmbeddingCacheConfig, context):
     def compute(data):
         model, processor = context.model(data, None)

@@ -30,7 +30,7 @@ class PositiveGroupsConfig:
             raise ValueError(f"backend must be auto, faiss or torch, got {self.backend!r}")
 
 
-@register_data_step("positive_groups", PositiveGroupsConfig)
+@register_data_step("positive_groups", PositiveGroupsConfig, reads_images=True)
 def apply(dataset, config: PositiveGroupsConfig, context):
     def compute(data):
         model, processor = context.model(data, config.model)

@@ -24,7 +24,7 @@ class PseudoCaptionsConfig:
             raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
 
 
-@register_data_step("pseudo_captions", PseudoCaptionsConfig)
+@register_data_step("pseudo_captions", PseudoCaptionsConfig, reads_images=True)
 def apply(dataset, config: PseudoCaptionsConfig, context):
     def compute(data):
         captioner, processor = load_captioner(config.model)

@@ -62,7 +62,7 @@ def test_hf_siglip_recipes_lists_each_with_its_first_comment_line(capsys):
     assert cli_main(["recipes"]) == 0
     listing = capsys.readouterr().out.splitlines()
     files = sorted(RECIPES.glob("*.yaml")) + sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
-    assert len(files) == 16
+    assert len(files) == 17
     for path in files:
         first = next(line for line in path.read_text().splitlines() if line.startswith("#"))
         purpose = first.lstrip("#").strip()

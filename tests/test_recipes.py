@@ -89,7 +89,7 @@ def test_every_recipe_is_tested_and_documents_its_paper():
     tested = {"siglip_from_scratch", "siglit_locked_image_tower", "finetune_pretrained", "msiglip_bottleneck",
               "fff_multi_positive", "fff_multi_positive_safe", "diht_cat_hard_negatives", "blip_capfilt",
               "siglip_label_noise",
-              "albef_momentum_distillation", "diht_concept_distillation"}
+              "albef_momentum_distillation", "diht_concept_distillation", "resolution_adaptation"}
     assert {path.stem for path in RECIPES.glob("*.yaml")} == tested
     for path in RECIPES.glob("*.yaml"):
         text = path.read_text()
@@ -177,6 +177,13 @@ def test_finetune_pretrained_from_a_native_checkpoint(tmp_path, native_tiny_chec
     assert "Fine-tuned from" in (output_dir / "README.md").read_text()
     tuned = SiglipModel.from_pretrained(output_dir)  # still a plain transformers checkpoint
     assert tuned.logit_scale.shape == (1,)
+
+
+def test_resolution_adaptation_resamples_a_checkpoint_to_a_larger_size(tmp_path, native_tiny_checkpoint):
+    output_dir = run_recipe("resolution_adaptation", tmp_path, model_name_or_path=native_tiny_checkpoint, image_size=32)
+    tuned = SiglipModel.from_pretrained(output_dir)  # plain transformers, at the new size
+    assert tuned.config.vision_config.image_size == 32
+    assert tuned.vision_model.embeddings.position_embedding.weight.shape[0] == (32 // 8) ** 2
 
 
 def test_msiglip_bottleneck(tmp_path, native_tiny_checkpoint):

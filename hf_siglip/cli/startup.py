@@ -102,8 +102,8 @@ def sample_image_sizes(dataset, limit: int = IMAGES_SAMPLED) -> list[tuple[int, 
 
 def image_size_source(model_args) -> str:
     """Where the model's input size came from."""
-    if model_args.model_name_or_path:
-        return "the checkpoint's config"
+    if model_args.model_name_or_path:  # a resampled checkpoint says so (hf_siglip.resolution)
+        return getattr(model_args, "image_size_source", "the checkpoint's config")
     if model_args.vision_model_name_or_path:
         return "the vision tower's config"
     return getattr(model_args, "image_size_source", "set by --image_size")
@@ -185,6 +185,7 @@ def summary_lines(facts: dict, args, state, model) -> list[str]:
     """The summary, one aspect a line."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)  # peft's (--use_peft)
     rows = f"{facts['dataset']}: {_count(facts['train_rows'])} training rows (split '{facts['train_split']}')"
     if facts["eval_split"] is not None:
         rows += f", {_count(facts['eval_rows'])} evaluation rows (split '{facts['eval_split']}')"
@@ -219,7 +220,9 @@ def summary_lines(facts: dict, args, state, model) -> list[str]:
                       for name, settings in step.items()) or "none"
     device = args.device.type + (" (bf16)" if args.bf16 else " (fp16)" if args.fp16 else "")
     return [f"Training on {rows}", f"  {image}", f"  {text}", f"  {batch}",
-            f"  parameters: {trainable:,} trainable, {frozen:,} frozen",
+            f"  parameters: {trainable:,} trainable, {frozen:,} frozen"
+            + (f" (LoRA: {adapters:,} in adapters, {trainable / (trainable + frozen):.2%} of all trainable)"
+               if adapters else ""),
             f"  processes: {args.world_size} on {device}", f"  data steps: {steps}"]
 
 

@@ -75,17 +75,17 @@ def test_the_sweeps_end_points_are_the_start_and_the_fine_tuned_models_own_evalu
     for name in ("i2t_recall@1", "t2i_recall@1", "loss", "anchor_zero_shot_top1"):
         assert rows[0.0][name] == at_start[name], name  # alpha 0: the starting weights, exactly
     # against `hf-siglip eval` of each end point (the start checkpoint has no record: data named here)
-    start_target = _evaluate(capsys, root / "start", tmp_path / "a.json", "--dataset", str(root / "digits"),
-                             "--max_length", "12")
-    start_anchor = _evaluate(capsys, root / "start", tmp_path / "b.json", "--dataset", "demo", "--max_length", "12",
-                             "--demo_test_size", "24", "--demo_image_size", "16")
-    tuned_target = _evaluate(capsys, out / "finetuned", tmp_path / "c.json")  # its record: digits, length 12
-    tuned_anchor = _evaluate(capsys, out / "finetuned", tmp_path / "d.json", "--dataset", "demo",
-                             "--demo_test_size", "24", "--demo_image_size", "16")
-    for alpha, target, anchor in ((0.0, start_target, start_anchor), (1.0, tuned_target, tuned_anchor)):
-        for name in ("i2t_recall@1", "t2i_recall@1"):
-            assert rows[alpha][name] == pytest.approx(target[name], abs=1e-9), (alpha, name)
-        assert rows[alpha]["anchor_zero_shot_top1"] == pytest.approx(anchor["zero_shot_top1"], abs=1e-9), alpha
+    demo = ["--anchor_dataset", "demo", "--demo_test_size", "24", "--demo_image_size", "16"]
+    start = _evaluate(capsys, root / "start", tmp_path / "a.json", "--dataset", str(root / "digits"),
+                      "--max_length", "12", *demo)
+    tuned = _evaluate(capsys, out / "finetuned", tmp_path / "b.json", *demo)  # its record: digits, length 12
+    for alpha, evaluated in ((0.0, start), (1.0, tuned)):
+        for name in ("i2t_recall@1", "t2i_recall@1", "anchor_zero_shot_top1"):
+            assert rows[alpha][name] == pytest.approx(evaluated[name], abs=1e-9), (alpha, name)
+    # the anchor's accuracy is the demo's own zero-shot evaluation (`hf-siglip eval --dataset demo`)
+    on_demo = _evaluate(capsys, root / "start", tmp_path / "c.json", "--dataset", "demo", "--max_length", "12",
+                        *demo[2:])
+    assert start["anchor_zero_shot_top1"] == on_demo["zero_shot_top1"]
     # training changed the weights, so the end points are two models
     assert rows[0.0]["loss"] != rows[1.0]["loss"]
 
@@ -139,7 +139,10 @@ def test_rules_choose_from_the_table():
     assert torch.equal(interpolate(start, end, 0.25)["w"], torch.tensor([1.5, -1.0]))
 
 
-def test_settings_are_checked_before_any_data(tmp_path):
+def test_settings_are_checked_before_any_data(tmp_path, capsys):
+    from cli_helpers import flags
+
+    from hf_siglip.cli.main import main as cli_main
     from hf_siglip.cli.arguments import SiglipScriptArguments
     from hf_siglip.training.wise_ft import wise_ft_problems
 
@@ -148,5 +151,7 @@ def test_settings_are_checked_before_any_data(tmp_path):
     assert any("wise_ft_rule is one of" in problem for problem in problems)
     missing = wise_ft_problems(SiglipScriptArguments(wise_ft_alphas="0.5"))
     assert missing == ["wise_ft_alphas needs --anchor_dataset: the mixes are chosen by what they keep on it"]
-    done = run_train({**TINY, "anchor_dataset": tmp_path / "nowhere", "output_dir": tmp_path / "out"})
-    assert done.returncode == 2 and "anchor_dataset" in done.stderr and "no such file" in done.stderr
+    assert cli_main(["train", *flags({**TINY, "anchor_dataset": tmp_path / "nowhere", "output_dir": tmp_path})]) == 2
+    assert "anchor_dataset" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", str(tmp_path), "--wise_ft_alphas", "0.5"]) == 2
+    assert "wise_ft_alphas is a `hf-siglip train` setting" in capsys.readouterr().err

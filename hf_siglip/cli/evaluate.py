@@ -64,8 +64,12 @@ def eval_problems(args: SiglipEvalArguments) -> list[str]:
     if args.checkpoint == default and not os.path.isdir(default) and not problems:
         problems.append(f"checkpoint {default}: no such folder (the default, where `hf-siglip train` saves the demo "
                         "model); name one with --checkpoint")
-    for name in ("few_shot", "max_length", "max_eval_samples", "max_train_samples"):
+    for name in ("few_shot", "max_length", "max_eval_samples", "max_train_samples", "anchor_max_samples"):
         problems += _positive(name, getattr(args, name), allow_none=True)
+    problems += [problem for problem in [missing_local_path(args.anchor_dataset, "anchor_dataset")] if problem]
+    if args.wise_ft_alphas is not None:
+        problems.append("wise_ft_alphas is a `hf-siglip train` setting (the sweep mixes a run's start and end); "
+                        "evaluate each saved folder instead")
     return problems
 
 
@@ -128,6 +132,12 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
             torch.tensor(evaluation[args.label_column]), n_classes=len(classes),
             init_classifier=classifier if args.probe_from_zero_shot else None)
         metrics.update({f"{name}_{args.few_shot}shot": value for name, value in probe.items()})
+    if args.anchor_dataset:  # as `hf-siglip train --anchor_dataset` logs it: anchor_zero_shot_top1...
+        from .anchor import AnchorEvaluation
+
+        with own_messages_as_usage_errors(), quiet_local_loading(args.anchor_dataset):
+            anchor = AnchorEvaluation(args, processor)
+        metrics.update(anchor(model))
     return metrics
 
 

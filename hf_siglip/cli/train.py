@@ -325,12 +325,18 @@ def forgetting_measures(trainer, script_args: SiglipScriptArguments, processor, 
     with own_messages_as_usage_errors(), quiet_local_loading(script_args.anchor_dataset):
         anchor = AnchorEvaluation(script_args, processor)
     trainer.add_callback(anchor_callback(trainer, anchor))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if parse_alphas(script_args.wise_ft_alphas) is not None and any("lora_" in name for name, _ in
+                                                                    model.named_parameters()):
+        # mixing an adapter's A and B factors separately is not the mix of the weights they make
+        raise UsageError("wise_ft_alphas with use_peft is not supported yet (mixing LoRA factors is not mixing the "
+                         "weights they make): fine-tune without use_peft to sweep mixes")
     if resume_from is None:  # a resumed run's log already holds its start
         trainer.args.eval_on_start = True
     if parse_alphas(script_args.wise_ft_alphas) is None:
         return None
     # the weights training starts from (a resumed run's too: the checkpoint is loaded inside train())
-    return weight_snapshot(trainer.accelerator.unwrap_model(trainer.model))
+    return weight_snapshot(model)
 
 
 def save_wise_ft_curve(result: dict, output_dir: str, anchor_name: str) -> str | None:

@@ -124,7 +124,8 @@ class Captioning(Objective):
         return loss
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return full_state(self.decoder)
+        # copies: BERT's output layer shares its weights with the token table, and safetensors refuses shared memory
+        return {name: value.clone() for name, value in full_state(self.decoder).items()}
 
     def load_state_dict(self, state) -> None:
         load_into(self.decoder, state)

@@ -6,9 +6,10 @@ Passes (each carries every text block once round the ring, with its ids and per-
   - one statistics pass per stage of the statistics the active terms need (column statistics ride home with
     their block); positive counts without mining come from the gathered ids instead;
   - for differentiable statistics (softmax normalisers), a pass summing the loss's gradient with respect to each;
-  - the main pass: per tile, the loss term and, by autograd, its gradient with respect to the tile's logits
-    (plus each differentiable statistic's gradient times the sum above), turned into embedding, t and b
-    gradients by two matrix products; text gradients ride home with their block.
+  - the main pass: per tile, the loss term and its gradient with respect to the tile's logits (the sigmoid loss
+    in closed form, fused, in buffers reused from tile to tile; other losses by autograd, plus each
+    differentiable statistic's gradient times the sum above), turned into embedding, t and b gradients by two
+    matrix products; text gradients ride home with their block.
 Backward only scales the saved gradients, so no collective runs inside autograd's backward. Memory per process is
 O((n_images + n_texts) * d + tile^2) plus what options hold (hard/easy masking: a running top-k of
 n_images x (ratio * most positives of a row) values; image-image/text-text mining: the mined pairs), independent
@@ -27,6 +28,7 @@ from .loss_terms import (
     reduce_tile,
     statistic_gradient,
     tile_loss,
+    tile_loss_and_gradient,
 )
 from .positives import id_pairs, pairs_in_tile, similar_pairs
 
@@ -93,6 +95,20 @@ class RingContext:
         return received, wait
 
 
+class Workspace:
+    """Scratch tensors reused from tile to tile: one flat buffer per name, as large as the largest shape asked for,
+    viewed at each shape (no allocation, and no fresh pages to fault in, per tile)."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.buffers = dtype, device, {}
+
+    def view(self, name, shape):
+        numel = shape[0] * shape[1]
+        if name not in self.buffers or self.buffers[name].numel() < numel:
+            self.buffers[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self.buffers[name][:numel].view(shape)
+
+
 def row_positive_counts(image_ids, all_text_ids):
     """How many texts (of the whole batch) carry each image's id."""
     sorted_ids, image_ids = torch.sort(all_text_ids).values, image_ids.contiguous()
@@ -106,7 +122,7 @@ class _RingLoss(torch.autograd.Function):
     @staticmethod
     def forward(fn_ctx, image_embeds, text_embeds, logit_scale, logit_bias, engine):
         loss, grads, statistics = engine.run()
-        fn_ctx.save_for_backward(*grads)
+        fn_ctx.save_for_backward(*grads, engine.embedding_scale)
         fn_ctx.dtypes = (image_embeds.dtype, text_embeds.dtype, logit_scale.dtype, logit_bias.dtype)
         fn_ctx.shapes = (logit_scale.shape, logit_bias.shape)
         engine.statistics = statistics
@@ -114,10 +130,11 @@ class _RingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(fn_ctx, grad_output):
-        gx, gy, gt, gb = fn_ctx.saved_tensors
+        gx, gy, gt, gb, embedding_scale = fn_ctx.saved_tensors
         dx, dy, dt, db = fn_ctx.dtypes
         go = grad_output.to(gx.dtype)
-        return ((gx * go).to(dx), (gy * go).to(dy), (gt * go).reshape(fn_ctx.shapes[0]).to(dt),
+        embedding_go = go * embedding_scale  # one pass over each embedding gradient
+        return ((gx * embedding_go).to(dx), (gy * embedding_go).to(dy), (gt * go).reshape(fn_ctx.shapes[0]).to(dt),
                 (gb * go).reshape(fn_ctx.shapes[1]).to(db), None)
 
 
@@ -125,7 +142,8 @@ class Engine:
     """One call of the loss: the ring, sizes, ids, the compute-dtype inputs and the active terms.
 
     `run()` returns (loss share, (d image, d text, d t, d b), summed statistics): see `hf_siglip.loss` for the
-    scaling convention.
+    scaling convention. The embedding gradients come divided by `embedding_scale` (t times the world size), which
+    backward applies with the incoming gradient in one pass.
     """
 
     def __init__(self, ring, config, terms, image_sizes, text_sizes, image_ids, text_ids, embeddings, inputs,
@@ -151,6 +169,7 @@ class Engine:
         self.global_rows = torch.arange(self.x.shape[0], device=self.x.device) + self.image_offsets[ring.rank]
         self.needs_grads, self.wants_statistics = needs_grads, wants_statistics
         self.statistics = None  # set by the autograd Function after the run
+        self.embedding_scale = None  # set by the run
 
     # plumbing ----------------------------------------------------------------------------------------
     def ring_pass(self, block, travel, visit, sizes=None):
@@ -189,15 +208,18 @@ class Engine:
         return {"embeds": self.y, "ids": self.text_ids, **self.text_inputs,
                 **{f"col/{name}": value for name, value in (col_stats or {}).items()}}
 
-    def tile(self, rows, cols, src, block, pairs_and_mined, row_stats, requires_grad=False):
+    def tile(self, rows, cols, src, block, pairs_and_mined, row_stats, requires_grad=False, workspace=None):
+        """The tile of the local images `rows` against the block's texts `cols`; with a `workspace`, its logits are
+        written into the workspace's "logits" buffer."""
         pairs, mined = pairs_and_mined  # positive pairs of the block; mined_pairs="ignore": the mined ones apart
         y_tile = block["embeds"][cols]
+        out = None if workspace is None else workspace.view("logits", (rows.stop - rows.start, y_tile.shape[0]))
         cosine = None
         if self.terms.uses_cosine:
             cosine = self.x[rows] @ y_tile.T
-            logits = cosine * self.t + self.b
+            logits = torch.mul(cosine, self.t, out=out).add_(self.b)
         else:
-            logits = torch.addmm(self.b, self.x_scaled[rows], y_tile.T)
+            logits = torch.addmm(self.b, self.x_scaled[rows], y_tile.T, out=out)
         col_index = torch.arange(cols.start, cols.stop, device=self.x.device) + self.text_offsets[src]
         return Tile(logits.requires_grad_(requires_grad), pairs_in_tile(rows, cols, pairs), self.global_rows[rows],
                     col_index, self.n_images, self.n_texts, positive_logits_leaf=requires_grad,
@@ -212,13 +234,14 @@ class Engine:
                     mined_index=None if mined is None else pairs_in_tile(rows, cols, mined),
                     mined_image_text=self.config.mine_image_text)
 
-    def visit_tiles(self, pairs_of, row_stats, on_tile, requires_grad=False):
+    def visit_tiles(self, pairs_of, row_stats, on_tile, requires_grad=False, workspace=None):
         """A ring-pass visit calling on_tile(rows, cols, tile, block, travel) for every tile of the local images
         against the visiting block; each tile is gone before the next is built (memory holds one)."""
         def visit(src, block, travel):
             pairs = pairs_of(src, block["ids"])
             for rows, cols in self.tiles(self.x.shape[0], block["embeds"].shape[0]):
-                on_tile(rows, cols, self.tile(rows, cols, src, block, pairs, row_stats, requires_grad), block, travel)
+                tile = self.tile(rows, cols, src, block, pairs, row_stats, requires_grad, workspace)
+                on_tile(rows, cols, tile, block, travel)
         return visit
 
     # forward -----------------------------------------------------------------------------------------
@@ -364,6 +387,20 @@ class Engine:
             coef.index_put_(tile.positive_index, grads[1], accumulate=True)
         return coef
 
+    def autograd_coefficients(self, tile, loss, chain, rows, cols, block, row_grads):
+        """d loss / d tile logits by autograd, with each differentiable statistic's gradient times d loss / d
+        statistic (from `statistic_gradients`) added."""
+        outputs, grad_outputs = [loss], [torch.ones_like(loss)]
+        for stat in chain:  # the statistic's gradient times d loss / d statistic
+            value = (tile.row if stat.axis == "row" else tile.col)[stat.name]
+            loss_grad = (row_grads[stat.name][rows, None] if stat.axis == "row"
+                         else block[f"grad/{stat.name}"][None, cols])
+            with torch.enable_grad():
+                values = stat.values(tile, self.config)
+            outputs.append(values)
+            grad_outputs.append(loss_grad * statistic_gradient(stat, values.detach(), value))
+        return self.logits_gradient(tile, outputs, grad_outputs)
+
     def main_pass(self, pairs_of, row_stats, col_stats, statistic_grads):
         config, ring, x, t = self.config, self.ring, self.x, self.t
         needs_grads = self.needs_grads
@@ -374,50 +411,53 @@ class Engine:
         block = self.text_block(col_stats)
         chain = ()
         if statistic_grads is not None:
-            row_grads, col_grads = statistic_grads
-            block.update(col_grads)
+            block.update(statistic_grads[1])
             chain = self.terms.differentiable
         statistics = self.wants_statistics
         if statistics and self.config.mining:
             totals[6] = self.row_id_positives().sum().double()
+        # a loss term with a closed-form gradient (the sigmoid loss) needs no autograd, and its tiles live in
+        # buffers reused from tile to tile
+        fused = needs_grads and not chain and self.terms.loss.gradient is not None
+        workspace = Workspace(x.dtype, x.device) if fused else None
 
         def on_tile(rows, cols, tile, block, travel):
-            with torch.set_grad_enabled(needs_grads):
-                loss, weight = tile_loss(tile, config, self.terms)
-            totals[0] += loss.detach().double()
             y_tile = block["embeds"][cols]
-            if statistics:  # the sum of the tile's logits is (sum_i x_i) . (sum_j y_j) t + b r c
+            if statistics:  # read before a fused loss overwrites the logits; the sum of the tile's logits is
+                # (sum_i x_i) . (sum_j y_j) t + b r c
                 totals[2] += tile.positive_index[0].shape[0]
                 totals[3] += tile.positive_logits.detach().sum().double()
                 totals[4] += (t * (x[rows].sum(0) @ y_tile.sum(0)) + self.b * tile.logits.numel()).double()
+            scale = 1.0
+            if fused:
+                loss, weight, coef, scale = tile_loss_and_gradient(tile, config, self.terms, workspace.view)
+            else:
+                with torch.set_grad_enabled(needs_grads):
+                    loss, weight = tile_loss(tile, config, self.terms)
+            totals[0] += loss.detach().double()
+            if statistics:
                 totals[5] += (tile.logits.numel() if isinstance(weight, float)
                               else torch.count_nonzero(weight.expand(tile.logits.shape)))
                 if self.config.ignores_mined_pairs:
                     totals[7] += tile.mined.sum()
             if not needs_grads:
                 return
-            outputs, grad_outputs = [loss], [torch.ones_like(loss)]
-            for stat in chain:  # the statistic's gradient times d loss / d statistic
-                value = (tile.row if stat.axis == "row" else tile.col)[stat.name]
-                loss_grad = (row_grads[stat.name][rows, None] if stat.axis == "row"
-                             else block[f"grad/{stat.name}"][None, cols])
-                with torch.enable_grad():
-                    values = stat.values(tile, config)
-                outputs.append(values)
-                grad_outputs.append(loss_grad * statistic_gradient(stat, values.detach(), value))
-            coef = self.logits_gradient(tile, outputs, grad_outputs)
-            totals[1] += coef.sum().double()
-            grad_x[rows].addmm_(coef, y_tile)
-            travel["grad"][cols].addmm_(coef.T, x[rows])
+            if not fused:
+                coef = self.autograd_coefficients(tile, loss, chain, rows, cols, block, row_grads)
+            totals[1] += coef.sum().double() * scale
+            grad_x[rows].addmm_(coef, y_tile, alpha=scale)
+            travel["grad"][cols].addmm_(coef.T, x[rows], alpha=scale)
 
+        row_grads = statistic_grads[0] if statistic_grads is not None else None
         travel = self.ring_pass(block, {"grad": torch.zeros_like(self.y)} if needs_grads else {},
-                                self.visit_tiles(pairs_of, row_stats, on_tile, requires_grad=needs_grads))
+                                self.visit_tiles(pairs_of, row_stats, on_tile, needs_grads and not fused, workspace))
         grad_y = travel["grad"] if needs_grads else torch.zeros_like(self.y)
         scale = ring.world  # each process's share times the world: DDP's average is the global loss
         loss = (totals[0] * scale).to(x.dtype)
         bias_grad = (totals[1] * scale).to(x.dtype) if self.terms.uses_bias else torch.zeros((), dtype=x.dtype,
                                                                                                device=x.device)
-        grads = (grad_x * (t * scale), grad_y * (t * scale), ((x * grad_x).sum() * scale), bias_grad)
+        self.embedding_scale = t * scale
+        grads = (grad_x, grad_y, torch.dot(x.reshape(-1), grad_x.reshape(-1)) * scale, bias_grad)
         if statistics and not self.config.mining:
             totals[6] = totals[2]  # every positive is one by ids
         if statistics and not self.config.ignores_mined_pairs:

@@ -8,9 +8,10 @@ per-image/per-text inputs (soft targets, teacher embeddings) by name. A term is 
 - weight terms give constant per-pair weights (normalisation, negative masking, hard-negative weights);
 - the loss term (one per `loss_type`) gives the tile's share of the loss from targets and weights.
 
-Targets and weights are constants; the loss term is differentiated by autograd, tile by tile. A statistic is a
-reduction over a whole row (all texts of the global batch) or column (all images): a sum, a log-sum-exp or the
-k-th largest value of a per-pair expression. The ring engine (`loss_ring`) computes statistics in passes before
+Targets and weights are constants; the loss term is differentiated by autograd, tile by tile, or gives its value
+and gradient in closed form (`Term.gradient`: the sigmoid loss, fused for speed; the dense reference keeps autograd,
+so the tests check one against the other). A statistic is a reduction over a whole row (all texts of the global
+batch) or column (all images): a sum, a log-sum-exp or the k-th largest value of a per-pair expression. The ring engine (`loss_ring`) computes statistics in passes before
 the main one; the dense reference (`hf_siglip.loss.dense_sigmoid_loss`) computes everything on one tile holding
 the whole batch. A differentiable statistic (the softmax normalisers) gets its part of the gradient from the
 engine: the loss term's gradient with respect to it, summed over the row, times the statistic's own gradient.
@@ -55,6 +56,7 @@ class Tile:
         self._mined_index, self._mined_image_text, self._mined = mined_index, mined_image_text, mined
         self._positive_logits_leaf = positive_logits_leaf
         self.positive_logits_leaf = None  # set when a term reads `positive_logits` as a leaf of its own
+        self._positive_logits = None  # read once: a loss term with a gradient of its own overwrites the logits
 
     @property
     def positive(self):
@@ -85,7 +87,9 @@ class Tile:
         its own whose gradient the engine adds back at those positions: a sparse read then costs no dense
         gradient tile."""
         if not self._positive_logits_leaf:
-            return self.logits[self.positive_index]
+            if self._positive_logits is None:
+                self._positive_logits = self.logits[self.positive_index]
+            return self._positive_logits
         if self.positive_logits_leaf is None:
             self.positive_logits_leaf = self.logits.detach()[self.positive_index].requires_grad_()
         return self.positive_logits_leaf
@@ -123,6 +127,9 @@ class Term:
     statistics: tuple = ()
     uses_cosine: bool = False
     uses_bias: bool = True  # False: logits are t x.y (the bias cancels, its gradient is 0)
+    # a loss term's value and gradient in closed form, fn(tile, target, weight, config, workspace) ->
+    # (loss, coef, scale) with d loss / d logits = scale * coef; the ring engine then skips autograd
+    gradient: Callable | None = None
 
 
 STATISTICS: dict[str, Statistic] = {}
@@ -182,8 +189,7 @@ def select_terms(config, inputs=()) -> ActiveTerms:
         uses_bias=loss.uses_bias)
 
 
-def tile_loss(tile, config, terms: ActiveTerms):
-    """The tile's share of the loss and its pair weights (a float when every pair weighs the same)."""
+def _targets_and_weights(tile, config, terms: ActiveTerms):
     with torch.no_grad():
         target = None  # None: the hard targets (positives 1), which the plain loss reads sparsely
         for target_term in terms.targets:
@@ -191,7 +197,23 @@ def tile_loss(tile, config, terms: ActiveTerms):
         weight = 1.0
         for weight_term in terms.weights:
             weight = weight * weight_term.fn(tile, config)
+    return target, weight
+
+
+def tile_loss(tile, config, terms: ActiveTerms):
+    """The tile's share of the loss and its pair weights (a float when every pair weighs the same)."""
+    target, weight = _targets_and_weights(tile, config, terms)
     return terms.loss.fn(tile, target, weight, config), weight
+
+
+def tile_loss_and_gradient(tile, config, terms: ActiveTerms, workspace):
+    """With a loss term that has a closed-form `gradient`: (loss, weight, coef, scale), d loss / d logits = scale *
+    coef. The tile's logits are overwritten (coef may be them); `workspace(name, shape)` gives a scratch tensor of that
+    shape (at most the tile's), reused from tile to tile."""
+    target, weight = _targets_and_weights(tile, config, terms)
+    with torch.no_grad():
+        loss, coef, scale = terms.loss.gradient(tile, target, weight, config, workspace)
+    return loss, weight, coef, scale
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,7 +399,50 @@ def negative_mask(tile, config):
     return (tile.positive | keep).to(tile.logits.dtype)
 
 
-@term("loss", lambda config, inputs: config.loss_type == "sigmoid")
+_CHUNK = 1 << 18  # elements per row chunk of the fused sigmoid's elementwise passes: its scratch stays in cache
+
+
+def _rows(value, start, stop):
+    """Rows start:stop of a per-pair value of the tile, which may be a float or broadcast along the rows."""
+    return value if isinstance(value, float) or value.shape[0] == 1 else value[start:stop]
+
+
+def _sigmoid_gradient(tile, target, weight, config, workspace):
+    """`sigmoid`'s value and its gradient coef = w (sigmoid(l) - y), fused: with u = -l (in place), one log-sigmoid
+    pass gives -softplus(l) = log sigmoid(u) and keeps exp(-|u|), from which its backward gives sigmoid(l) without a
+    second exp, written over the tile's logits; the same kernels as `F.logsigmoid` and its autograd gradient. The
+    passes run on chunks of rows, so their two scratch arrays (`workspace`) stay small and in cache."""
+    sparse = target is None and isinstance(weight, float)  # hard targets: only the positives' logits are read
+    positive_logits = tile.positive_logits if sparse else None  # read before the logits go
+    target = None if sparse else (tile.hard_targets() if target is None else target)
+    negated = tile.logits.neg_()
+    n_rows, n_cols = negated.shape
+    step = max(1, _CHUNK // max(n_cols, 1))
+    one = torch.ones((), dtype=negated.dtype, device=negated.device)
+    loss = None
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        u = negated[start:stop]
+        log_sigmoid, exp_abs = workspace("log_sigmoid", u.shape), workspace("exp_abs", u.shape)
+        torch.ops.aten.log_sigmoid_forward.output(u, output=log_sigmoid, buffer=exp_abs)
+        if sparse:
+            part = log_sigmoid.sum()
+        else:  # -(softplus(l) - y l) = log sigmoid(u) - y u
+            part = weighted_sum(_rows(weight, start, stop),
+                                log_sigmoid.addcmul_(_rows(target, start, stop), u, value=-1))
+        loss = part if loss is None else loss + part
+        torch.ops.aten.log_sigmoid_backward.grad_input(one.expand(u.shape), u, exp_abs, grad_input=u)
+    coef = negated  # now sigmoid(l)
+    if sparse:
+        loss = (-loss - positive_logits.sum()) * weight
+        return loss, coef.index_put_(tile.positive_index, -one, accumulate=True), weight
+    coef.sub_(target)
+    if isinstance(weight, float):
+        return -loss, coef, weight
+    return -loss, coef.mul_(weight), 1.0
+
+
+@term("loss", lambda config, inputs: config.loss_type == "sigmoid", gradient=_sigmoid_gradient)
 def sigmoid(tile, target, weight, config):
     """-log sigmoid(z l) = softplus(l) - y l, y the pair's target (z = 2y - 1 for hard targets)."""
     logits = tile.logits
@@ -417,4 +482,15 @@ def softmax(tile, target, weight, config):
     return row_loss + col_loss
 
 
-__all__ = ["STATISTICS", "TERMS", "ActiveTerms", "Statistic", "Term", "Tile", "select_terms", "tensor_inputs", "tile_loss"]
+__all__ = [
+    "STATISTICS",
+    "TERMS",
+    "ActiveTerms",
+    "Statistic",
+    "Term",
+    "Tile",
+    "select_terms",
+    "tensor_inputs",
+    "tile_loss",
+    "tile_loss_and_gradient",
+]

@@ -60,11 +60,31 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     names = lora_target_names(model, towers, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
     peft_model = get_peft_model(model, config)
+    model.save_pretrained = _checkpoint_saver(model)  # the Trainer's checkpoints (see `_checkpoint_saver`)
     trainable, total = count_parameters(model)
     logger.info("LoRA (peft): r=%d, alpha=%s, dropout=%s on %d linear layers of the %s tower(s): %s trainable "
                 "parameters of %s (%.2f%%)", r, alpha, dropout, len(names), "+".join(towers), f"{trainable:,}",
                 f"{total:,}", 100.0 * trainable / total)
     return peft_model
+
+
+def _checkpoint_saver(model: nn.Module):
+    """`save_pretrained` for the Trainer's checkpoints of a model with adapters injected: every weight under its
+    injected name (`...q_proj.base_layer.weight`, `...q_proj.lora_A.default.weight`) in model.safetensors, beside the
+    config, which `--resume_from_checkpoint` loads back into the same injected model. The native save would look for
+    the plain names; the final save is `save_lora`'s."""
+    from safetensors.torch import save_file
+
+    def save_pretrained(save_directory, state_dict=None, is_main_process: bool = True, **kwargs):
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        state = model.state_dict() if state_dict is None else state_dict
+        save_file({name: tensor.detach().contiguous() for name, tensor in state.items()},
+                  os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(save_directory)
+
+    return save_pretrained
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -82,6 +102,7 @@ def save_lora(peft_model, output_dir: str, processor=None, merge: bool = False) 
     peft_model.save_pretrained(adapter_dir)
     folders = {"adapter": adapter_dir}
     if merge:
+        vars(peft_model.get_base_model()).pop("save_pretrained", None)  # the native save again (`_checkpoint_saver`)
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(output_dir)
         folders["merged"] = output_dir

@@ -58,7 +58,8 @@ def test_lora_through_hf_siglip_train_one_process_two_processes_and_grad_cache(n
                                                                                 tmp_path):
     base = native_tiny_checkpoint_16
     one = tmp_path / "one"  # 1 process, batch 16, merged
-    run = run_train(checkpoint_flags({**TINY, **LORA, "output_dir": one, "merge_adapter": "true"}, base))
+    run = run_train(checkpoint_flags({**TINY, **LORA, "output_dir": one, "merge_adapter": "true",
+                                      "save_strategy": "steps", "save_steps": 2}, base))
     assert run.returncode == 0, run.stderr[-3000:]
     adapters = 2 * 4 * RANK * 2 * HIDDEN
     assert f"parameters: {adapters:,} trainable" in run.stdout and f"(LoRA: {adapters:,} in adapters" in run.stdout
@@ -76,11 +77,17 @@ def test_lora_through_hf_siglip_train_one_process_two_processes_and_grad_cache(n
                                       "gradient_accumulation_steps": 2}, base))
     assert run.returncode == 0, run.stderr[-3000:]
 
+    resumed = tmp_path / "resumed"  # the Trainer's checkpoints hold the injected model: resuming continues it
+    run = run_train(checkpoint_flags({**TINY, **LORA, "output_dir": resumed, "merge_adapter": "true",
+                                      "resume_from_checkpoint": one / "checkpoint-2"}, base))
+    assert run.returncode == 0, run.stderr[-3000:]
+
     # peft's files; an adapter-only folder holds no model weights (transformers would read them as a full model)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (one / "adapter").iterdir()}
     assert not (cached / "model.safetensors").exists() and (cached / "adapter_config.json").exists()
     reference = adapter_weights(one / "adapter")
     assert reference.keys() == adapter_weights(cached).keys() == adapter_weights(two / "adapter").keys()
+    assert all(torch.equal(adapter_weights(resumed / "adapter")[name], value) for name, value in reference.items())
     for name, value in reference.items():
         assert torch.allclose(adapter_weights(two / "adapter")[name], value, atol=1e-6, rtol=0), name
         assert torch.allclose(adapter_weights(cached)[name], value, atol=1e-6, rtol=0), name

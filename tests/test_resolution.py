@@ -52,14 +52,16 @@ def test_old_size_is_unchanged_and_new_size_equals_transformers_interpolation(ro
     assert model.config.vision_config.image_size == NEW_SIZE
 
 
-def test_sizes_that_cannot_apply_are_refused_in_one_line(checkpoints):
+def test_sizes_that_cannot_apply_are_refused_in_one_line_and_naflex_needs_none(checkpoints):
     def problems(kind, image_size):
         model_args = SiglipModelArguments(model_name_or_path=str(checkpoints[kind]), image_size=image_size)
         return configuration_problems(SiglipScriptArguments(max_length=12), model_args, None)
 
     assert problems("siglip", NEW_SIZE) == [] and problems("siglip", IMAGE_SIZE) == []
-    (naflex,) = problems("siglip2", NEW_SIZE)
-    assert "SigLIP 2 NaFlex" in naflex and "max_num_patches" in naflex
+    # NaFlex takes every image at its own size already: the flag is ignored (logged), as before
+    assert problems("siglip2", NEW_SIZE) == []
+    with pytest.raises(ValueError, match="SigLIP 2 NaFlex .* max_num_patches"):
+        change_image_size(load_dual_encoder(str(checkpoints["siglip2"])), NEW_SIZE)
     (odd,) = problems("clip", 20)
     assert "not a multiple of the checkpoint's patch_size 8" in odd and "16 or 24" in odd
 

@@ -1,4 +1,5 @@
-"""Native `transformers` dual encoders as `SiglipTrainer` trains them: SigLIP, SigLIP 2 (NaFlex) and CLIP.
+"""Native `transformers` dual encoders as `SiglipTrainer` trains them: SigLIP, SigLIP 2 (NaFlex), CLIP and
+VisionTextDualEncoder (any pretrained text encoder, BERT-like, beside any vision backbone).
 
 The trainer needs one thing from a model: a forward pass that takes image inputs (`pixel_values`, plus
 `pixel_attention_mask` / `spatial_shapes` for NaFlex, or precomputed `image_embeds` from a locked, cached
@@ -9,8 +10,9 @@ pass, not from the parameters directly, because under FSDP parameters are whole 
 Each adapter class here is the native class plus that forward and the names of its towers' modules; its
 weights, config and weight names are the native ones, and `save_pretrained` writes the folder under the
 native class name, so plain `transformers.AutoModel.from_pretrained` gives back a `SiglipModel`,
-`Siglip2Model` or `CLIPModel`. `as_dual_encoder` turns a native model object into its adapter in place (it
-switches the object's class, as FSDP2's `fully_shard` does: parameters, device and references stay the same);
+`Siglip2Model`, `CLIPModel` or `VisionTextDualEncoderModel`. `as_dual_encoder` turns a native model object into its
+adapter in place (it switches the object's class, as FSDP2's `fully_shard` does: parameters, device and references
+stay the same);
 `load_dual_encoder` loads any supported checkpoint folder or Hub id by its `config.json` model type.
 
 SigLIP 2 FixRes checkpoints (google/siglip2-*-patch16-224 and the like) are `SiglipModel`s in transformers;
@@ -18,14 +20,18 @@ SigLIP 2 FixRes checkpoints (google/siglip2-*-patch16-224 and the like) are `Sig
 reads unchanged) load as [`SiglipBottleneckModel`], which has this forward already.
 """
 
+import json
+
 import torch
 from torch import nn
-from transformers import AutoConfig, CLIPModel, PreTrainedModel, Siglip2Model, SiglipModel
+from transformers import AutoConfig, CLIPModel, PreTrainedModel, Siglip2Model, SiglipModel, VisionTextDualEncoderModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_siglip_bottleneck import LOADABLE_MODEL_TYPES
+from .errors import UsageError
 from .training.finite import check_finite_weights
 from .loss import sigmoid_loss
 from .modeling_siglip_bottleneck import SiglipBottleneckModel, SiglipBottleneckOutput
@@ -35,6 +41,8 @@ TOWERS = ("text", "vision")
 # The modules of each tower, by attribute name. The default fits SigLIP (its heads live inside the towers) and
 # SiglipBottleneckModel (whose `visual_projection`, when it has one, is a new head for a foreign backbone).
 DEFAULT_TOWER_MODULES = {"text": ("text_model",), "vision": ("vision_model",)}
+# Text towers `SiglipBottleneckModel` takes (`from_vision_text_pretrained`); others go into a VisionTextDualEncoder.
+SIGLIP_TEXT_MODEL_TYPES = ("siglip", "siglip_bottleneck", "siglip_text_model")
 # SigLIP paper's initial bias, for a model that has none (CLIP).
 LOGIT_BIAS_INIT = -10.0
 
@@ -134,44 +142,36 @@ class Siglip2DualEncoder(DualEncoderMixin, Siglip2Model):
     native_class = Siglip2Model
 
 
-class CLIPDualEncoder(DualEncoderMixin, CLIPModel):
-    """`transformers.CLIPModel` with the trainer's forward and the sigmoid loss's bias b, which CLIP lacks.
+class BiasInConfigMixin:
+    """The sigmoid loss's bias b for a native class that has none (CLIP, VisionTextDualEncoder); mixed in first.
 
-    Where b lives: a parameter of this class (so it trains, and t and b leave forward together), stored as the
-    `logit_bias` entry of config.json rather than as a weight. Plain `CLIPModel.from_pretrained` then loads the
-    folder with no unexpected-weight report (an extra weight would be listed as UNEXPECTED on every load) and a
-    user still finds b, to turn logits into sigmoid probabilities: `(logits_per_image + config.logit_bias).sigmoid()`.
+    Where b lives: a parameter of the adapter (so it trains, and t and b leave forward together), stored as the
+    `logit_bias` entry of config.json rather than as a weight. Plain transformers then loads the folder with no
+    unexpected-weight report (an extra weight would be listed as UNEXPECTED on every load) and a user still finds b,
+    to turn logits into sigmoid probabilities: `(logits_per_image + config.logit_bias).sigmoid()`.
     `save_pretrained` writes the current b into config.json; loading reads it back (`_init_weights`), and
-    `SiglipTrainer` restores it when resuming (`restore_config_parameters`). A CLIP checkpoint without the entry
-    starts at b = -10 (SigLIP paper) or the value `load_dual_encoder` is given.
-
-    CLIP's own processor resizes the shortest edge and centre-crops; the text tower is causal and pools the first
-    EOS token, so with right padding the padded positions never reach the pooled embedding and the collator's
-    fixed-length padding needs no attention mask.
+    `SiglipTrainer` restores it when resuming (`restore_config_parameters`). A checkpoint without the entry starts
+    at b = -10 (SigLIP paper) or the value `load_dual_encoder` is given.
     """
 
-    native_class = CLIPModel
-    bias_in_config = True  # the model card tells plain-CLIPModel users where b is
-    tower_modules = {"text": ("text_model", "text_projection"), "vision": ("vision_model", "visual_projection")}
+    bias_in_config = True  # the model card tells plain-transformers users where b is
     _keys_to_ignore_on_save = ["logit_bias"]  # kept in config.json (see above)
     _keys_to_ignore_on_load_missing = ["logit_bias"]
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
         self.logit_bias = nn.Parameter(torch.full((1,), _config_logit_bias(config)))
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        # from_pretrained: b is never in the weights file; CLIPDualEncoder(config): CLIPModel's post_init runs before
+        # from_pretrained: b is never in the weights file; Adapter(config): the native post_init runs before
         # __init__ creates b (with the config's value)
-        if isinstance(module, CLIPModel):  # transformers' CLIP init leaves t' to __init__: missing weights need it too
-            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
-        if isinstance(module, CLIPDualEncoder) and "logit_bias" in module._parameters:
+        if isinstance(module, BiasInConfigMixin) and "logit_bias" in module._parameters:
             init.constant_(module.logit_bias, _config_logit_bias(module.config))
 
     @classmethod
-    def adapt(cls, model: CLIPModel, logit_bias_init_value: float = LOGIT_BIAS_INIT) -> "CLIPDualEncoder":
+    def adapt(cls, model: PreTrainedModel, logit_bias_init_value: float = LOGIT_BIAS_INIT):
         model = super().adapt(model)
         parameter = next(model.parameters())
         value = getattr(model.config, "logit_bias", logit_bias_init_value)
@@ -185,7 +185,189 @@ class CLIPDualEncoder(DualEncoderMixin, CLIPModel):
         return super().save_pretrained(*args, state_dict=state_dict, **kwargs)
 
 
-ADAPTERS = {adapter.native_class: adapter for adapter in (SiglipDualEncoder, Siglip2DualEncoder, CLIPDualEncoder)}
+class CLIPDualEncoder(BiasInConfigMixin, DualEncoderMixin, CLIPModel):
+    """`transformers.CLIPModel` with the trainer's forward and the sigmoid loss's bias b, which CLIP lacks, kept in
+    config.json (`BiasInConfigMixin`).
+
+    CLIP's own processor resizes the shortest edge and centre-crops; the text tower is causal and pools the first
+    EOS token, so with right padding the padded positions never reach the pooled embedding and the collator's
+    fixed-length padding needs no attention mask.
+    """
+
+    native_class = CLIPModel
+    tower_modules = {"text": ("text_model", "text_projection"), "vision": ("vision_model", "visual_projection")}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CLIPModel):  # transformers' CLIP init leaves t' to __init__: missing weights need it too
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+
+# How a VisionTextDualEncoder text tower's outputs become one vector (config.json's `text_pooling`): "pooler" is the
+# tower's own pooler output (BERT's tanh layer on [CLS]; what plain VisionTextDualEncoderModel uses, and the value for
+# a checkpoint without the entry), "cls" the [CLS] state, "mean" the mean of the states the attention mask keeps
+# (sentence-transformers' mean pooling).
+TEXT_POOLINGS = ("pooler", "cls", "mean")
+
+
+def pool_text(outputs, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """One vector per text from a text tower's `outputs`, pooled as `pooling` (see `TEXT_POOLINGS`) under the mask."""
+    if pooling == "pooler":
+        return outputs.pooler_output
+    hidden = outputs.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # as sentence-transformers' Pooling
+
+
+class VisionTextDualEncoder(BiasInConfigMixin, DualEncoderMixin, VisionTextDualEncoderModel):
+    """`transformers.VisionTextDualEncoderModel` (any vision backbone + any `AutoModel` text encoder: BERT, RoBERTa,
+    XLM-R, MiniLM, each with a linear projection to `projection_dim`) with the trainer's forward, b in config.json
+    (`BiasInConfigMixin`) and the text pooling config.json's `text_pooling` names (`TEXT_POOLINGS`).
+
+    Such text towers attend to every position they are given, so they get the attention mask (the collator, the
+    trainer and `embed_texts` send one: `text_uses_attention_mask`) and pool with it: a caption embeds the same
+    whatever its padding. Saved as `VisionTextDualEncoderModel`; plain transformers loads it, and its
+    `get_text_features` equals ours for `text_pooling="pooler"`; for "mean" / "cls" pool `text_model`'s states that
+    way and apply `text_projection` (`pool_text`). The projections are heads, not tower modules: they train when a
+    tower is locked (LiT) and at the full learning rate.
+    """
+
+    native_class = VisionTextDualEncoderModel
+    text_uses_attention_mask = True
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._freeze_unused_pooler()
+
+    @classmethod
+    def adapt(cls, model: VisionTextDualEncoderModel, logit_bias_init_value: float = LOGIT_BIAS_INIT):
+        model = super().adapt(model, logit_bias_init_value)
+        model._freeze_unused_pooler()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_unused_pooler()  # loading re-creates parameters
+        return loaded
+
+    @property
+    def text_pooling(self) -> str:
+        return getattr(self.config, "text_pooling", "pooler")
+
+    def _freeze_unused_pooler(self) -> None:
+        """A text pooler that `text_pooling` does not use gets no gradient (DDP would wait for one); it is saved as
+        loaded, so plain transformers finds every weight."""
+        pooler = getattr(self.text_model, "pooler", None)
+        if isinstance(pooler, nn.Module) and self.text_pooling != "pooler":
+            pooler.requires_grad_(False)
+
+    @property
+    def pretrained_towers(self) -> frozenset[str]:
+        """The towers `build_vision_text_dual_encoder` loaded, else as `DualEncoderMixin.pretrained_towers`."""
+        towers = self.__dict__.get("_pretrained_towers")
+        return towers if towers is not None else super().pretrained_towers
+
+    @can_return_tuple
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                          **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling | tuple:
+        """As `VisionTextDualEncoderModel.get_text_features`, pooled as `text_pooling` says."""
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  token_type_ids=token_type_ids, return_dict=True, **kwargs)
+        pooled = pool_text(outputs, attention_mask, self.text_pooling)
+        return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state,
+                                          pooler_output=self.text_projection(pooled),
+                                          hidden_states=getattr(outputs, "hidden_states", None),
+                                          attentions=getattr(outputs, "attentions", None))
+
+    @can_return_tuple
+    def get_locked_image_features(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]):
+        """The vision tower's pooled output before `visual_projection` (SigLiT's cache; the projection trains)."""
+        return self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+
+    def forward(self, *args, image_embeds: torch.Tensor | None = None, **kwargs):
+        if image_embeds is not None:  # the cache holds `get_locked_image_features`: apply the head here
+            image_embeds = self.visual_projection(image_embeds.to(self.visual_projection.weight.dtype))
+        return super().forward(*args, image_embeds=image_embeds, **kwargs)
+
+
+def sentence_transformers_pooling(name_or_path: str) -> str | None:
+    """"mean" or "cls" as sentence-transformers' Pooling module beside the weights says (modules.json names its
+    folder, usually 1_Pooling/config.json), None when there is none; another mode (max, weighted) is refused."""
+    from transformers.utils import cached_file
+
+    def read(filename):
+        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path is None:
+            return None
+        with open(path) as file:
+            return json.load(file)
+
+    modules = read("modules.json") or []
+    folders = [module.get("path", "") for module in modules if str(module.get("type", "")).endswith("Pooling")]
+    settings = read(f"{folders[0]}/config.json" if folders else "1_Pooling/config.json")
+    if settings is None:
+        return None
+    modes = [key[len("pooling_mode_"):] for key, value in settings.items() if key.startswith("pooling_mode_") and value]
+    if modes == ["mean_tokens"]:
+        return "mean"
+    if modes == ["cls_token"]:
+        return "cls"
+    raise UsageError(f"text_model_name_or_path {name_or_path}: its sentence-transformers pooling is {modes}; hf-siglip "
+                     f"pools by {TEXT_POOLINGS[1:]} or the tower's pooler: choose one with --text_pooling")
+
+
+def build_vision_text_dual_encoder(text_model_name_or_path: str, vision_model_name_or_path: str | None = None,
+                                   vision_config=None, text_pooling: str = "auto", projection_dim: int | None = None,
+                                   logit_bias_init_value: float = LOGIT_BIAS_INIT) -> VisionTextDualEncoder:
+    """A [`VisionTextDualEncoder`] from a pretrained text encoder (any `AutoModel`) and a pretrained vision backbone
+    (`vision_model_name_or_path`: SigLIP's or CLIP's vision tower from a whole checkpoint, else the `AutoModel`
+    backbone) or a new one (`vision_config`), with new projections to `projection_dim` (default: the text width).
+
+    `text_pooling` "auto": as the sentence-transformers Pooling config beside the text weights says (mean or CLS),
+    else mean (what sentence-transformers does for a plain encoder). `model.pretrained_towers` names the loaded towers.
+    """
+    from transformers import AutoModel, CLIPVisionModel, VisionTextDualEncoderConfig
+
+    from .modeling_siglip_bottleneck import _load_vision_backbone
+
+    if (vision_model_name_or_path is None) == (vision_config is None):
+        raise ValueError("Pass exactly one of vision_model_name_or_path and vision_config.")
+    if text_pooling == "auto":
+        text_pooling = sentence_transformers_pooling(text_model_name_or_path) or "mean"
+    if text_pooling not in TEXT_POOLINGS:
+        raise UsageError(f"text_pooling is 'auto' or one of {TEXT_POOLINGS}, got {text_pooling!r}")
+    text_model = AutoModel.from_pretrained(text_model_name_or_path)
+    if text_pooling == "pooler" and getattr(text_model, "pooler", None) is None:
+        raise UsageError(f"text_pooling pooler: the text tower {type(text_model).__name__} has no pooler; choose "
+                         f"'mean' or 'cls'")
+    if vision_model_name_or_path is None:
+        vision_model = AutoModel.from_config(vision_config)
+    elif AutoConfig.from_pretrained(vision_model_name_or_path).model_type == "clip":
+        vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path)  # CLIPModel has no pooler_output
+    else:
+        vision_model = _load_vision_backbone(vision_model_name_or_path)
+    for role, tower in (("vision", vision_model), ("text", text_model)):
+        if not isinstance(getattr(tower.config, "hidden_size", None), int):
+            raise UsageError(f"{role} tower {type(tower).__name__}: VisionTextDualEncoderModel needs a backbone with "
+                             f"config.hidden_size (a transformer), this one has none")
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision_model.config, text_model.config, projection_dim=projection_dim or text_model.config.hidden_size,
+        logit_bias=logit_bias_init_value, text_pooling=text_pooling)
+    model = VisionTextDualEncoder(config, vision_model=vision_model, text_model=text_model)
+    model._pretrained_towers = frozenset({"text"} | ({"vision"} if vision_model_name_or_path else set()))
+    return model
+
+
+ADAPTERS = {adapter.native_class: adapter for adapter in (SiglipDualEncoder, Siglip2DualEncoder, CLIPDualEncoder,
+                                                      VisionTextDualEncoder)}
 ADAPTERS_BY_MODEL_TYPE = {adapter.native_class.config_class.model_type: adapter for adapter in ADAPTERS.values()}
 # what `load_dual_encoder` (and `hf-siglip train --model_name_or_path`) loads
 LOADABLE_DUAL_ENCODER_TYPES = tuple(sorted({*LOADABLE_MODEL_TYPES, *ADAPTERS_BY_MODEL_TYPE}))
@@ -202,16 +384,16 @@ def as_dual_encoder(model: nn.Module, logit_bias_init_value: float = LOGIT_BIAS_
     adapter = ADAPTERS.get(type(model))
     if adapter is None:
         return model
-    if adapter is CLIPDualEncoder:
+    if issubclass(adapter, BiasInConfigMixin):
         return adapter.adapt(model, logit_bias_init_value)
     return adapter.adapt(model)
 
 
 def load_dual_encoder(name_or_path: str, logit_bias_init_value: float = LOGIT_BIAS_INIT, **kwargs) -> nn.Module:
     """The checkpoint at `name_or_path` as a trainable dual encoder, chosen by its config.json model type: `siglip` and
-    `siglip_bottleneck` as [`SiglipBottleneckModel`], `siglip2` and `clip` as their adapters. `kwargs` go to
-    `from_pretrained`. Weights holding NaN or infinity are refused (`hf_siglip.training.finite.NonFiniteError`, naming the
-    safetensors file and tensor)."""
+    `siglip_bottleneck` as [`SiglipBottleneckModel`], `siglip2`, `clip` and `vision-text-dual-encoder` as their
+    adapters. `kwargs` go to `from_pretrained`. Weights holding NaN or infinity are refused
+    (`hf_siglip.training.finite.NonFiniteError`, naming the safetensors file and tensor)."""
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type in LOADABLE_MODEL_TYPES:
         model = SiglipBottleneckModel.from_pretrained(name_or_path, **kwargs)
@@ -220,7 +402,7 @@ def load_dual_encoder(name_or_path: str, logit_bias_init_value: float = LOGIT_BI
         if adapter is None:
             raise ValueError(f"{name_or_path} holds a checkpoint of model type '{config.model_type}'; hf-siglip "
                              f"trains the dual encoders {list(LOADABLE_DUAL_ENCODER_TYPES)}.")
-        if adapter is CLIPDualEncoder and not hasattr(config, "logit_bias"):
+        if issubclass(adapter, BiasInConfigMixin) and not hasattr(config, "logit_bias"):
             config.logit_bias = logit_bias_init_value
         model = adapter.from_pretrained(name_or_path, config=config, **kwargs)
     check_finite_weights(model, name_or_path)
@@ -241,7 +423,7 @@ def tower_prefixes(model: nn.Module) -> dict[str, tuple[str, ...]]:
 def restore_config_parameters(model: nn.Module, checkpoint: str) -> None:
     """Give parameters kept in config.json rather than in the weights (CLIP's b) their value from `checkpoint`, which
     the Trainer's weight loading does not read."""
-    if not isinstance(model, CLIPDualEncoder):
+    if not isinstance(model, BiasInConfigMixin):
         return
     config = AutoConfig.from_pretrained(checkpoint)
     with torch.no_grad():
@@ -309,5 +491,7 @@ def set_patch_dropout(model: nn.Module, ratio: float) -> nn.Module:
     return model
 
 
-__all__ = ["CLIPDualEncoder", "PatchDropout", "Siglip2DualEncoder", "SiglipDualEncoder", "as_dual_encoder",
-           "load_dual_encoder", "restore_config_parameters", "set_patch_dropout", "tower_modules", "tower_prefixes"]
+__all__ = ["BiasInConfigMixin", "CLIPDualEncoder", "PatchDropout", "SIGLIP_TEXT_MODEL_TYPES", "Siglip2DualEncoder",
+           "SiglipDualEncoder", "TEXT_POOLINGS", "VisionTextDualEncoder", "as_dual_encoder",
+           "build_vision_text_dual_encoder", "load_dual_encoder", "pool_text", "restore_config_parameters",
+           "sentence_transformers_pooling", "set_patch_dropout", "tower_modules", "tower_prefixes"]

@@ -147,7 +147,14 @@ class SiglipModelArguments:
     vision_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pretrained vision backbone (any HF vision model) for a new dual encoder."})
     text_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Pretrained SigLIP text tower for a new dual encoder (else a new text tower)."})
+        "help": "Pretrained text tower for a new dual encoder (else a new text tower): a SigLIP checkpoint's, or any "
+                "HF text encoder (BERT, RoBERTa, XLM-R, MiniLM: AutoModel), which makes a VisionTextDualEncoderModel "
+                "with new linear projections, its tokenizer and the attention mask (hf_siglip.dual_encoders)."})
+    text_pooling: str = field(default="auto", metadata={
+        "help": "How a non-SigLIP text tower's states become the text embedding: 'mean' (over the tokens the "
+                "attention mask keeps), 'cls', 'pooler' (the tower's own pooler, as plain VisionTextDualEncoderModel), "
+                "or 'auto': as the sentence-transformers pooling config beside the weights says (1_Pooling/), else "
+                "mean; a VisionTextDualEncoder checkpoint keeps its config's (default pooler)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "Tokenizer to use (else the checkpoint's, or one trained on the training captions)."})
     vocab_size: int = field(default=1000, metadata={"help": "New tokenizer: maximum vocabulary size."})
@@ -230,6 +237,10 @@ def configuration_problems(script_args: SiglipScriptArguments | None, model_args
                                               or model_args.text_model_name_or_path):
             problems.append("model_name_or_path loads a whole dual encoder: drop vision_model_name_or_path / "
                             "text_model_name_or_path, or drop model_name_or_path to assemble one from towers")
+        from ..dual_encoders import TEXT_POOLINGS
+
+        if model_args.text_pooling not in ("auto", *TEXT_POOLINGS):
+            problems.append(f"text_pooling is 'auto' or one of {list(TEXT_POOLINGS)}, got {model_args.text_pooling!r}")
         if model_args.num_attention_heads and _is_positive(model_args.num_attention_heads) and \
                 model_args.hidden_size % model_args.num_attention_heads:
             problems.append(f"hidden_size ({model_args.hidden_size}) must be divisible by num_attention_heads "
@@ -394,6 +405,25 @@ def _validate_checkpoint(script_args, model_args, problems: list[str]) -> None:
                         "leave it unset to train at the checkpoint's resolution")
     if model_args.bottleneck_dim is not None:
         problems.append("bottleneck_dim applies to a new text tower; for a checkpoint use `hf-siglip convert`")
+    if model_args.text_pooling != "auto" and config.model_type != "vision-text-dual-encoder":
+        problems.append(f"text_pooling applies to a VisionTextDualEncoder checkpoint or a pretrained non-SigLIP text "
+                        f"tower; model_name_or_path is a '{config.model_type}' checkpoint")
+
+
+def _text_tower_problems(text_config, script_args, model_args, problems: list[str]) -> None:
+    """A pretrained text tower: a non-SigLIP one (BERT-like) takes no bottleneck and pools as text_pooling says; the
+    text length must fit its positions."""
+    from ..dual_encoders import SIGLIP_TEXT_MODEL_TYPES
+
+    siglip = text_config.model_type in SIGLIP_TEXT_MODEL_TYPES
+    if siglip and model_args.text_pooling != "auto":
+        problems.append("text_pooling applies to a non-SigLIP text tower; a SigLIP tower pools its last position")
+    if not siglip and model_args.bottleneck_dim is not None:
+        problems.append(f"bottleneck_dim applies to a SigLIP text tower; text_model_name_or_path is a "
+                        f"'{text_config.model_type}' model")
+    positions = getattr(getattr(text_config, "text_config", text_config), "max_position_embeddings", None)
+    if isinstance(positions, int) and script_args.max_length > positions:
+        problems.append(f"max_length {script_args.max_length} exceeds the text tower's positions ({positions})")
 
 
 def _validate_new_towers(script_args, model_args, problems: list[str]) -> None:
@@ -423,8 +453,11 @@ def _validate_new_towers(script_args, model_args, problems: list[str]) -> None:
         try:
             text_config = _checkpoint_config(model_args.text_model_name_or_path, "text_model_name_or_path")
             hidden_size = getattr(getattr(text_config, "text_config", text_config), "hidden_size", hidden_size)
+            _text_tower_problems(text_config, script_args, model_args, problems)
         except ValueError as error:
             problems.append(str(error))
+    elif model_args.text_pooling != "auto":
+        problems.append("text_pooling applies to a pretrained non-SigLIP text tower (text_model_name_or_path)")
     if model_args.bottleneck_dim is not None and not 0 < model_args.bottleneck_dim < hidden_size:
         problems.append(f"bottleneck_dim must satisfy 0 < bottleneck_dim < hidden_size (= {hidden_size}), got "
                         f"{model_args.bottleneck_dim}; unset it for a plain token table")

@@ -13,6 +13,7 @@ import torch
 
 from ..data.demo import DEMO_TEMPLATES
 from ..data.embedding import embed_images, embed_texts
+from ..dual_encoders import as_dual_encoder
 from ..data.text import normalize_captions
 from ..errors import UsageError, error_message, own_messages_as_usage_errors
 from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
@@ -93,7 +94,8 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     with own_messages_as_usage_errors():  # a checkpoint neither here nor on the Hub: one line
         args.evaluated_from = resolve_eval_arguments(args)
     try:
-        model = AutoModel.from_pretrained(args.checkpoint).eval()
+        # the adapter pools a VisionTextDualEncoder's text as it was trained (config.json's text_pooling)
+        model = as_dual_encoder(AutoModel.from_pretrained(args.checkpoint)).eval()
     except OSError as error:  # neither a model folder nor a model on the Hub
         raise UsageError(f"checkpoint {args.checkpoint}: {error_message(error).splitlines()[0]}") from error
     check_finite_weights(model, args.checkpoint, "not evaluated")  # corrupt weights: refused, naming file and tensor

@@ -18,7 +18,7 @@ import torch
 
 from ..data import SiglipDataCollator, add_image_ids, load_image_text_dataset, make_demo_dataset, normalize_captions
 from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
-from ..data.embedding import embed_images
+from ..data.embedding import embed_images, text_uses_attention_mask
 from ..data.images import decode_decodable
 from ..data.loading import canonical_columns
 from ..data.splits import select_split
@@ -122,8 +122,13 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
         model = load_dual_encoder(model_args.model_name_or_path, logit_bias_init_value=model_args.logit_bias_init_value)
         processor = AutoProcessor.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
         fit_token_table(model, processor.tokenizer)
+        if model_args.text_pooling != "auto":  # a VisionTextDualEncoder checkpoint pooled another way (validated)
+            model.config.text_pooling = model_args.text_pooling
+            model._freeze_unused_pooler()
         return model, processor
 
+    if model_args.text_model_name_or_path and not is_siglip_text_tower(model_args.text_model_name_or_path):
+        return build_text_encoder_pair(model_args, resume_from)
     saved_processor = resume_from and os.path.exists(os.path.join(resume_from, "processor_config.json"))
     if saved_processor:
         processor = AutoProcessor.from_pretrained(resume_from)
@@ -158,6 +163,57 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
     )
     if model_args.text_model_name_or_path:
         fit_token_table(model, tokenizer)
+    return model, processor
+
+
+def is_siglip_text_tower(name_or_path: str) -> bool:
+    """Whether the checkpoint's text tower is SigLIP's (it joins a `SiglipBottleneckModel`); any other text encoder
+    makes a `VisionTextDualEncoder` (`build_text_encoder_pair`)."""
+    from transformers import AutoConfig
+
+    from ..dual_encoders import SIGLIP_TEXT_MODEL_TYPES
+
+    return AutoConfig.from_pretrained(name_or_path).model_type in SIGLIP_TEXT_MODEL_TYPES
+
+
+def build_text_encoder_pair(model_args: SiglipModelArguments, resume_from: str | None = None):
+    """(model, processor) for a pretrained non-SigLIP text encoder (BERT, RoBERTa, XLM-R, MiniLM) beside a pretrained
+    vision backbone or a new SigLIP vision tower: a `VisionTextDualEncoder` (saved as transformers'
+    VisionTextDualEncoderModel) with the text encoder's tokenizer and the vision checkpoint's image processor (else
+    SigLIP's at the tower's size) in a `VisionTextDualEncoderProcessor`. Resuming, the processor is the checkpoint's."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, SiglipVisionConfig
+    from transformers import VisionTextDualEncoderProcessor
+
+    from ..dual_encoders import build_vision_text_dual_encoder
+
+    vision_config = None
+    if not model_args.vision_model_name_or_path:
+        vision_config = SiglipVisionConfig(
+            image_size=model_args.image_size, patch_size=model_args.patch_size, hidden_size=model_args.hidden_size,
+            intermediate_size=model_args.intermediate_size, num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads)
+    with own_messages_as_usage_errors():
+        model = build_vision_text_dual_encoder(
+            model_args.text_model_name_or_path, model_args.vision_model_name_or_path, vision_config,
+            text_pooling=model_args.text_pooling, logit_bias_init_value=model_args.logit_bias_init_value)
+    if resume_from and os.path.exists(os.path.join(resume_from, "processor_config.json")):
+        processor = AutoProcessor.from_pretrained(resume_from)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path
+                                                  or model_args.text_model_name_or_path)
+        image_processor = None
+        if model_args.vision_model_name_or_path:
+            try:  # the backbone's own preprocessing, as it was trained
+                image_processor = AutoImageProcessor.from_pretrained(model_args.vision_model_name_or_path)
+            except (OSError, ValueError, ImportError):
+                logger.info("%s has no image processor: SigLIP's at the tower's image size",
+                            model_args.vision_model_name_or_path)
+        if image_processor is None:
+            size = model.config.vision_config.image_size
+            image_processor = build_processor(tokenizer, image_size=size if isinstance(size, int) else size[0]) \
+                .image_processor
+        processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    fit_token_table(model, processor.tokenizer)
     return model, processor
 
 
@@ -379,6 +435,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
              if training_args.process_index == 0 else None)
     processor.tokenizer.model_max_length = script_args.max_length  # saved: `hf-siglip eval` reads it back
     collator = SiglipDataCollator(processor=processor, max_length=script_args.max_length,
+                                  return_attention_mask=text_uses_attention_mask(model),  # BERT-like text towers
                                   **context.collator_options,  # what the batch steps hand over
                                   image_fast_path=script_args.image_fast_path)
     trainer = SiglipTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train,

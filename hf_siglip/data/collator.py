@@ -9,7 +9,9 @@ Output (all ``torch.Tensor``):
   are ``uint8`` instead, beside ``pixel_normalization`` ``(B, 2, 3)`` float32 (each image's per-channel scale and
   offset): :func:`normalize_pixel_values` turns them into the float values, on the device;
 * ``input_ids`` ``(T, max_length)`` long, padded to ``max_length`` and truncated (as SigLIP was
-  trained: no attention mask is needed; pass ``return_attention_mask=True`` if your text tower wants one);
+  trained: no attention mask is needed); ``attention_mask`` beside them with ``return_attention_mask=True``, which a
+  BERT-like text tower needs (``hf_siglip.data.embedding.text_uses_attention_mask``: ``hf-siglip train`` and
+  ``SiglipTrainer``'s default collator set it for a ``VisionTextDualEncoder``);
 * ``image_ids`` ``(B,)`` long and ``text_ids`` ``(T,)`` long: image i and text j are a positive pair iff
   their ids are equal. The k captions of one row become k texts with that row's id;
 * ``concept_targets`` ``(B, C)`` float when rows carry that column (a teacher's logits or features for DiHT's

@@ -42,14 +42,26 @@ def embed_images(model, processor, images: Sequence, batch_size: int = 64, norma
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
+def text_uses_attention_mask(model) -> bool:
+    """Whether `model`'s text tower takes the attention mask: BERT-like towers (`VisionTextDualEncoder`, also as the
+    plain transformers class) attend to every position they are given. SigLIP's towers get none: they were trained
+    on fixed-length padded texts and pool the last position, which a mask would change; CLIP's causal tower pools
+    before the padding."""
+    from transformers import VisionTextDualEncoderModel
+
+    return bool(getattr(model, "text_uses_attention_mask", isinstance(model, VisionTextDualEncoderModel)))
+
+
 @torch.no_grad()
 def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256, max_length: int = 64) -> torch.Tensor:
-    """``(M, D)`` unit-norm text embeddings (padded to ``max_length``, truncated)."""
-    device, chunks = _device(model), []
+    """``(M, D)`` unit-norm text embeddings (padded to ``max_length``, truncated; with the attention mask for a
+    tower that takes one: `text_uses_attention_mask`)."""
+    device, chunks, masked = _device(model), [], text_uses_attention_mask(model)
     for start in range(0, len(texts), batch_size):
         tokens = processor.tokenizer(list(texts[start:start + batch_size]), padding="max_length", truncation=True,
-                                     max_length=max_length, return_tensors="pt")
-        chunks.append(_features(model.get_text_features(input_ids=tokens["input_ids"].to(device))).cpu())
+                                     max_length=max_length, return_tensors="pt", return_attention_mask=masked)
+        names = ("input_ids", "attention_mask") if masked else ("input_ids",)
+        chunks.append(_features(model.get_text_features(**{name: tokens[name].to(device) for name in names})).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 
 from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint, save_beside_checkpoint
 from ..data.collator import SiglipDataCollator, collator_epoch_callback, normalize_pixel_values
+from ..data.embedding import text_uses_attention_mask
 from ..dual_encoders import as_dual_encoder, restore_config_parameters, set_patch_dropout, tower_modules, \
     tower_prefixes
 from ..evaluation import retrieval_metrics
@@ -114,7 +115,8 @@ class SiglipTrainer(Trainer):
         args = _as_siglip_arguments(args)
         check_process_world(args.world_size)  # the ring loss must span exactly the trainer's processes
         if data_collator is None and processing_class is not None:
-            data_collator = SiglipDataCollator(processor=processing_class)
+            data_collator = SiglipDataCollator(processor=processing_class,  # BERT-like text towers take the mask
+                                               return_attention_mask=text_uses_attention_mask(model))
         if hasattr(data_collator, "return_drop_counts"):
             data_collator.return_drop_counts = True  # counts from DataLoader workers reach `data_counts`
         if getattr(data_collator, "normalize_on_device", False) is None:

@@ -162,7 +162,9 @@ class DataContext:
         if path is not None:
             from transformers import AutoModel, AutoProcessor
 
-            return AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+            from ...dual_encoders import as_dual_encoder  # a VisionTextDualEncoder pools text as it was trained
+
+            return as_dual_encoder(AutoModel.from_pretrained(path)).eval(), AutoProcessor.from_pretrained(path)
         if self.training_model is None:
             raise ValueError("this step uses the model being trained (model: null), which this run does not provide; "
                              "give the step a checkpoint with model: PATH")

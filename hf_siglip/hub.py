@@ -139,12 +139,19 @@ def _wise_ft_section(result: dict | None) -> str:
 _INDEXED = {"i2t_recall@": ("image-text-retrieval", "recall", "image-to-text recall@{}"),
             "t2i_recall@": ("image-text-retrieval", "recall", "text-to-image recall@{}"),
             "zero_shot_top": ("zero-shot-image-classification", "accuracy", "zero-shot top-{} accuracy")}
+# the captioner's scores (hf-siglip caption), by exact name
+_INDEXED_EXACT = {"caption_bleu4": ("image-to-text", "bleu", "captioning BLEU-4"),
+                  "caption_cider": ("image-to-text", "cider", "captioning CIDEr-D")}
 
 
 def _eval_results(metrics: dict[str, float], eval_dataset: str) -> list[EvalResult]:
     eval_dataset = eval_dataset if is_hub_id(eval_dataset) or "/" not in eval_dataset else _local_name(eval_dataset)
     results = []
     for name, value in metrics.items():
+        if name in _INDEXED_EXACT:
+            task, metric, label = _INDEXED_EXACT[name]
+            results.append(EvalResult(task_type=task, dataset_type=eval_dataset, dataset_name=eval_dataset,
+                                      metric_type=metric, metric_name=label, metric_value=round(float(value), 4)))
         for prefix, (task, metric, label) in _INDEXED.items():
             if name.startswith(prefix) and name[len(prefix):].isdigit():
                 results.append(EvalResult(task_type=task, dataset_type=eval_dataset, dataset_name=eval_dataset,

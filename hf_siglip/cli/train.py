@@ -478,6 +478,8 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
         trainer.save_model(training_args.output_dir)
+        if evaluation is not None and any(o.name == "captioning" for o in trainer.objectives):
+            metrics.update(_caption_evaluation(trainer, evaluation, training_args.output_dir))
         trainer.save_state()  # trainer_state.json: the whole log history, resumed runs included
         curve = save_training_curves(trainer.state.log_history,
                                      os.path.join(training_args.output_dir, "training_curves.png"))
@@ -510,6 +512,18 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _caption_evaluation(trainer, evaluation, output_dir: str) -> dict:
+    """The saved captioner's captions for the held-out images, scored as `hf-siglip caption` does (its files in
+    `output_dir/captions/`); logged as eval_caption_* so the model card reports them."""
+    from .caption import caption_evaluation, captioner_folder, write_captions
+
+    caption_metrics, rows = caption_evaluation(captioner_folder(output_dir), evaluation)
+    write_captions(os.path.join(output_dir, "captions"), caption_metrics, rows)
+    logged = {f"eval_{name}": value for name, value in caption_metrics.items() if "/" not in name}
+    trainer.log(logged)
+    return logged
 
 
 __all__ = ["DEMO_TRAINING_DEFAULTS", "SiglipModelArguments", "SiglipScriptArguments", "load_named_splits",

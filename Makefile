@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	# the CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,data,augment,peft]"
+	$(PIP) install -e ".[test,data,augment,peft,captioning]"
 	# test oracle only: open_clip's loss.py needs torch alone, its torchvision dependency breaks beside CPU torch
 	$(PIP) install --no-deps open_clip_torch
 	# transformers' shared model tests (tests/test_transformers_conformance.py): the installed version's source

@@ -64,7 +64,7 @@ def change_image_size(model: nn.Module, image_size: int, processor=None) -> int:
         raise ValueError(problem)
     vision_config = config.vision_config
     old_size = vision_config.image_size
-    embeddings = model.vision_model.embeddings
+    embeddings = vision_embeddings(model)
     if image_size != old_size:
         class_tokens = RESIZABLE_VISION_TYPES[vision_config.model_type]
         grid = image_size // vision_config.patch_size
@@ -80,14 +80,31 @@ def change_image_size(model: nn.Module, image_size: int, processor=None) -> int:
         embeddings.num_positions = table.shape[0]
         embeddings.register_buffer("position_ids", torch.arange(table.shape[0], device=old_table.device).expand(
             (1, -1)), persistent=False)
-        for owner in {id(c): c for c in (vision_config, getattr(model.vision_model, "config", None)) if c}.values():
-            owner.image_size = image_size  # the tower's config object is the model's in transformers; set both
+        # the tower's config is usually the model's vision_config object; a wrapped tower (VisionTextDualEncoder's
+        # SiglipVisionModel) may hold its own: every config on the way to the embeddings gets the new size
+        for module in (model, *model.vision_model.modules()):
+            owner = getattr(module, "config", None)
+            owner = getattr(owner, "vision_config", owner) if module is model else owner
+            if owner is not None and hasattr(owner, "image_size"):
+                owner.image_size = image_size
         logger.info("image_size %d -> %d: the %d x %d position embeddings resampled to %d x %d (bicubic)",
                     old_size, image_size, old_size // vision_config.patch_size, old_size // vision_config.patch_size,
                     grid, grid)
     if processor is not None:
         set_processor_image_size(getattr(processor, "image_processor", processor), image_size)
     return old_size
+
+
+def vision_embeddings(model: nn.Module) -> nn.Module:
+    """The vision tower's embeddings module (SigLIP's or CLIP's, directly under `vision_model` or one level down as
+    in a VisionTextDualEncoder's SiglipVisionModel)."""
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+    from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+
+    for module in model.vision_model.modules():
+        if isinstance(module, (SiglipVisionEmbeddings, CLIPVisionEmbeddings)):
+            return module
+    raise ValueError(f"{type(model.vision_model).__name__} has no SigLIP or CLIP vision embeddings to resample")
 
 
 def set_processor_image_size(image_processor, image_size: int) -> None:
@@ -103,4 +120,5 @@ def set_processor_image_size(image_processor, image_size: int) -> None:
         image_processor.crop_size = SizeDict(height=image_size, width=image_size)
 
 
-__all__ = ["change_image_size", "interpolate_position_table", "resolution_problem", "set_processor_image_size"]
+__all__ = ["change_image_size", "interpolate_position_table", "resolution_problem", "set_processor_image_size",
+           "vision_embeddings"]

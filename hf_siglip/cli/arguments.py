@@ -165,10 +165,30 @@ class SiglipModelArguments:
     patch_size: int = field(default=8, metadata={"help": "New vision tower: patch size."})
     image_size: int | None = field(default=None, metadata={
         "help": f"New vision tower: input size (demo: its image size; other data: {DEFAULT_IMAGE_SIZE}). "
-                "With a checkpoint: its own size (a different value is an error)."})
+                "With a checkpoint: unset keeps its size; another size resamples its position embeddings (bicubic, "
+                "SigLIP / CLIP; a multiple of its patch size) and the saved model and processor take the new size "
+                "(hf_siglip.resolution; recipe resolution_adaptation)."})
     bottleneck_dim: int | None = field(default=None, metadata={"help": "Bottleneck token embeddings K (None: off)."})
     logit_bias_init_value: float = field(default=-10.0, metadata={
         "help": "Initial b for new heads (also a CLIP checkpoint's, which has no bias)."})
+    # LoRA through peft, with TRL's ModelConfig names (use_peft, lora_r, lora_alpha, lora_dropout,
+    # lora_target_modules); lora_towers and merge_adapter are ours
+    use_peft: bool = field(default=False, metadata={
+        "help": "LoRA (peft) on a checkpoint (model_name_or_path): only the adapters train; the base weights, t and b "
+                "stay as loaded. Saved: peft's adapter (adapter_model.safetensors, adapter_config.json) for "
+                "PeftModel.from_pretrained on the base model; with merge_adapter also the merged native model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Linear layers given adapters, by name inside each tower's blocks (e.g. q_proj v_proj fc1), or "
+                "'all-linear' (every linear layer of the towers). Default: the attention projections q_proj k_proj "
+                "v_proj out_proj."})
+    lora_towers: list[str] = field(default_factory=lambda: ["text", "vision"], metadata={
+        "help": "Towers given adapters ('text', 'vision'); a tower left out stays frozen as loaded."})
+    merge_adapter: bool = field(default=False, metadata={
+        "help": "With use_peft: save the merged model (peft's merge_and_unload) in output_dir, loadable by plain "
+                "transformers, and the adapter in output_dir/adapter. Without: output_dir holds the adapter."})
 
 
 def _positive(name: str, value, allow_none: bool = False) -> list[str]:
@@ -253,6 +273,7 @@ def configuration_problems(script_args: SiglipScriptArguments | None, model_args
                                                                      "vision_model_name_or_path",
                                                                      "text_model_name_or_path")):
         return problems
+    problems += _peft_problems(model_args)
     if model_args.model_name_or_path:
         _validate_checkpoint(script_args, model_args, problems)
     else:
@@ -400,14 +421,51 @@ def _validate_checkpoint(script_args, model_args, problems: list[str]) -> None:
     if positions is not None and script_args.max_length > positions:
         problems.append(f"max_length {script_args.max_length} exceeds the checkpoint's text positions ({positions})")
     vision_size = getattr(getattr(config, "vision_config", None), "image_size", None)
-    if model_args.image_size is not None and vision_size is not None and model_args.image_size != vision_size:
-        problems.append(f"image_size {model_args.image_size} differs from the checkpoint's {vision_size}: "
-                        "leave it unset to train at the checkpoint's resolution")
+    if model_args.image_size is not None and config.model_type == "siglip2":
+        logger.warning("image_size %s is ignored: SigLIP 2 NaFlex resizes its position embeddings to each image (its "
+                       "processor's max_num_patches sets the resolution)", model_args.image_size)
+        model_args.image_size = None
+    if model_args.image_size is not None and model_args.image_size != vision_size and \
+            _is_positive(model_args.image_size):
+        from ..resolution import resolution_problem
+
+        problem = resolution_problem(config, model_args.image_size)
+        if problem:
+            problems.append(problem)
+        else:  # for the start-up summary
+            model_args.image_size_source = (f"set by --image_size; the checkpoint's {vision_size} x {vision_size} "
+                                            "position embeddings resampled")
     if model_args.bottleneck_dim is not None:
         problems.append("bottleneck_dim applies to a new text tower; for a checkpoint use `hf-siglip convert`")
     if model_args.text_pooling != "auto" and config.model_type != "vision-text-dual-encoder":
         problems.append(f"text_pooling applies to a VisionTextDualEncoder checkpoint or a pretrained non-SigLIP text "
                         f"tower; model_name_or_path is a '{config.model_type}' checkpoint")
+
+
+def _peft_problems(model_args) -> list[str]:
+    """LoRA settings (hf_siglip.lora), checked before any data or weights are read."""
+    if not model_args.use_peft:
+        return ["merge_adapter merges a LoRA adapter: set use_peft too"] if model_args.merge_adapter else []
+    import importlib.util
+
+    from ..dual_encoders import TOWERS
+
+    problems = []
+    if importlib.util.find_spec("peft") is None:
+        problems.append("use_peft needs the peft package: pip install 'hf-siglip[peft]'")
+    if not model_args.model_name_or_path:
+        problems.append("use_peft adapts a checkpoint: set model_name_or_path (new towers train in full)")
+    problems += _positive("lora_r", model_args.lora_r)
+    if not (isinstance(model_args.lora_alpha, (int, float)) and model_args.lora_alpha > 0):
+        problems.append(f"lora_alpha must be > 0, got {model_args.lora_alpha!r}")
+    if not 0.0 <= model_args.lora_dropout < 1.0:
+        problems.append(f"lora_dropout must be in [0, 1), got {model_args.lora_dropout!r}")
+    towers = list(model_args.lora_towers or [])
+    if not towers or set(towers) - set(TOWERS):
+        problems.append(f"lora_towers must name one or both of {list(TOWERS)}, got {towers}")
+    if model_args.lora_target_modules is not None and not model_args.lora_target_modules:
+        problems.append("lora_target_modules is empty: name the linear layers to adapt, or 'all-linear'")
+    return problems
 
 
 def _text_tower_problems(text_config, script_args, model_args, problems: list[str]) -> None:

@@ -125,6 +125,10 @@ def build_model_and_processor(model_args: SiglipModelArguments, train, script_ar
         if model_args.text_pooling != "auto":  # a VisionTextDualEncoder checkpoint pooled another way (validated)
             model.config.text_pooling = model_args.text_pooling
             model._freeze_unused_pooler()
+        if model_args.image_size is not None:  # another size: position embeddings resampled (validated before)
+            from ..resolution import change_image_size
+
+            change_image_size(model, model_args.image_size, processor)
         return model, processor
 
     if model_args.text_model_name_or_path and not is_siglip_text_tower(model_args.text_model_name_or_path):
@@ -430,6 +434,12 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
                           run=os.path.abspath(training_args.output_dir))  # names the steps' shared results
     train = run_data_steps(train, script_args.steps(), context)
     model, processor = training_model(train)
+    peft_model = None
+    if model_args.use_peft:  # adapters injected into `model` itself, which trains as before (hf_siglip.lora)
+        from ..lora import add_lora
+
+        peft_model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                              target_modules=model_args.lora_target_modules, towers=model_args.lora_towers)
     # what the run is about to do, printed when training begins (process 0 reads a sample of the data for it)
     facts = (describe_run(script_args, model_args, train, evaluation, eval_split, model, processor, context.report)
              if training_args.process_index == 0 else None)
@@ -477,7 +487,12 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
 
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
-        trainer.save_model(training_args.output_dir)
+        if peft_model is not None:  # peft's adapter files, and with merge_adapter the merged native model
+            from ..lora import save_lora
+
+            save_lora(peft_model, training_args.output_dir, processor, merge=model_args.merge_adapter)
+        else:
+            trainer.save_model(training_args.output_dir)
         if evaluation is not None and any(o.name == "captioning" for o in trainer.objectives):
             metrics.update(_caption_evaluation(trainer, evaluation, training_args.output_dir))
         trainer.save_state()  # trainer_state.json: the whole log history, resumed runs included

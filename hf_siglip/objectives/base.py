@@ -86,6 +86,14 @@ class Objective:
         """Units of `batch` its loss averages over (rows by default), read from the batch without a forward."""
         return len(batch["image_ids"])
 
+    def prepare_step(self, trainer, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                     batches: list) -> dict[str, float] | None:
+        """Once per optimizer step on every process (collectives are allowed), before any `count` / `loss_sum` of
+        the step: this process's detached embeddings of the whole step (the micro-batches of an accumulation window
+        concatenated in order) and the step's `batches` (`loss_sum` is later called with these same objects). For
+        what needs the whole step, e.g. ITM's hard negatives. Returns metrics to log (averaged like `<name>_loss`)."""
+        return None
+
     def loss_sum(self, outputs, batch) -> torch.Tensor | None:
         """Sum over `batch`'s units of the per-unit loss, with autograd (None: this objective adds no term).
         `outputs` is the dual encoder's forward output for `batch`."""

@@ -213,6 +213,7 @@ class SiglipTrainer(Trainer):
         loss = self._loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, outputs.logit_bias, inputs)
         if model.training:
             self._record_metrics(outputs.logit_scale, outputs.logit_bias)
+            self._prepare_objectives(outputs.image_embeds.detach(), outputs.text_embeds.detach(), [inputs])
         if model.training and self._loss_terms():
             sums = [objective.loss_sum(outputs, inputs) for objective in self._loss_terms()]
             counts = [objective.count(inputs) for objective in self._loss_terms()]
@@ -225,6 +226,11 @@ class SiglipTrainer(Trainer):
     def _loss_terms(self) -> list[Objective]:
         """The objectives that add a loss term (those that only change the pair loss, as a teacher, add none)."""
         return [objective for objective in self.objectives if type(objective).loss_sum is not Objective.loss_sum]
+
+    def _prepare_objectives(self, image_embeds, text_embeds, batches) -> None:
+        for objective in self.objectives:  # the whole step's embeddings, before any loss_sum (Objective.prepare_step)
+            for name, value in (objective.prepare_step(self, image_embeds, text_embeds, batches) or {}).items():
+                self._metrics[name].append(value)
 
     def _global_sums(self, values: list) -> list[float]:
         """Each value summed over the processes (one all-reduce for the list)."""
@@ -419,6 +425,7 @@ class SiglipTrainer(Trainer):
                 text_parts.append(outputs.text_embeds)
         image_embeds = torch.cat(image_parts).detach().requires_grad_(True)
         text_embeds = torch.cat(text_parts).detach().requires_grad_(True)
+        self._prepare_objectives(image_embeds.detach(), text_embeds.detach(), micro_batches)
         columns = ("image_ids", "text_ids", *(column for objective in self.objectives
                                               for column in objective.batch_columns))
         merged = {key: torch.cat([batch[key] for batch in micro_batches]) for key in columns if key in micro_batches[0]}

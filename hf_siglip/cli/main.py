@@ -2,6 +2,7 @@
 
     hf-siglip train [--config recipe.yaml] [--field value ...]   train (no arguments: the embedded demo)
     hf-siglip eval  [--config recipe.yaml] --checkpoint DIR      retrieval, zero-shot, few-shot probe
+    hf-siglip caption --checkpoint DIR                            captions for held-out images, BLEU-4 and CIDEr
     hf-siglip convert SRC DST --bottleneck-dim K                  native SigLIP -> bottleneck embeddings
     hf-siglip push CHECKPOINT REPO_ID                             upload with processor and model card
     hf-siglip shards SRC DST [--rows-per-shard N]                 write a dataset as webdataset tar shards
@@ -311,6 +312,27 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _caption(argv: list[str]) -> int:
+    from ..evaluation import format_metrics
+    from .caption import SiglipCaptionArguments, caption_problems, run_caption, write_captions
+
+    problems = []
+    (args,) = parse_with_config((SiglipCaptionArguments,), argv, prog="hf-siglip caption", problems=problems)
+    if args is not None:
+        problems += caption_problems(args)
+    if problems:
+        raise UsageError(problems)
+    metrics, rows = run_caption(args)
+    output_dir = args.output_dir or os.path.join(args.checkpoint, "captions")
+    write_captions(output_dir, metrics, rows)
+    print(f"Captioned {len(rows):,} images of {args.dataset}, split '{args.eval_split}', with {args.captioner} "
+          f"(settings from {args.evaluated_from})")
+    for row in rows[:3]:
+        print(f"  {row['generated']!r}  (references: {row['references'][:2]})")
+    print(f"{format_metrics(metrics, legend=False)}\nCaptions and metrics written to {output_dir}")
+    return 0
+
+
 def _require_existing(path: str, what: str) -> None:
     """A local-looking path that does not exist: one line at once, not the Hub's retries (hf_siglip.paths)."""
     from ..paths import missing_local_path
@@ -410,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     commands.add_parser("eval", help="Evaluate a checkpoint: retrieval recall@k, zero-shot, few-shot probe.",
                         add_help=False)
+    commands.add_parser("caption", help="Caption held-out images with a trained captioner; BLEU-4 and CIDEr.",
+                        add_help=False)
 
     convert = commands.add_parser(
         "convert", help="Turn a native SigLIP checkpoint into one with bottleneck token embeddings (truncated SVD)."
@@ -446,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = ("train", "eval", "convert", "push", "shards", "recipes")
+_COMMANDS = ("train", "eval", "caption", "convert", "push", "shards", "recipes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [arg for i, arg in enumerate(argv) if i not in ours]
     prog = f"hf-siglip {argv[0]}" if argv and argv[0] in _COMMANDS else "hf-siglip"
     try:
-        if argv and argv[0] in ("train", "eval"):
-            return (_train if argv[0] == "train" else _eval)(argv[1:])
+        if argv and argv[0] in ("train", "eval", "caption"):  # their many flags: HfArgumentParser
+            return {"train": _train, "eval": _eval, "caption": _caption}[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except Exception as error:

@@ -106,6 +106,8 @@ def test_lora_through_hf_siglip_train_one_process_two_processes_and_grad_cache(n
 
     # peft's own loader on the native base gives the merged model's embeddings
     adapted = peft.PeftModel.from_pretrained(SiglipModel.from_pretrained(base), str(cached)).eval()
+    # and so does transformers' own adapter loading (the card's `AutoModel.from_pretrained(folder)`)
+    auto = AutoModel.from_pretrained(cached).eval()
     pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         for method, inputs in (("get_image_features", {"pixel_values": pixels}),
@@ -113,3 +115,4 @@ def test_lora_through_hf_siglip_train_one_process_two_processes_and_grad_cache(n
             ours = getattr(adapted, method)(**inputs).pooler_output
             native = getattr(merged.eval(), method)(**inputs).pooler_output
             assert torch.allclose(ours, native, atol=1e-5), method
+            assert torch.equal(getattr(auto, method)(**inputs).pooler_output, ours), method

@@ -17,7 +17,7 @@ from .base import Objective, ObjectiveConfig, attach_module
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 # the order objectives are built in: a teacher copies the model after every head is attached
-BUILT_IN = ("concept_distillation", "captioning", "momentum_teacher")
+BUILT_IN = ("concept_distillation", "captioning", "itm", "mlm", "momentum_teacher")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:

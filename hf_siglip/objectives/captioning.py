@@ -132,10 +132,11 @@ class Captioning(Objective):
 
     def card(self) -> dict:
         decoder = self.decoder.decoder.config
-        return {"captioning_weight": self.weight, "captioning_label_smoothing": self.config.label_smoothing,
-                "captioning_max_length": self.max_length,
-                "captioning_decoder": f"{decoder.num_hidden_layers} layers, width {decoder.hidden_size}, "
-                                      f"{decoder.num_attention_heads} heads (BertLMHeadModel with cross-attention)"}
+        return {"weight": self.weight, "label_smoothing": self.config.label_smoothing,
+                "max_caption_length": self.max_length,
+                "decoder": f"BertLMHeadModel with cross-attention: {decoder.num_hidden_layers} layers, width "
+                           f"{decoder.hidden_size}, {decoder.num_attention_heads} heads",
+                "captioner": "captioner/ (VisionEncoderDecoderModel)"}
 
     def save_pretrained(self, model, output_dir: str, processing_class=None) -> None:
         save_captioner(model.vision_model, self.decoder, self.tokens, self.max_length, output_dir, processing_class)

@@ -52,7 +52,8 @@ def _local_name(value: str) -> str:
 
 
 def _family(model) -> str:
-    return {"clip": "CLIP", "siglip2": "SigLIP 2"}.get(model.config.model_type, "SigLIP")
+    return {"clip": "CLIP", "siglip2": "SigLIP 2", "vision-text-dual-encoder": "Vision-text"}.get(
+        model.config.model_type, "SigLIP")
 
 
 def _saved_format(model) -> tuple[str, str, bool]:
@@ -67,8 +68,10 @@ def _saved_format(model) -> tuple[str, str, bool]:
 
 def _tower_description(model) -> tuple[str, str]:
     text_config = model.config.text_config
+    kind = (f"{text_config.model_type} text encoder ({model.config.text_pooling} pooling)"
+            if hasattr(model.config, "text_pooling") else f"{_family(model)} text transformer")
     text = (
-        f"{_family(model)} text transformer, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, "
+        f"{kind}, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, "
         f"vocabulary {text_config.vocab_size}"
     )
     if getattr(text_config, "bottleneck_dim", None) is not None:
@@ -260,6 +263,7 @@ def build_model_card(
         model_type=model_type,
         family=_family(model),
         bias_in_config=getattr(model, "bias_in_config", False),
+        text_pooling=getattr(model.config, "text_pooling", None),  # a VisionTextDualEncoder's (dual_encoders.py)
     )
 
 

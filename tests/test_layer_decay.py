@@ -89,6 +89,7 @@ def test_the_flag_through_hf_siglip_train(tmp_path, native_tiny_checkpoint_16):
                                  "optim": "adamw_torch", "warmup_steps": 0, "lr_scheduler_type": "constant"},
                                 native_tiny_checkpoint_16)
     assert cli_main(["train", *flags(settings)]) == 0
+    assert "| layer-wise lr decay | 0.01 |" in (output_dir / "README.md").read_text()  # the model card says so
     before = SiglipModel.from_pretrained(native_tiny_checkpoint_16).state_dict()
     after = SiglipModel.from_pretrained(output_dir).state_dict()
     moved = {name: (after[name] - before[name]).abs().max().item() for name in before}

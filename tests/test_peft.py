@@ -85,6 +85,8 @@ def test_lora_through_hf_siglip_train_one_process_two_processes_and_grad_cache(n
     # peft's files; an adapter-only folder holds no model weights (transformers would read them as a full model)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (one / "adapter").iterdir()}
     assert not (cached / "model.safetensors").exists() and (cached / "adapter_config.json").exists()
+    assert f"| LoRA (peft) | r 4, alpha 8, dropout 0.0, text + vision tower(s), {adapters:,} adapter parameters; " \
+           "saved as the adapter |" in (cached / "README.md").read_text()  # the model card says so
     reference = adapter_weights(one / "adapter")
     assert reference.keys() == adapter_weights(cached).keys() == adapter_weights(two / "adapter").keys()
     assert all(torch.equal(adapter_weights(resumed / "adapter")[name], value) for name, value in reference.items())

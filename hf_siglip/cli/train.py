@@ -434,12 +434,18 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
                           run=os.path.abspath(training_args.output_dir))  # names the steps' shared results
     train = run_data_steps(train, script_args.steps(), context)
     model, processor = training_model(train)
-    peft_model = None
+    peft_model, fine_tuning = None, {}  # fine_tuning: the model card's account of LoRA and layer decay
     if model_args.use_peft:  # adapters injected into `model` itself, which trains as before (hf_siglip.lora)
-        from ..lora import add_lora
+        from ..lora import add_lora, count_parameters
 
         peft_model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                               target_modules=model_args.lora_target_modules, towers=model_args.lora_towers)
+        fine_tuning["LoRA (peft)"] = (
+            f"r {model_args.lora_r}, alpha {model_args.lora_alpha}, dropout {model_args.lora_dropout}, "
+            f"{' + '.join(model_args.lora_towers)} tower(s), {count_parameters(model)[0]:,} adapter parameters; "
+            + ("merged, adapter in adapter/" if model_args.merge_adapter else "saved as the adapter"))
+    if training_args.layer_lr_decay is not None:
+        fine_tuning["layer-wise lr decay"] = training_args.layer_lr_decay
     # what the run is about to do, printed when training begins (process 0 reads a sample of the data for it)
     facts = (describe_run(script_args, model_args, train, evaluation, eval_split, model, processor, context.report)
              if training_args.process_index == 0 else None)
@@ -505,7 +511,7 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
             extra_hyperparameters={"image size": getattr(model.config.vision_config, "image_size", None),
                                    "text length (tokens)": script_args.max_length,
                                    "data steps": json.dumps(script_args.data_steps) if script_args.data_steps
-                                   else "none"},
+                                   else "none", **fine_tuning},
             training_data="the embedded hf_siglip demo dataset" if script_args.dataset == DEMO else script_args.dataset,
             datasets=None if script_args.dataset == DEMO else [script_args.dataset],
             recipe=script_args.recipe or "hf-siglip train defaults",

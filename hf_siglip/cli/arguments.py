@@ -249,6 +249,14 @@ def configuration_problems(script_args: SiglipScriptArguments | None, model_args
         problems += _training_problems(training_args)
     if script_args is not None:
         problems += _data_problems(script_args, training_args)
+    if model_args is not None and training_args is not None and model_args.use_peft:
+        from ..objectives import Objective, objective_class
+
+        savers = [name for name in (training_args.objectives or {})
+                  if objective_class(name).save_pretrained is not Objective.save_pretrained]
+        if savers:  # e.g. a captioner holds the vision tower, which LoRA leaves as a base plus an adapter
+            problems.append(f"use_peft saves an adapter, not the whole model that the {', '.join(savers)} "
+                            "objective(s) save beside it: train without use_peft")
     if model_args is not None:
         for name in ("vocab_size",) + NEW_TOWER_SIZES:
             problems += _positive(name, getattr(model_args, name))

@@ -461,6 +461,17 @@ class PatchDropout:
         return torch.cat([prefix, kept], dim=1) if self.prefix_tokens else kept
 
 
+def _vision_embeddings(tower: nn.Module) -> nn.Module | None:
+    """The embeddings module of a vision tower wherever it nests it (directly, as transformers 5's SiglipVisionModel,
+    or levels down, as a wrapped or older tower's `vision_model.embeddings`): the first module of a class patch
+    dropout knows, else the first one called `embeddings` (so an unsupported one is named in the refusal)."""
+    modules = list(tower.named_modules())
+    for _, module in modules:
+        if type(module).__name__ in PATCH_DROPOUT_PREFIX_TOKENS:
+            return module
+    return next((module for name, module in modules if name.rpartition(".")[2] == "embeddings"), None)
+
+
 def set_patch_dropout(model: nn.Module, ratio: float) -> nn.Module:
     """Give the vision tower of `model` (a `SiglipBottleneckModel`, an adapter or native SigLIP / CLIP model) FLIP
     patch dropout at `ratio` in [0, 1) (see `PatchDropout`); 0 removes it. A hook only: weights, config and the saved
@@ -471,8 +482,8 @@ def set_patch_dropout(model: nn.Module, ratio: float) -> nn.Module:
         raise UsageError(f"patch_dropout must be in [0, 1) (the fraction of patch tokens dropped), got {ratio!r}")
     towers = tower_modules(model, "vision")
     # CLIP's visual_projection has no embeddings; a backbone without them (ResNet) cannot drop patches
-    embedding_modules = [getattr(tower, "embeddings", None) for tower in towers]
-    embedding_modules = [module for module in embedding_modules if isinstance(module, nn.Module)]
+    embedding_modules = list({id(module): module for module in map(_vision_embeddings, towers)
+                              if module is not None}.values())
     if ratio and not embedding_modules:
         raise UsageError(f"patch_dropout: the vision tower ({', '.join(type(tower).__name__ for tower in towers)}) has "
                          f"no patch embeddings to drop tokens from")

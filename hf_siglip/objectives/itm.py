@@ -40,8 +40,15 @@ from ..captioner import caption_image_index, patch_tokens_of
 from ..errors import UsageError
 from . import register_objective
 from .base import Objective, ObjectiveConfig, attach_module, full_state, load_into
-from .fusion import (MODULE_NAME, FusionSettings, attach_fusion_encoder, describe, fusion_settings, save_fusion,
-                     unsupported)
+from .fusion import (
+    MODULE_NAME,
+    FusionSettings,
+    attach_fusion_encoder,
+    describe,
+    fusion_settings,
+    save_fusion,
+    unsupported,
+)
 
 HEAD_NAME = "itm_head"
 WEIGHTS_NAME = "itm.safetensors"
@@ -192,7 +199,6 @@ class Itm(Objective):
         # pairs, by the image's position in this process's step: (image, token row, label)
         own_text_rows = torch.arange(len(text_ids), device=device) + own_texts
         image_starts = np.cumsum([0, *image_sizes])
-        text_starts = np.cumsum([0, *(len(batch["text_ids"]) for batch in batches)])
         positive_images = torch.cat([caption_image_index(batch["image_ids"], batch["text_ids"]) + int(start)
                                      for batch, start in zip(batches, image_starts)])
         image_rows = torch.arange(len(image_ids), device=device)[:, None].expand(-1, n)
@@ -271,4 +277,4 @@ class Itm(Objective):
         save_fusion(model, output_dir)
 
 
-__all__ = ["Itm", "ItmConfig", "WEIGHTS_NAME", "draw_negatives", "step_generator"]
+__all__ = ["WEIGHTS_NAME", "Itm", "ItmConfig", "draw_negatives", "step_generator"]

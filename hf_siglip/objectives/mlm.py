@@ -26,8 +26,16 @@ from ..captioner import IGNORE, caption_image_index, patch_tokens_of
 from ..errors import UsageError
 from . import register_objective
 from .base import Objective, ObjectiveConfig, attach_module, full_state, load_into
-from .fusion import (MODULE_NAME, FusionSettings, attach_fusion_encoder, describe, fusion_settings, new_mlm_head,
-                     save_fusion, unsupported)
+from .fusion import (
+    MODULE_NAME,
+    FusionSettings,
+    attach_fusion_encoder,
+    describe,
+    fusion_settings,
+    new_mlm_head,
+    save_fusion,
+    unsupported,
+)
 
 HEAD_NAME = "mlm_head"
 WEIGHTS_NAME = "mlm.safetensors"
@@ -143,4 +151,4 @@ class Mlm(Objective):
         save_fusion(model, output_dir)
 
 
-__all__ = ["Mlm", "MlmConfig", "WEIGHTS_NAME", "mask_captions"]
+__all__ = ["WEIGHTS_NAME", "Mlm", "MlmConfig", "mask_captions"]

@@ -21,6 +21,7 @@ Loss: teacher-forced next-token cross-entropy (optionally label-smoothed) summed
 """
 
 import copy
+import json
 import os
 
 import torch
@@ -171,5 +172,70 @@ def save_captioner(vision_model: nn.Module, decoder: CaptionDecoder, tokens: Cap
     return folder
 
 
-__all__ = ["CAPTIONER_FOLDER", "CaptionDecoder", "CaptionTokens", "build_captioner", "caption_image_index",
-           "caption_labels", "caption_loss_sum", "greedy_captions", "patch_tokens_of", "save_captioner"]
+def captioner_folder(checkpoint: str, required: bool = True) -> str | None:
+    """The captioner folder of a training output folder (`captioner/` in it), or `checkpoint` when it is one; None
+    (or, when `required`, a one-line `UsageError`) when neither holds a `VisionEncoderDecoderModel`."""
+    for folder in (os.path.join(checkpoint, CAPTIONER_FOLDER), checkpoint):
+        config = os.path.join(folder, "config.json")
+        if not os.path.isfile(config):
+            continue
+        with open(config) as handle:
+            if json.load(handle).get("model_type") == "vision-encoder-decoder":
+                return folder
+    if not required:
+        return None
+    from .errors import UsageError
+
+    raise UsageError(f"checkpoint {checkpoint}: no captioner in it (a folder trained with the captioning objective "
+                     f"has {CAPTIONER_FOLDER}/, a VisionEncoderDecoderModel)")
+
+
+class TrainedCaptioner:
+    """A captioner folder loaded with plain transformers only (`VisionEncoderDecoderModel`, its image processor and
+    tokenizer): the one generation path of `hf-siglip caption` and of the `pseudo_captions` data step."""
+
+    def __init__(self, folder: str):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.folder = folder
+        self.model = VisionEncoderDecoderModel.from_pretrained(folder).eval()
+        self.image_processor = AutoImageProcessor.from_pretrained(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        # the decoder's position table holds this many ids after the start token: it cannot write longer captions
+        self.max_tokens = self.model.generation_config.max_length - 1
+
+    def to(self, device) -> "TrainedCaptioner":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def generate(self, images, batch_size: int = 32, num_return_sequences: int = 1, **options) -> list[str]:
+        """Captions of `images` (PIL), `num_return_sequences` per image in image order, stripped; `options` go to
+        `generate()` (`num_beams`, `do_sample`, `top_p`, `max_new_tokens`; default: the saved generation config)."""
+        longest = options.get("max_new_tokens")
+        if longest is not None and longest > self.max_tokens:
+            from .errors import UsageError
+
+            raise UsageError(f"max_new_tokens {longest}: the captioner in {self.folder} was trained on captions of "
+                             f"at most {self.max_tokens} tokens (its decoder has no positions beyond): ask for fewer")
+        if num_return_sequences > 1:
+            options["num_return_sequences"] = num_return_sequences
+        captions = []
+        for start in range(0, len(images), batch_size):
+            batch = [image.convert("RGB") for image in images[start:start + batch_size]]
+            pixel_values = self.image_processor(images=batch, return_tensors="pt").pixel_values
+            generated = self.model.generate(pixel_values=pixel_values.to(self.model.device), **options)
+            captions += [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        return captions
+
+
+def generate_captions(folder: str, images, num_beams: int = 1, max_new_tokens: int | None = None,
+                      batch_size: int = 32) -> list[str]:
+    """One caption per image, from the captioner saved in `folder`, with plain transformers only."""
+    options = {"num_beams": num_beams, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
+    return TrainedCaptioner(folder).generate(images, batch_size=batch_size, **options)
+
+
+__all__ = ["CAPTIONER_FOLDER", "CaptionDecoder", "CaptionTokens", "TrainedCaptioner", "build_captioner",
+           "caption_image_index", "caption_labels", "caption_loss_sum", "captioner_folder", "generate_captions",
+           "greedy_captions", "patch_tokens_of", "save_captioner"]

@@ -50,14 +50,20 @@ def retrieval_metrics(
     matches = positive_pairs(image_ids, text_ids)
     metrics = {}
     for prefix, scores, positives in (("i2t", similarity, matches), ("t2i", similarity.T, matches.T)):
-        has_match = positives.any(dim=1)
-        scores, positives = scores[has_match], positives[has_match]
-        best_positive = scores.masked_fill(~positives, -math.inf).max(dim=1, keepdim=True).values
-        hits, tied = expected_hits(scores, positives, best_positive, ks)
-        for k in ks:
-            metrics[f"{prefix}_recall@{k}"] = hits[k].mean().item() if len(scores) else float("nan")
-        metrics[f"{prefix}_unmatched"] = int((~has_match).sum())
-        metrics[f"{prefix}_queries_with_ties"] = int(tied.sum())
+        metrics.update(recall_at(scores, positives, ks, prefix))
+        metrics[f"{prefix}_unmatched"] = int((~positives.any(dim=1)).sum())
+    return metrics
+
+
+def recall_at(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
+    """`<prefix>_recall@k` of queries (rows of `scores`) ranking their candidates, tie-aware (`expected_hits`), and
+    `<prefix>_queries_with_ties`; queries without a positive are left out (also used by ITM re-ranking)."""
+    has_match = positives.any(dim=1)
+    scores, positives = scores[has_match], positives[has_match]
+    best_positive = scores.masked_fill(~positives, -math.inf).max(dim=1, keepdim=True).values
+    hits, tied = expected_hits(scores, positives, best_positive, ks)
+    metrics = {f"{prefix}_recall@{k}": hits[k].mean().item() if len(scores) else float("nan") for k in ks}
+    metrics[f"{prefix}_queries_with_ties"] = int(tied.sum())
     return metrics
 
 
@@ -234,6 +240,7 @@ __all__ = [
     "format_metrics",
     "few_shot_indices",
     "linear_probe",
+    "recall_at",
     "retrieval_metrics",
     "tie_exact_scores",
     "to_json",

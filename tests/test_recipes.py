@@ -88,6 +88,7 @@ def check_example_card(name: str, card: str) -> None:
 def test_every_recipe_is_tested_and_documents_its_paper():
     tested = {"siglip_from_scratch", "siglit_locked_image_tower", "finetune_pretrained", "msiglip_bottleneck",
               "fff_multi_positive", "fff_multi_positive_safe", "diht_cat_hard_negatives", "blip_capfilt",
+              "blip_bootstrap",  # tests/test_bootstrap.py
               "siglip_label_noise",
               "albef_momentum_distillation", "diht_concept_distillation", "resolution_adaptation",
               "siglip2_captioning", "coca_captioning",  # these two: tests/test_captioning.py

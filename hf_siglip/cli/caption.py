@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..captioner import captioner_folder, generate_captions
 from ..data.text import normalize_captions
 from ..errors import UsageError, own_messages_as_usage_errors
 from .eval_record import EVAL_RECORD_NAME, EvaluationDataError
@@ -34,37 +35,6 @@ class SiglipCaptionArguments(SiglipEvalArguments):
     caption_batch_size: int = field(default=32, metadata={"help": "Images per generate() call."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Where captions.jsonl and caption_metrics.json go. Default: CHECKPOINT/captions."})
-
-
-def captioner_folder(checkpoint: str) -> str:
-    """The captioner folder of a training output folder (`captioner/` in it), or `checkpoint` when it is one."""
-    from ..captioner import CAPTIONER_FOLDER
-
-    for folder in (os.path.join(checkpoint, CAPTIONER_FOLDER), checkpoint):
-        config = os.path.join(folder, "config.json")
-        if os.path.isfile(config) and json.loads(open(config).read()).get("model_type") == "vision-encoder-decoder":
-            return folder
-    raise UsageError(f"checkpoint {checkpoint}: no captioner in it (a folder trained with the captioning objective "
-                     f"has {CAPTIONER_FOLDER}/, a VisionEncoderDecoderModel)")
-
-
-def generate_captions(folder: str, images, num_beams: int = 1, max_new_tokens: int | None = None,
-                      batch_size: int = 32) -> list[str]:
-    """One caption per image, from the captioner saved in `folder`, with plain transformers only."""
-    import torch
-    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
-
-    model = VisionEncoderDecoderModel.from_pretrained(folder).eval()
-    image_processor, tokenizer = AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    options = {"num_beams": num_beams, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
-    captions = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + batch_size]]
-            pixel_values = image_processor(images=batch, return_tensors="pt").pixel_values
-            generated = model.generate(pixel_values=pixel_values, **options)
-            captions += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
-    return captions
 
 
 def score_captions(predictions: list[str], references: list[list[str]]) -> dict[str, float]:

@@ -49,6 +49,10 @@ class SiglipEvalArguments(SiglipScriptArguments):
     probe_from_zero_shot: bool = field(default=True, metadata={
         "help": "Initialise the linear probe from the zero-shot classifier (DiHT)."})
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
+    itm_rerank_k: int | None = field(default=None, metadata={
+        "help": "Re-rank each query's K best candidates by cosine with the checkpoint's ITM head (BLIP: 256 on COCO, "
+                "128 on Flickr30K; needs fusion_encoder/ from the itm objective): i2t_itm_recall@k / "
+                "t2i_itm_recall@k beside the embeddings' recall. None: no re-ranking."})
 
 
 def eval_problems(args: SiglipEvalArguments) -> list[str]:
@@ -65,8 +69,15 @@ def eval_problems(args: SiglipEvalArguments) -> list[str]:
     if args.checkpoint == default and not os.path.isdir(default) and not problems:
         problems.append(f"checkpoint {default}: no such folder (the default, where `hf-siglip train` saves the demo "
                         "model); name one with --checkpoint")
-    for name in ("few_shot", "max_length", "max_eval_samples", "max_train_samples", "anchor_max_samples"):
+    for name in ("few_shot", "max_length", "max_eval_samples", "max_train_samples", "anchor_max_samples",
+                 "itm_rerank_k"):
         problems += _positive(name, getattr(args, name), allow_none=True)
+    if getattr(args, "itm_rerank_k", None) and os.path.isdir(args.checkpoint):
+        from ..objectives.fusion import FOLDER, ITM_HEAD_FILE
+
+        if not os.path.isfile(os.path.join(args.checkpoint, FOLDER, ITM_HEAD_FILE)):
+            problems.append(f"itm_rerank_k: checkpoint {args.checkpoint} has no {FOLDER}/{ITM_HEAD_FILE} (train "
+                            "with the itm objective to re-rank with its head)")
     problems += [problem for problem in [missing_local_path(args.anchor_dataset, "anchor_dataset")] if problem]
     if args.wise_ft_alphas is not None:
         problems.append("wise_ft_alphas is a `hf-siglip train` setting (the sweep mixes a run's start and end); "
@@ -119,6 +130,10 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     text_embeds = embed_texts(model, processor, texts, max_length=args.max_length)
     metrics = retrieval_metrics(image_embeds, text_embeds, torch.tensor(evaluation["image_id"]), torch.tensor(text_ids))
     metrics.update(images=len(evaluation), texts=len(texts), max_length=args.max_length)
+    if args.itm_rerank_k:  # ALBEF / BLIP: the embeddings' top k re-scored by the ITM head
+        metrics.update(itm_rerank_evaluation(args.checkpoint, evaluation["image"], texts, image_embeds, text_embeds,
+                                             torch.tensor(evaluation["image_id"]), torch.tensor(text_ids),
+                                             args.itm_rerank_k, args.max_length))
     metrics.update({f"dropped/{reason}": count for reason, count in dropped.items()})
 
     zero_shot = zero_shot_evaluation(model, processor, evaluation, args, image_embeds=image_embeds)
@@ -143,6 +158,20 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     return metrics
 
 
+def itm_rerank_evaluation(checkpoint: str, images, texts: list[str], image_embeds, text_embeds, image_ids, text_ids,
+                          rerank_k: int, max_length: int, seed: int = 0) -> dict[str, float]:
+    """`hf_siglip.itm_scoring.itm_rerank_metrics` with the ITM head saved in `checkpoint`, on the same similarity
+    (`tie_exact_scores`) and positives (ids) as `retrieval_metrics`."""
+    from ..evaluation import tie_exact_scores
+    from ..itm_scoring import ItmPairScorer, itm_rerank_metrics
+    from ..positives import positive_pairs
+
+    with own_messages_as_usage_errors():
+        scorer = ItmPairScorer(checkpoint, max_length=max_length)
+    return itm_rerank_metrics(scorer, images, texts, tie_exact_scores(image_embeds, text_embeds),
+                              positive_pairs(image_ids, text_ids), rerank_k, seed=seed)
+
+
 def evaluation_summary(args: SiglipEvalArguments, metrics: dict) -> str:
     """One line saying what `run_eval` evaluated on (after it ran: `args` holds the resolved settings)."""
     classes = int(metrics.get("zero_shot_classes", 0))
@@ -152,4 +181,5 @@ def evaluation_summary(args: SiglipEvalArguments, metrics: dict) -> str:
             + f" (settings from {getattr(args, 'evaluated_from', 'flags')})")
 
 
-__all__ = ["SiglipEvalArguments", "eval_problems", "evaluation_summary", "resolve_eval_arguments", "run_eval"]
+__all__ = ["SiglipEvalArguments", "eval_problems", "evaluation_summary", "itm_rerank_evaluation",
+           "resolve_eval_arguments", "run_eval"]

@@ -13,7 +13,9 @@ CAT scores every caption on three criteria and keeps the captions that pass all 
 
 CapFilt embeds the image and each candidate caption (original and pseudo-captions) with a given
 SigLIP-like model and keeps the captions whose cosine similarity reaches ``threshold`` -- or, with
-``threshold=None``, the best ``top_k`` -- always keeping at least ``min_keep`` (the best ones).
+``threshold=None``, the best ``top_k`` -- always keeping at least ``min_keep`` (the best ones). With an
+``itm`` scorer (:class:`hf_siglip.itm_scoring.ItmPairScorer`, an ITM head trained by this package) the score is
+the head's match probability instead: BLIP's filter keeps a caption the head calls a match (``threshold=0.5``).
 
 Both write per-caption score columns and a filtered caption column, drop rows left without a caption,
 and return ``(dataset, report)``. CAT's report counts captions failing each criterion
@@ -37,6 +39,7 @@ from typing import Optional, Sequence
 
 import datasets
 import numpy as np
+import torch
 
 from ._maps import map_new_columns, with_encoded_images
 from .embedding import embed_images, embed_texts
@@ -212,12 +215,13 @@ def _finish(scored, caption_column, score_columns, keep_scores, report_batch):
 
 def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("caption",), threshold: Optional[float] = None,
             top_k: int = 1, min_keep: int = 1, output_column: str = "caption_filtered", image_column: str = "image",
-            batch_size: int = 64, max_length: int = 64, keep_scores: bool = True):
+            batch_size: int = 64, max_length: int = 64, keep_scores: bool = True, itm=None):
     """BLIP CapFilt with a SigLIP-like model (see module docstring). Returns ``(dataset, report)``.
 
     Candidates are the usable captions of ``caption_columns`` (e.g. ``("caption", "pseudo_captions")``)
-    in order; ``capfilt_scores`` holds their image-text cosine similarities; ``output_column`` the kept
-    captions (in candidate order).
+    in order; ``capfilt_scores`` holds their image-text cosine similarities (with ``itm``, an
+    ``ItmPairScorer``: their match probabilities; ``model`` and ``processor`` are then unused);
+    ``output_column`` the kept captions (in candidate order).
     """
     caption_columns = list(caption_columns)
     names = dataset.column_names or []
@@ -228,9 +232,13 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
         normalized = [[normalize_captions(column[i], row=i) for column in caption_cells] for i in range(len(images))]
         candidates = [[c for captions, _ in row for c in captions] for row in normalized]
         pil, decodable = decode_decodable(images)
-        image_embeddings = embed_images(model, processor, pil, batch_size=batch_size)
         flat = [c for i in decodable for c in candidates[i]]
-        text_embeddings = embed_texts(model, processor, flat, max_length=max_length) if flat else None
+        if itm is not None:  # each candidate with its own image: one match probability per caption
+            owner = torch.tensor([j for j, i in enumerate(decodable) for _ in candidates[i]], dtype=torch.long)
+            matched = itm.score_pairs(pil, itm.input_ids(flat), owner, torch.arange(len(flat))) if flat else None
+        else:
+            image_embeddings = embed_images(model, processor, pil, batch_size=batch_size)
+            text_embeddings = embed_texts(model, processor, flat, max_length=max_length) if flat else None
         out = {output_column: [list(c) for c in candidates], "capfilt_scores": [[] for _ in images],
                "capfilt_undecodable_image": [True] * len(images), "capfilt_candidates": [len(c) for c in candidates],
                "capfilt_empty_captions": [sum(dropped for _, dropped in row) for row in normalized]}
@@ -240,7 +248,8 @@ def capfilt(dataset, model, processor, caption_columns: Sequence[str] = ("captio
             out["capfilt_undecodable_image"][i] = False
             if n == 0:
                 continue
-            scores = (text_embeddings[position:position + n] @ image_embeddings[j]).numpy()
+            scores = (matched[position:position + n] if itm is not None
+                      else text_embeddings[position:position + n] @ image_embeddings[j]).numpy()
             position += n
             order = np.argsort(-scores, kind="stable")
             keep = set(np.flatnonzero(scores >= threshold)) if threshold is not None else set(order[:top_k])

@@ -1,8 +1,11 @@
-"""Pseudo-captions (FFF batch text augmentation): sample captions with any transformers captioner.
+"""Pseudo-captions (FFF batch text augmentation, BLIP's CapFilt): sample captions with a transformers captioner.
 
 :func:`add_pseudo_captions` runs an image-to-text model (BLIP, BLIP-2, GIT, ...: anything whose
-``generate(**processor(images=...))`` returns token ids) on batches of images, sampling
-``num_captions`` captions per image into a list column. Batches run on the model's device -- by
+``generate(**processor(images=...))`` returns token ids), or a captioner trained by this package (the captioning
+objective's ``captioner/`` folder, loaded as :class:`hf_siglip.captioner.TrainedCaptioner`, which generates exactly
+as ``hf-siglip caption`` does: BLIP's bootstrapping, where the model's own captioner writes the synthetic captions),
+on batches of images, sampling ``num_captions`` captions per image (nucleus sampling, ``top_p=0.9``, as BLIP) into a
+list column. Batches run on the model's device -- by
 default CUDA when available (the model is moved there). Sampling is seeded per batch from
 ``(seed, first row index)``, so a given row gets the same captions on a rerun with the same batching.
 
@@ -14,7 +17,8 @@ the new column written (images are not copied). One process writes ``output_dir`
 ``pseudo_captions`` data step lets the main process caption and the others read its result.
 
 Policies: an image that does not decode gets an empty caption list and a logged warning (counted in
-the ``report`` returned alongside); generated captions that are empty after stripping are dropped.
+the ``report`` returned alongside); generated captions that are empty after stripping are dropped. The report
+counts ``rows``, the ``captions`` written and those two policies.
 """
 
 from __future__ import annotations
@@ -35,8 +39,16 @@ logger = logging.getLogger(__name__)
 
 
 def load_captioner(path: str, device: Optional[str] = None):
-    """Load ``(model, processor)`` for an image-to-text checkpoint saved locally or on the hub."""
+    """Load ``(model, processor)`` for an image-to-text checkpoint saved locally or on the hub; for a folder trained
+    with the captioning objective (its ``captioner/``, or that folder itself) ``(TrainedCaptioner, None)``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..captioner import TrainedCaptioner, captioner_folder
+
+    folder = captioner_folder(path, required=False)
+    if folder is not None:
+        captioner = TrainedCaptioner(folder)
+        return (captioner.to(device) if device else captioner), None
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     return model.to(device) if device else model, AutoProcessor.from_pretrained(path)
@@ -49,19 +61,27 @@ def add_pseudo_captions(dataset, model, processor, num_captions: int = 3, output
     """Add ``output_column`` with ``num_captions`` sampled captions per image; return ``(dataset, report)``.
 
     Args:
-        model / processor: a loaded captioner and its processor (see :func:`load_captioner`).
+        model / processor: a loaded captioner and its processor (see :func:`load_captioner`); a
+            ``TrainedCaptioner`` needs no processor.
         generate_kwargs: overrides for ``generate`` (default: nucleus sampling, ``top_p=0.9``,
-            ``max_new_tokens=30``).
+            ``max_new_tokens=30``; a ``TrainedCaptioner`` writes at most its training length by default).
         prompt: optional text prompt passed to the processor (BLIP-2 / conditional captioning).
         device: where to run; default CUDA if available, else the model's current device.
         output_dir / num_shards: resumable sharded processing for a ``Dataset`` (module docstring).
     """
+    from ..captioner import TrainedCaptioner
+
+    ours = isinstance(model, TrainedCaptioner)
+    if ours and prompt:
+        raise ValueError("prompt: a captioner trained by hf_siglip starts every caption from nothing, it takes none")
     if device is None and torch.cuda.is_available():
         device = "cuda"
     if device is not None:
         model = model.to(device)
-    model_device = next(model.parameters()).device
-    generation = {"do_sample": True, "top_p": 0.9, "max_new_tokens": 30, **(generate_kwargs or {})}
+    model_device = None if ours else next(model.parameters()).device
+    # a trained captioner's decoder has positions for its training length only: its generation config says it
+    generation = {"do_sample": True, "top_p": 0.9, **({} if ours else {"max_new_tokens": 30}),
+                  **(generate_kwargs or {})}
     report = Counter()
 
     @torch.no_grad()
@@ -76,11 +96,14 @@ def add_pseudo_captions(dataset, model, processor, num_captions: int = 3, output
                 logger.warning("row %d: image does not decode (%s); no pseudo-captions", indices[row], error)
         captions = [[] for _ in images]
         if pil:
-            inputs = processor(images=pil, text=[prompt] * len(pil) if prompt else None, return_tensors="pt")
-            inputs = {k: v.to(model_device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
             torch.manual_seed(seed * 1_000_003 + int(indices[0]))
-            generated = model.generate(**inputs, num_return_sequences=num_captions, **generation)
-            texts = processor.batch_decode(generated, skip_special_tokens=True)
+            if ours:  # the generation path of `hf-siglip caption`
+                texts = model.generate(pil, batch_size=len(pil), num_return_sequences=num_captions, **generation)
+            else:
+                inputs = processor(images=pil, text=[prompt] * len(pil) if prompt else None, return_tensors="pt")
+                inputs = {k: v.to(model_device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+                generated = model.generate(**inputs, num_return_sequences=num_captions, **generation)
+                texts = processor.batch_decode(generated, skip_special_tokens=True)
             for j, row in enumerate(rows):
                 kept = []
                 for text in texts[j * num_captions:(j + 1) * num_captions]:
@@ -92,6 +115,7 @@ def add_pseudo_captions(dataset, model, processor, num_captions: int = 3, output
                     else:
                         report["empty_generations"] += 1
                 captions[row] = kept
+                report["captions"] += len(kept)
         report["rows"] += len(images)
         return {output_column: captions}
 

@@ -1,5 +1,9 @@
-"""Step ``pseudo_captions``: FFF's batch text augmentation source (section 3.2); captions sampled from any
-transformers image-to-text model into a ``pseudo_captions`` column (see :mod:`hf_siglip.data.pseudo_captions`)."""
+"""Step ``pseudo_captions``: FFF's batch text augmentation source (section 3.2) and BLIP's captioner (CapFilt);
+captions sampled from a transformers image-to-text model, or from a captioner trained by this package (``model:`` a
+training output folder with ``captioner/``, or that folder: BLIP's bootstrapping, the ``blip_bootstrap`` recipe),
+into a ``pseudo_captions`` column (see :mod:`hf_siglip.data.pseudo_captions`). Nucleus sampling (``top_p: 0.9``
+unless ``generate_kwargs`` says otherwise), seeded from the run's seed and the row index: a rerun writes the same
+captions, and on N processes the main process captions once for all."""
 
 from dataclasses import dataclass
 
@@ -9,10 +13,10 @@ from . import register_data_step
 
 @dataclass
 class PseudoCaptionsConfig:
-    model: str = ""  # an image-to-text checkpoint (BLIP, BLIP-2, GIT, ...)
+    model: str = ""  # an image-to-text checkpoint (BLIP, BLIP-2, GIT, ...) or an hf-siglip output with captioner/
     num_captions: int = 3
     batch_size: int = 16
-    prompt: str | None = None
+    prompt: str | None = None  # BLIP-2 / conditional captioning; a captioner trained here takes none
     generate_kwargs: dict | None = None
     output_dir: str | None = None  # resumable, sharded captioning of large datasets
     num_shards: int = 16

@@ -195,6 +195,7 @@ def build_model_card(
     limitations: str = "",
     data_report: dict | None = None,
     wise_ft: dict | None = None,
+    captioner: str | None = None,
 ) -> ModelCard:
     """Fill the package's model card template for `model` (a `SiglipBottleneckModel` or a `hf_siglip.dual_encoders`
     adapter of SiglipModel / Siglip2Model / CLIPModel).
@@ -207,7 +208,8 @@ def build_model_card(
     measured; `hyperparameters` and `hardware` describe the run; `intended_use` replaces the default statement (the
     demo's toy notice); `training_curve` is a path relative to the repo root; `data_report` holds the data steps'
     counts (rows dropped or skipped, per reason); `wise_ft` is a WiSE-FT sweep (`hf_siglip.training.wise_ft.run_sweep`
-    plus `curve`, `finetuned`, `anchor_dataset`), shown as a table of the mixes and the trade-off curve. Framework
+    plus `curve`, `finetuned`, `anchor_dataset`), shown as a table of the mixes and the trade-off curve; `captioner`
+    the subfolder holding a captioner (`hf_siglip.captioner`), whose use the card shows. Framework
     versions are read from the installed packages.
     """
     datasets = [datasets] if isinstance(datasets, str) else datasets
@@ -254,6 +256,7 @@ def build_model_card(
         evaluation_protocol=evaluation_protocol or "",
         data_table=_data_table(data_report),
         wise_ft_section=_wise_ft_section(wise_ft),
+        captioner=captioner,
         intended_use=intended_use or ("Image-text retrieval and zero-shot image classification, and a starting point "
                                       "for fine-tuning on similar data."),
         limitations=limitations,

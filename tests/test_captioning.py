@@ -168,13 +168,16 @@ def _max_difference(a, b) -> tuple[float, str]:
     return max(((first[name] - second[name]).abs().max().item(), name) for name in first)
 
 
-BLOCKED_GENERATE = r"""
-import importlib.abc, json, sys
+BLOCK_HF_SIGLIP = r"""
+import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "hf_siglip" or name.startswith("hf_siglip."):
             raise ImportError("hf_siglip is blocked in this process")
 sys.meta_path.insert(0, Block())
+"""
+BLOCKED_GENERATE = BLOCK_HF_SIGLIP + r"""
+import json
 from PIL import Image
 from transformers import AutoProcessor, VisionEncoderDecoderModel
 folder, images = sys.argv[1], sys.argv[2:]
@@ -283,6 +286,14 @@ def test_captioning_recipes(name, tmp_path):
     output_dir = run_recipe(name, tmp_path)
     assert (output_dir / "captioner" / "generation_config.json").exists()
     VisionEncoderDecoderModel.from_pretrained(output_dir / "captioner")
+    # the card's captioning snippet, run as a reader would, without hf_siglip, on the saved folder
+    from hf_siglip.hub import usage_code
+
+    card = (output_dir / "README.md").read_text()
+    snippet = usage_code(card[card.index("### Captioning"):], load_from=output_dir)
+    result = subprocess.run([sys.executable, "-c", BLOCK_HF_SIGLIP + snippet], env=cli_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() != "", result.stderr[-3000:]
     weight = 2.0 if name == "coca_captioning" else 1.0
     assert f'{{"captioning": {{"weight": {weight}' in (output_dir / "README.md").read_text()
     recipe = (RECIPES / f"{name}.yaml").read_text()

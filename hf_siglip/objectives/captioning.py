@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..captioner import (CaptionDecoder, CaptionTokens, caption_image_index, caption_loss_sum, caption_token_count,
-                         patch_tokens_of, save_captioner)
+from ..captioner import (CAPTIONER_FOLDER, CaptionDecoder, CaptionTokens, caption_image_index, caption_loss_sum,
+                         caption_token_count, patch_tokens_of, save_captioner)
 from ..errors import UsageError
 from . import register_objective
 from .base import Objective, ObjectiveConfig, attach_module, full_state, load_into
@@ -106,6 +106,9 @@ class Captioning(Objective):
     def check(self, model) -> None:
         if self.problem is not None:
             raise UsageError(f"the captioning objective {self.problem}")
+
+    def before_training(self, trainer) -> None:
+        trainer.card_info["captioner"] = CAPTIONER_FOLDER  # the card shows how to caption with it
 
     def count(self, batch) -> int:
         return caption_token_count(batch["input_ids"], self.max_length, self.tokens)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from cli_helpers import RECIPES, REPO, TINY, cli_env, flags, run_train
+from cli_helpers import RECIPES, REPO, TINY, cli_env, flags
 from test_itm_rerank import plain_itm_probability
 from transformers import AutoProcessor, VisionEncoderDecoderModel
 
@@ -19,17 +19,16 @@ from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps
 from hf_siglip.data.text import normalize_captions
 from hf_siglip.errors import UsageError
 
-SIZES = {"hidden_size": 24, "num_attention_heads": 2, "num_layers": 1, "seed": 1}
-OBJECTIVES = {"itm": SIZES, "captioning": {**SIZES, "max_caption_length": 8}}
 SEED = 7
 
 
 @pytest.fixture(scope="module")
 def round0(tmp_path_factory):
-    """Step 1 of the loop: contrast + ITM + captioning, trained by `hf-siglip train`."""
+    """Step 1 of the loop: the blip_pretrain recipe (contrast + ITM + captioning) at a tiny scale."""
     out = tmp_path_factory.mktemp("round0") / "out"
-    run = run_train({**TINY, "output_dir": out, "max_steps": 3, "learning_rate": 3e-3, "eval_split": "None",
-                     "disable_tqdm": "true", "objectives": json.dumps(OBJECTIVES)})
+    command = [sys.executable, "-m", "hf_siglip", "train", "--config", str(RECIPES / "blip_pretrain.yaml"),
+               *flags({**TINY, "output_dir": out, "max_steps": 3, "eval_split": "None", "disable_tqdm": "true"})]
+    run = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "captioner" / "config.json").exists() and (out / "fusion_encoder" / "itm_head.safetensors").exists()
     return out
@@ -65,8 +64,8 @@ def test_pseudo_captions_from_a_trained_captioner_sample_as_plain_transformers(r
     with pytest.raises(ValueError, match="takes none"):  # a prompt means nothing to it
         run_data_steps(data, parse_data_steps([{"pseudo_captions": {"model": str(round0), "prompt": "a photo"}}]),
                        DataContext(seed=SEED))
-    longer = {"model": str(round0), "generate_kwargs": {"max_new_tokens": 40}}  # its decoder has 8 positions
-    with pytest.raises(UsageError, match="max_new_tokens 40: .* at most 8 tokens"):
+    longer = {"model": str(round0), "generate_kwargs": {"max_new_tokens": 40}}  # blip_pretrain's decoder: 16
+    with pytest.raises(UsageError, match="max_new_tokens 40: .* at most 16 tokens"):
         run_data_steps(data, parse_data_steps([{"pseudo_captions": longer}]), DataContext(seed=SEED))
 
 
@@ -105,13 +104,12 @@ def test_capfilt_with_the_trained_itm_head_keeps_what_it_calls_a_match(round0):
 def test_the_bootstrap_recipe_runs_the_loop_through_the_command_line(round0, tmp_path):
     steps = yaml.safe_load((RECIPES / "blip_bootstrap.yaml").read_text())["data_steps"]
     for entry in steps:  # the recipe's steps, reading round 0 instead of outputs/blip-pretrain
-        ((name, settings),) = entry.items()
+        ((_, settings),) = entry.items()
         if "model" in settings:
             settings["model"] = str(round0)
     out = tmp_path / "round1"
     command = [sys.executable, "-m", "hf_siglip", "train", "--config", str(RECIPES / "blip_bootstrap.yaml"),
-               *flags({**TINY, "output_dir": out, "disable_tqdm": "true", "data_steps": json.dumps(steps),
-                       "objectives": json.dumps(OBJECTIVES)})]
+               *flags({**TINY, "output_dir": out, "disable_tqdm": "true", "data_steps": json.dumps(steps)})]
     run = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
 

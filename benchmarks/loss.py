@@ -1,12 +1,18 @@
 """Benchmark: time per forward+backward and peak memory per process of three distributed sigmoid losses.
 
-    PYTHONPATH=. python benchmarks/loss.py                 # the full table (several minutes on 2 cores)
-    PYTHONPATH=. python benchmarks/loss.py --batches 1024  # quick look
+    PYTHONPATH=. python benchmarks/loss.py                 # both tables and the PNG (several minutes on 2 cores)
+    PYTHONPATH=. python benchmarks/loss.py --batches 1024 --curve-worlds  # quick look
 
 Compared, at world size 2 (gloo, CPU, one thread per process), d = 512:
-  hf_siglip   hf_siglip.sigmoid_loss (ring, tiles of 1024 x 1024, each tile's gradient by autograd in the forward)
+  hf_siglip   hf_siglip.sigmoid_loss (ring, tiles of 1024 x 1024, each tile's gradient in the forward)
   open_clip   open_clip SigLipLoss(dist_impl="bidir") (loaded from its loss.py; import open_clip needs torchvision)
   all-gather  the naive loss: torch.distributed.nn.all_gather of the texts, then the local x global logits
+  floor       the three matrix products any exact loss must do (logits, the two gradient products), tiled as
+              hf_siglip's, against the global batch's texts held locally: no elementwise work, no communication
+
+Second table (and a PNG, --plot): peak memory per process at 1, 2, 4 and 8 processes (--curve-worlds) at one local
+batch (--curve-batch), for hf_siglip, open_clip's SigLipLoss "bidir" (its default, neighbour exchange) and "gather"
+(all-gather of the texts). More processes than cores is fine for memory; its times are indicative only.
 
 "k" is the number of captions (positives) per image: a process holds `batch` images and k * batch texts.
 open_clip cannot express k > 1 (it pairs image i with text i only), so its k = 5 cells are empty.
@@ -43,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_siglip.loss import sigmoid_loss  # noqa: E402
+from hf_siglip.loss_config import DEFAULT_TILE  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -79,6 +86,28 @@ def naive_all_gather_loss(image_embeds, text_embeds, logit_scale, logit_bias, im
     labels = 2.0 * (image_ids[:, None] == torch.cat(gathered_ids)[None, :]).float() - 1.0
     logits = logit_scale * image_embeds @ all_texts.T + logit_bias
     return -F.logsigmoid(labels * logits).sum() / image_embeds.shape[0]
+
+
+def matmul_floor(image_embeds, all_texts, logit_scale, logit_bias, tile=DEFAULT_TILE):
+    """The three matrix products any exact loss step must do, and nothing else: per tile of the local images
+    against every text of the global batch (here one tensor, no communication), the logits (with the bias), then
+    the two gradient products (the logits stand in for the gradient coefficients), accumulated into the two
+    gradients (zeroed tensors allocated in the step, as any loss must return gradients)."""
+    x, y = image_embeds.detach(), all_texts
+    bias = logit_bias.detach()
+    grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
+    for c0 in range(0, y.shape[0], tile):
+        y_tile = y[c0:c0 + tile]
+        for r0 in range(0, x.shape[0], tile):
+            logits = torch.addmm(bias, x[r0:r0 + tile], y_tile.T)
+            grad_x[r0:r0 + tile].addmm_(logits, y_tile)
+            grad_y[c0:c0 + tile].addmm_(logits.T, x[r0:r0 + tile])
+    return _NoBackward()
+
+
+class _NoBackward:
+    def backward(self):
+        pass
 
 
 def _measure(steps, leaves, reps):
@@ -127,18 +156,23 @@ def _worker(rank, world, port, configs, reps, results):
             unique_text_ids = torch.arange(k * batch) + world * batch * (rank + 1)
             unique_text_ids[:batch] = image_ids  # one positive per image, the other texts have none
             leaves = [x, y, t, b]
+            all_texts = None
+            if "floor" in methods:  # the global batch's texts in one tensor
+                all_texts = F.normalize(torch.randn(world * k * batch, d, generator=g), dim=1)
             steps = {
+                "floor": lambda: matmul_floor(x, all_texts, t, b),
                 "hf_siglip": lambda: sigmoid_loss(x, y, t, b, image_ids, text_ids),
                 "hf_siglip 1 pos": lambda: sigmoid_loss(x, y, t, b, image_ids, unique_text_ids),
                 "open_clip": lambda: SigLipLoss(rank=rank, world_size=world, dist_impl="bidir")(x, y, t, b),
+                "open_clip gather": lambda: SigLipLoss(rank=rank, world_size=world, dist_impl="gather")(x, y, t, b),
                 "all-gather": lambda: naive_all_gather_loss(x, y, t, b, image_ids, text_ids),
             }
             chosen = {method: steps[method] for method in methods
-                      if not (method == "open_clip" and (k != 1 or SigLipLoss is None))}
+                      if not (method.startswith("open_clip") and (k != 1 or SigLipLoss is None))}
             measured = _measure(chosen, leaves, reps if batch * k <= 4096 else 1)
             for method, (seconds, cpu_seconds, peak) in measured.items():
                 rows.append((world, batch, k, method, seconds, cpu_seconds, peak))
-            del x, y, leaves, steps
+            del x, y, leaves, steps, all_texts
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         if rank == 0:
@@ -171,6 +205,77 @@ def run(world, configs, reps):
     return out
 
 
+def _table(results):
+    """The world-size 2 (and 4) table: time and memory of every method per (world, batch, k)."""
+    methods = ("hf_siglip", "open_clip", "all-gather", "hf_siglip 1 pos", "floor")
+    header = ("world", "batch", "k", "hf_siglip s", "open_clip s", "all-gather s", "hf_siglip k=5, 1 pos s",
+              "floor s", "hf_siglip MiB", "open_clip MiB", "all-gather MiB", "time vs open_clip (CPU)",
+              "mem vs open_clip", "hf_siglip vs floor (CPU)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in sorted({key[:3] for key in results}):
+        cell = {method: results.get(key + (method,)) for method in methods}
+        ours, oc, one, floor = cell["hf_siglip"], cell["open_clip"], cell["hf_siglip 1 pos"], cell["floor"]
+        times = ["-" if cell[m] is None else f"{cell[m][0]:.2f} ({cell[m][1]:.2f})" for m in methods]
+        memory = ["-" if cell[m] is None else f"{cell[m][2]:.0f}" for m in methods[:3]]
+        ratio_t = f"{ours[0] / oc[0]:.2f}x ({ours[1] / oc[1]:.2f}x)" if ours and oc else "-"
+        if ours and one:
+            ratio_t = f"k={key[2]} vs 1 pos: {ours[0] / one[0]:.2f}x ({ours[1] / one[1]:.2f}x)"
+        ratio_m = f"{ours[2] / oc[2]:.2f}x" if ours and oc and oc[2] > 0 else "-"
+        ratio_f = f"{ours[0] / floor[0]:.2f}x ({ours[1] / floor[1]:.2f}x)" if ours and floor else "-"
+        lines.append("| " + " | ".join([str(v) for v in key] + times + memory + [ratio_t, ratio_m, ratio_f]) + " |")
+    return "\n".join(lines)
+
+
+CURVE_METHODS = ("hf_siglip", "open_clip", "open_clip gather")
+
+
+def _curve(worlds, batch, reps):
+    """Peak memory growth per process (largest process) and CPU seconds per step at each world size, at one local
+    batch: {method: {world: (wall, cpu, MiB)}}."""
+    curve = {method: {} for method in CURVE_METHODS}
+    for world in worlds:
+        for (world_, _, _, method), value in run(world, [(batch, 1, CURVE_METHODS)], reps).items():
+            curve[method][world_] = value
+    return curve
+
+
+def _curve_table(curve, worlds):
+    names = [{"open_clip": "open_clip bidir"}.get(m, m) for m in CURVE_METHODS]
+    header = ["processes"] + [f"{m} MiB" for m in names] + [f"{m} CPU s" for m in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for world in worlds:
+        cells = [curve[m].get(world) for m in CURVE_METHODS]
+        lines.append("| " + " | ".join([str(world)] + ["-" if c is None else f"{c[2]:.1f}" for c in cells]
+                                       + ["-" if c is None else f"{c[1]:.2f}" for c in cells]) + " |")
+    return "\n".join(lines)
+
+
+def _plot(curve, worlds, batch, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"hf_siglip": "hf_siglip (ring)", "open_clip": "open_clip SigLipLoss bidir",
+              "open_clip gather": "open_clip SigLipLoss gather"}
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in CURVE_METHODS:
+        points = [(w, curve[method][w][2]) for w in worlds if w in curve[method]]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=labels[method])
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(worlds, [str(w) for w in worlds])
+    axis.set_ylim(bottom=0)
+    axis.set_xlabel("processes (gloo, CPU)")
+    axis.set_ylabel("peak memory growth per process (MiB)")
+    axis.set_title(f"one loss step, local batch {batch}, d=512")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="*", default=[1024, 4096],
@@ -179,9 +284,15 @@ def main():
     parser.add_argument("--reps", type=int, default=2, help="timed steps after one warm-up (1 for big k=5 cells)")
     parser.add_argument("--flat-batch", type=int, default=1024,
                         help="local batch of the world-size 4 row, for memory against world size 2 (0 = skip)")
+    parser.add_argument("--curve-worlds", type=int, nargs="*", default=[1, 2, 4, 8],
+                        help="process counts of the memory curve (none: skip it)")
+    parser.add_argument("--curve-batch", type=int, default=1024, help="local batch of the memory curve")
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       "loss_memory_processes.png"),
+                        help="where the memory curve's PNG goes (empty: no plot)")
     args = parser.parse_args()
 
-    all_methods = ("hf_siglip", "open_clip", "all-gather")
+    all_methods = ("hf_siglip", "open_clip", "all-gather", "floor")
     configs = []
     for batch in args.batches:
         for k in args.positives:
@@ -190,25 +301,22 @@ def main():
     results = run(2, configs, args.reps) if configs else {}
     if args.flat_batch:
         results.update(run(4, [(args.flat_batch, 1, all_methods)], args.reps))
+    # memory is the point of the curve: one timed round after the warm-up (times are indicative only)
+    curve = _curve(args.curve_worlds, args.curve_batch, 1) if args.curve_worlds else None
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo, 1 thread per process, d=512; "
           f"time = wall (CPU) seconds per forward+backward, slowest process; memory = VmHWM growth, "
-          f"largest process; load average at the end {open('/proc/loadavg').read().split()[0]}")
-    header = ("world", "batch", "k", "hf_siglip s", "open_clip s", "all-gather s", "hf_siglip k=5, 1 pos s",
-              "hf_siglip MiB", "open_clip MiB", "all-gather MiB", "time vs open_clip (CPU)", "mem vs open_clip")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for key in sorted({key[:3] for key in results}):
-        cell = {method: results.get(key + (method,)) for method in all_methods + ("hf_siglip 1 pos",)}
-        ours, oc, one = cell["hf_siglip"], cell["open_clip"], cell["hf_siglip 1 pos"]
-        times = ["-" if v is None else f"{v[0]:.2f} ({v[1]:.2f})" for v in
-                 (cell[m] for m in all_methods + ("hf_siglip 1 pos",))]
-        memory = ["-" if v is None else f"{v[2]:.0f}" for v in (cell[m] for m in all_methods)]
-        ratio_t = f"{ours[0] / oc[0]:.2f}x ({ours[1] / oc[1]:.2f}x)" if ours and oc else "-"
-        if ours and one:
-            ratio_t = f"k={key[2]} vs 1 pos: {ours[0] / one[0]:.2f}x ({ours[1] / one[1]:.2f}x)"
-        ratio_m = f"{ours[2] / oc[2]:.2f}x" if ours and oc and oc[2] > 0 else "-"
-        print("| " + " | ".join([str(v) for v in key] + times + memory + [ratio_t, ratio_m]) + " |")
+          f"largest process; floor = the three matrix products alone; "
+          f"load average at the end {open('/proc/loadavg').read().split()[0]}")
+    if results:
+        print(_table(results))
+    if curve:
+        print(f"\nMemory against the number of processes, local batch {args.curve_batch}, k=1 (peak resident growth "
+              f"of the largest process, MiB; CPU seconds per step of the slowest)")
+        print(_curve_table(curve, args.curve_worlds))
+        if args.plot:
+            _plot(curve, args.curve_worlds, args.curve_batch, args.plot)
+            print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

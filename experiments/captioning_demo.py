@@ -8,6 +8,9 @@ and greedily captions 500 freshly drawn demo images (seed 1000, never trained on
 when it holds the image's colour word and no other colour word (chance 1/6), the right shape likewise (chance 1/5).
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/captioning_demo.py --output-dir outputs/captioning --seeds 0 1 2
+    # what docs/EXPERIMENTS.md reports (a smaller scale, for a 2-core machine shared with other jobs):
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/captioning_demo.py --output-dir outputs/captioning_small \
+        --parallel 3 --flags "--demo_train_size 2000 --num_train_epochs 3 --per_device_train_batch_size 64"
 
 A run whose folder holds eval_results.json is reused (delete the folder to redo it).
 """
@@ -18,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -27,19 +29,16 @@ ARMS = {"sigmoid": "siglip_from_scratch", "sigmoid + decoder": "siglip2_captioni
 METRICS = ("eval_i2t_recall@1", "eval_t2i_recall@1", "eval_zero_shot_top1")
 
 
-def train(recipe: str, seed: int, folder: str) -> float:
+def train(recipe: str, seed: int, folder: str, flags: list[str]) -> None:
     if os.path.exists(os.path.join(folder, "eval_results.json")):
-        return float("nan")
-    start = time.time()
+        return
     command = [sys.executable, "-m", "hf_siglip", "train", "--config", recipe, "--seed", str(seed), "--output_dir",
-               folder, "--disable_tqdm", "true"]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+               folder, "--disable_tqdm", "true", *flags]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train.log"), "w") as log:  # a file, not a pipe: a run outlives this script
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    seconds = time.time() - start
-    with open(os.path.join(folder, "seconds.txt"), "w") as handle:
-        handle.write(f"{seconds:.0f}\n")
-    return seconds
+        raise RuntimeError(f"{' '.join(command)} failed: see {folder}/train.log")
 
 
 def caption_scores(folder: str, n_images: int = 500) -> dict:
@@ -77,16 +76,20 @@ def main():
     parser.add_argument("--output-dir", default="outputs/captioning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--only", nargs="*", help="train only these runs (folder names); the others are read")
+    parser.add_argument("--flags", default="", help="more `hf-siglip train` flags for every run, e.g. a smaller scale")
     args = parser.parse_args()
     jobs = [(arm, recipe, seed, os.path.join(args.output_dir, f"{recipe}_seed{seed}"))
             for seed in args.seeds for arm, recipe in ARMS.items()]
+    training = [job for job in jobs if args.only is None or os.path.basename(job[3]) in args.only]
     with ThreadPoolExecutor(args.parallel) as pool:
-        list(pool.map(lambda job: train(job[1], job[2], job[3]), jobs))
+        list(pool.map(lambda job: train(job[1], job[2], job[3], args.flags.split()), training))
     results = {}
     for arm, recipe, seed, folder in jobs:
         metrics = json.load(open(os.path.join(folder, "eval_results.json")))["metrics"]
         row = {name: metrics[name] for name in METRICS}
-        row["seconds"] = float(open(os.path.join(folder, "seconds.txt")).read())
+        state = json.load(open(os.path.join(folder, "trainer_state.json")))
+        row["seconds"] = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
         if arm != "sigmoid":
             row.update(caption_scores(folder))
         results.setdefault(arm, {})[seed] = row

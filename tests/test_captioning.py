@@ -113,14 +113,14 @@ def test_loss_sum_is_the_vision_encoder_decoder_token_loss(kind):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["siglip", "clip", "bottleneck_vit"])
+@pytest.mark.parametrize("kind", ["clip", "bottleneck_vit"])  # SigLIP's: the command-line test below
 def test_generate_of_the_built_captioner_is_our_greedy_decoding(kind):
     model = dual_encoder(kind)
-    objective = Captioning(CaptioningConfig(hidden_size=32, num_attention_heads=2, max_caption_length=10), model, None)
+    objective = Captioning(CaptioningConfig(hidden_size=32, num_attention_heads=2, max_caption_length=6), model, None)
     pixel_values = caption_batch()["pixel_values"]
-    ours = greedy_captions(model.vision_model, objective.decoder, pixel_values, TOKENS, 10)
-    generated = build_captioner(model.vision_model, objective.decoder, TOKENS, 10).generate(pixel_values)
-    assert ours.shape[1] == 11  # a random decoder never stops: start + 10 new tokens
+    ours = greedy_captions(model.vision_model, objective.decoder, pixel_values, TOKENS, 6)
+    generated = build_captioner(model.vision_model, objective.decoder, TOKENS, 6).generate(pixel_values)
+    assert ours.shape[1] == 7  # a random decoder never stops: start + 6 new tokens
     assert torch.equal(generated, ours)
 
 

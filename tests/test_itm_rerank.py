@@ -45,7 +45,7 @@ def plain_itm_probability(folder, images, captions, max_length) -> torch.Tensor:
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("itm") / "out"
     run = run_train({**TINY, "output_dir": out, "max_steps": 3, "learning_rate": 3e-3, "disable_tqdm": "true",
-                     "objectives": json.dumps(ITM)})
+                     "objectives": json.dumps(ITM), "itm_rerank_k": K})
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -147,9 +147,16 @@ def test_hf_siglip_eval_reports_both_recalls(checkpoint, held_out, tmp_path):
     for way in ("i2t", "t2i"):  # the embeddings' recall beside it, equal beyond the k re-scored
         assert metrics[f"{way}_itm_recall@5"] == pytest.approx(metrics[f"{way}_recall@5"], abs=1e-9)
         assert f"{way}_recall@1" in metrics and metrics["itm_rerank_k"] == K
+    # hf-siglip train --itm_rerank_k reported the same after training, beside its own recall
+    trained = json.loads((checkpoint / "eval_results.json").read_text())["metrics"]
+    for name, value in expected.items():
+        assert trained[f"eval_{name}"] == pytest.approx(value, abs=1e-9), name
+    assert trained["eval_i2t_recall@1"] == pytest.approx(metrics["i2t_recall@1"], abs=1e-6)
 
 
-def test_eval_without_an_itm_head_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+def test_reranking_without_an_itm_head_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    from cli_helpers import flags
+
     from hf_siglip.cli.main import main as cli_main
 
     bare = tmp_path / "bare"
@@ -157,3 +164,8 @@ def test_eval_without_an_itm_head_is_refused_in_one_line(checkpoint, tmp_path, c
     assert cli_main(["eval", "--checkpoint", str(bare), "--itm_rerank_k", "2"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert "itm_rerank_k" in error[-1] and "fusion_encoder" in error[-1] and "Traceback" not in "".join(error)
+    # training that would have no head to re-rank with: refused before any data
+    assert cli_main(["train", *flags({**TINY, "output_dir": tmp_path / "out", "itm_rerank_k": 2})]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert "itm_rerank_k" in error[-1] and "itm objective" in error[-1]
+    assert not (tmp_path / "out").exists()

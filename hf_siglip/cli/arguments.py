@@ -116,6 +116,12 @@ class SiglipScriptArguments:
                 "target recall@1), or a number: that alpha. Ties: the smaller alpha."})
     wise_ft_max_anchor_drop: float = field(default=0.01, metadata={
         "help": "wise_ft_rule anchor_drop: the anchor accuracy a mix may lose against the start (0.01 = 1 point)."})
+    itm_rerank_k: int | None = field(default=None, metadata={
+        "help": "Retrieval re-ranked by the ITM head (ALBEF / BLIP): each query's K best candidates by cosine "
+                "re-scored by the head the itm objective trains (BLIP: 256 on COCO, 128 on Flickr30K), reported as "
+                "i2t_itm_recall@k / t2i_itm_recall@k beside the embeddings' recall (hf-siglip train: after training, "
+                "on the held-out split; hf-siglip eval: with the checkpoint's fusion_encoder/). None: no "
+                "re-ranking."})
 
     def __post_init__(self):
         from ..data.steps import parse_data_steps
@@ -352,6 +358,10 @@ def _data_problems(script_args, training_args) -> list[str]:
 
     problems += wise_ft_problems(script_args) + _positive("anchor_max_samples", script_args.anchor_max_samples,
                                                           allow_none=True)
+    problems += _positive("itm_rerank_k", script_args.itm_rerank_k, allow_none=True)
+    if script_args.itm_rerank_k and training_args is not None and "itm" not in (training_args.objectives or {}):
+        problems.append("itm_rerank_k re-ranks with the ITM head that the itm objective trains: turn it on "
+                        "(objectives: {itm: {...}}) or drop itm_rerank_k")
     problems += [problem for problem in [missing_local_path(script_args.anchor_dataset, "anchor_dataset")] if problem]
     for name in ("image_column", "caption_column", "train_split"):
         if not getattr(script_args, name):

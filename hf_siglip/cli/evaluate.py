@@ -49,10 +49,6 @@ class SiglipEvalArguments(SiglipScriptArguments):
     probe_from_zero_shot: bool = field(default=True, metadata={
         "help": "Initialise the linear probe from the zero-shot classifier (DiHT)."})
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
-    itm_rerank_k: int | None = field(default=None, metadata={
-        "help": "Re-rank each query's K best candidates by cosine with the checkpoint's ITM head (BLIP: 256 on COCO, "
-                "128 on Flickr30K; needs fusion_encoder/ from the itm objective): i2t_itm_recall@k / "
-                "t2i_itm_recall@k beside the embeddings' recall. None: no re-ranking."})
 
 
 def eval_problems(args: SiglipEvalArguments) -> list[str]:
@@ -122,11 +118,7 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     evaluation = evaluation.select(kept)
 
     image_embeds = embed_images(model, processor, evaluation["image"])
-    texts, text_ids = [], []
-    for row, (image_id, cell) in enumerate(zip(evaluation["image_id"], evaluation["caption"])):
-        captions = normalize_captions(cell, row)[0]
-        texts += captions
-        text_ids += [image_id] * len(captions)
+    texts, text_ids = captions_and_ids(evaluation)
     text_embeds = embed_texts(model, processor, texts, max_length=args.max_length)
     metrics = retrieval_metrics(image_embeds, text_embeds, torch.tensor(evaluation["image_id"]), torch.tensor(text_ids))
     metrics.update(images=len(evaluation), texts=len(texts), max_length=args.max_length)
@@ -158,6 +150,31 @@ def run_eval(args: SiglipEvalArguments) -> dict[str, float]:
     return metrics
 
 
+def captions_and_ids(evaluation) -> tuple[list[str], list[int]]:
+    """Every caption of the rows, in row order, with its row's image id."""
+    texts, text_ids = [], []
+    for row, (image_id, cell) in enumerate(zip(evaluation["image_id"], evaluation["caption"])):
+        captions = normalize_captions(cell, row)[0]
+        texts += captions
+        text_ids += [image_id] * len(captions)
+    return texts, text_ids
+
+
+def itm_rerank_of_checkpoint(checkpoint: str, evaluation, rerank_k: int, max_length: int) -> dict[str, float]:
+    """ITM re-ranked recall of the model saved in `checkpoint` on `evaluation`'s usable rows, as `hf-siglip eval
+    --itm_rerank_k` computes it (`hf-siglip train --itm_rerank_k` calls it on its output folder)."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = as_dual_encoder(AutoModel.from_pretrained(checkpoint)).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    evaluation = evaluation.select(usable_rows(evaluation)[0])
+    texts, text_ids = captions_and_ids(evaluation)
+    image_embeds = embed_images(model, processor, evaluation["image"])
+    text_embeds = embed_texts(model, processor, texts, max_length=max_length)
+    return itm_rerank_evaluation(checkpoint, evaluation["image"], texts, image_embeds, text_embeds,
+                                 torch.tensor(evaluation["image_id"]), torch.tensor(text_ids), rerank_k, max_length)
+
+
 def itm_rerank_evaluation(checkpoint: str, images, texts: list[str], image_embeds, text_embeds, image_ids, text_ids,
                           rerank_k: int, max_length: int, seed: int = 0) -> dict[str, float]:
     """`hf_siglip.itm_scoring.itm_rerank_metrics` with the ITM head saved in `checkpoint`, on the same similarity
@@ -181,5 +198,5 @@ def evaluation_summary(args: SiglipEvalArguments, metrics: dict) -> str:
             + f" (settings from {getattr(args, 'evaluated_from', 'flags')})")
 
 
-__all__ = ["SiglipEvalArguments", "eval_problems", "evaluation_summary", "itm_rerank_evaluation",
-           "resolve_eval_arguments", "run_eval"]
+__all__ = ["SiglipEvalArguments", "captions_and_ids", "eval_problems", "evaluation_summary",
+           "itm_rerank_evaluation", "itm_rerank_of_checkpoint", "resolve_eval_arguments", "run_eval"]

@@ -501,6 +501,13 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
             trainer.save_model(training_args.output_dir)
         if evaluation is not None and any(o.name == "captioning" for o in trainer.objectives):
             metrics.update(_caption_evaluation(trainer, evaluation, training_args.output_dir))
+        if evaluation is not None and script_args.itm_rerank_k:  # as hf-siglip eval --itm_rerank_k on the folder
+            from .evaluate import itm_rerank_of_checkpoint
+
+            reranked = itm_rerank_of_checkpoint(training_args.output_dir, evaluation, script_args.itm_rerank_k,
+                                                script_args.max_length)
+            metrics.update({f"eval_{name}": value for name, value in reranked.items()})
+            trainer.log({f"eval_{name}": value for name, value in reranked.items()})
         trainer.save_state()  # trainer_state.json: the whole log history, resumed runs included
         curve = save_training_curves(trainer.state.log_history,
                                      os.path.join(training_args.output_dir, "training_curves.png"))

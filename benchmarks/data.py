@@ -23,6 +23,15 @@ Prints a Markdown table of rows/s, then the 224 px image tables:
   (worker start-up included) and per CPU-second of this process and its workers. ``dataloader_throughput`` takes
   any dataset of collator rows (tar shards too).
 
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data.py --handoff-only --image-rows 2048
+
+* worker hand-off (issue 25 item 7): the default collator over the same imagefolder in-process and through 1 and 2
+  DataLoader workers, handing float32 batches (the collator normalises; before) against ``uint8`` batches
+  (``normalize_on_device=True``, what ``SiglipTrainer`` uses: the trainer normalises on the device), side by side
+  in images per CPU-second of this process and its workers, best of ``--repeats`` passes, and each rate against
+  the in-process float32 one. The normalisation itself runs on the GPU in training and is not in these figures;
+  its CPU cost (when the device is the CPU) is printed below the table.
+
     PYTHONPATH=. python benchmarks/data.py --learnability 150
 
 instead checks that the embedded demo dataset is learnable on a CPU: it trains a tiny random
@@ -214,6 +223,47 @@ def imagefolder_loading(folder: str, files: int, workers=(0, 1, 2), image_size: 
     return results
 
 
+def worker_handoff(folder: str, files: int, workers=(0, 1, 2), repeats: int = 3,
+                   image_size: int = 224) -> dict[tuple[str, int], tuple[int, float, float]]:
+    """{(batches, workers): (images, wall s, CPU s)} for the default collator over an imagefolder of 500 x 375 JPEGs,
+    handing float32 batches (``normalize_on_device=False``) or uint8 ones (True), passes interleaved so that a
+    change in the machine's load hits both alike."""
+    from hf_siglip.data import load_image_text_dataset
+
+    dataset = load_image_text_dataset(write_web_imagefolder(folder, files))
+    processor = make_processor(image_size=image_size, words=WORDS)
+    results = {}
+    for count in workers:
+        for batches, on_device in (("float32", False), ("uint8", True)):
+            collator = SiglipDataCollator(processor=processor, max_length=16, normalize_on_device=on_device)
+            results[batches, count] = dataloader_throughput(dataset, collator, count, repeats=repeats)
+    return results
+
+
+def normalisation_cost(images: int = 256, image_size: int = 224) -> float:
+    """CPU milliseconds per image of ``normalize_pixel_values`` on a uint8 batch, when the device is this CPU."""
+    from hf_siglip.data.collator import normalize_pixel_values
+
+    pixels = torch.randint(0, 256, (images, 3, image_size, image_size), dtype=torch.uint8)
+    scale_offset = torch.tensor([[2 / 255] * 3, [-1.0] * 3]).expand(images, 2, 3)
+    _, cpu = timed(lambda: normalize_pixel_values({"pixel_values": pixels, "pixel_normalization": scale_offset}))
+    return cpu / images * 1000
+
+
+def print_handoff_table(results: dict[tuple[str, int], tuple[int, float, float]]) -> None:
+    base, base_uint8 = (results[kind, 0][0] / results[kind, 0][2] for kind in ("float32", "uint8"))
+    print("\n| DataLoader (batch 256), 500x375 q90 JPEGs, 224 px | workers | float32 batches (before): images per "
+          "CPU-second | x in-process float32 | uint8 batches, normalised on the device: images per CPU-second | "
+          "x in-process float32 | x in-process uint8 | images/s (wall), float32 / uint8 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for count in sorted({workers for _, workers in results}):
+        (n_f, wall_f, cpu_f), (n_u, wall_u, cpu_u) = results["float32", count], results["uint8", count]
+        print(f"| default collator | {count if count else '0 (in-process)'} | {n_f / cpu_f:,.0f} | "
+              f"{n_f / cpu_f / base:.2f} | {n_u / cpu_u:,.0f} | {n_u / cpu_u / base:.2f} | "
+              f"{n_u / cpu_u / base_uint8:.2f} | {n_f / wall_f:,.0f} / {n_u / wall_u:,.0f} |")
+    print(f"\n(normalize_pixel_values on this CPU, were it the device: {normalisation_cost():.3f} ms per image)")
+
+
 def print_image_tables(routes: dict[str, dict[str, float]], loading: list[tuple]) -> None:
     columns = [f"{w}x{h} q{q}" for w, h, q in WEB_JPEGS]
     print("\n| route (SiglipDataCollator, 224 x 224 pixel_values), images/s per core | " +
@@ -294,6 +344,9 @@ def main():
     parser.add_argument("--image-rows", type=int, default=2048,
                         help="images through each route of the 224 px image table, and files in its imagefolder")
     parser.add_argument("--images-only", action="store_true", help="print only the 224 px image tables")
+    parser.add_argument("--handoff-only", action="store_true",
+                        help="print only the worker hand-off table (float32 against uint8 batches)")
+    parser.add_argument("--repeats", type=int, default=3, help="--handoff-only: passes per cell (best is kept)")
     args = parser.parse_args()
     if args.learnability is not None:
         demo_learnability(args.learnability, args.width, args.patch)
@@ -301,6 +354,11 @@ def main():
     collator_rows = args.collator_rows or args.rows
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
+    if args.handoff_only:
+        with tempfile.TemporaryDirectory() as folder:
+            print_handoff_table(worker_handoff(os.path.join(folder, "web_jpegs"), args.image_rows,
+                                               repeats=args.repeats))
+        return
     if args.images_only:
         image_tables(args.image_rows)
         return
@@ -357,6 +415,8 @@ def image_tables(images: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         print_image_tables(image_routes(images=min(images, 512)),
                            imagefolder_loading(os.path.join(folder, "web_jpegs"), files=images))
+    with tempfile.TemporaryDirectory() as folder:
+        print_handoff_table(worker_handoff(os.path.join(folder, "web_jpegs"), images))
 
 
 if __name__ == "__main__":

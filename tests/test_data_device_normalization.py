@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cli_helpers import TINY, logged_losses, run_train
 from conftest import tiny_training_setup

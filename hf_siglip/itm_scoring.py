@@ -142,6 +142,11 @@ def itm_rerank_metrics(scorer: ItmPairScorer, images: Sequence, captions: Sequen
                                     torch.arange(similarity.shape[1]).repeat_interleave(k_texts)], dim=1)])
     pairs, where = torch.unique(pairs, dim=0, return_inverse=True)
     probability = scorer.score_pairs(images, scorer.input_ids(captions), pairs[:, 0], pairs[:, 1])
+    if not torch.isfinite(probability).all():  # decision 12: a corrupt head is refused, not ranked
+        from .training.finite import NonFiniteError
+
+        raise NonFiniteError(f"the ITM head in {scorer.folder} gives non-finite match probabilities (NaN or "
+                             "infinity): its weights are corrupt or diverged, so nothing is re-ranked")
     i2t = probability[where[:len(similarity) * k_images]].view(len(similarity), k_images)
     t2i = probability[where[len(similarity) * k_images:]].view(similarity.shape[1], k_texts)
 

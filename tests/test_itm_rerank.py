@@ -128,6 +128,10 @@ def test_a_head_that_says_the_same_for_every_pair_gives_the_expected_hits(checkp
         expected = matches.gather(1, top).double().sum(1) / K
         assert metrics[f"{prefix}_itm_recall@1"] == pytest.approx(expected.mean().item(), abs=1e-12)
         assert metrics[f"{prefix}_itm_queries_with_ties"] == int(((expected > 0) & (expected < 1)).sum())
+    with torch.no_grad():
+        scorer.scorer.itm_head.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite match probabilities"):
+        itm_rerank_metrics(scorer, images, texts, similarity, positives, K)
 
 
 def test_hf_siglip_eval_reports_both_recalls(checkpoint, held_out, tmp_path):

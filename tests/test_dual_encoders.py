@@ -435,7 +435,8 @@ def test_only_dual_encoders_load(tmp_path, capsys):
 
     BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=8).save_pretrained(tmp_path / "bert")
-    message = "model type 'bert'; hf-siglip trains the dual encoders ['clip', 'siglip', 'siglip2', 'siglip_bottleneck']"
+    message = ("model type 'bert'; hf-siglip trains the dual encoders ['clip', 'siglip', 'siglip2', 'siglip_bottleneck', "
+               "'vision-text-dual-encoder']")
     with pytest.raises(ValueError, match=re.escape(message)):
         load_dual_encoder(str(tmp_path / "bert"))
     # the command line: one line while checking its arguments, exit status 2

@@ -36,7 +36,8 @@ def train(recipe: str, seed: int, folder: str, flags: list[str]) -> None:
                folder, "--disable_tqdm", "true", *flags]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train.log"), "w") as log:  # a file, not a pipe: a run outlives this script
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed: see {folder}/train.log")
 
@@ -86,9 +87,11 @@ def main():
         list(pool.map(lambda job: train(job[1], job[2], job[3], args.flags.split()), training))
     results = {}
     for arm, recipe, seed, folder in jobs:
-        metrics = json.load(open(os.path.join(folder, "eval_results.json")))["metrics"]
+        with open(os.path.join(folder, "eval_results.json")) as handle:
+            metrics = json.load(handle)["metrics"]
         row = {name: metrics[name] for name in METRICS}
-        state = json.load(open(os.path.join(folder, "trainer_state.json")))
+        with open(os.path.join(folder, "trainer_state.json")) as handle:
+            state = json.load(handle)
         row["seconds"] = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
         if arm != "sigmoid":
             row.update(caption_scores(folder))

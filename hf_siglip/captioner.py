@@ -27,8 +27,15 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertLMHeadModel, GenerationConfig, VisionEncoderDecoderModel
-from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
+from transformers import (
+    BertConfig,
+    BertLMHeadModel,
+    GenerationConfig,
+    VisionEncoderDecoderModel,
+)
+from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import (
+    shift_tokens_right,
+)
 
 CAPTIONER_FOLDER = "captioner"  # beside the dual encoder in output_dir
 IGNORE = -100
@@ -68,7 +75,7 @@ class CaptionDecoder(nn.Module):
                                 else None)
 
     def forward(self, patch_tokens: torch.Tensor, decoder_input_ids: torch.LongTensor) -> torch.Tensor:
-        """Next-token logits `(T, L, vocab)` for `decoder_input_ids` `(T, L)` attending to `patch_tokens` `(T, N, D)`."""
+        """Next-token logits `(T, L, vocab)` of `decoder_input_ids` `(T, L)` attending to `patch_tokens` (T, N, D)."""
         memory = patch_tokens if self.enc_to_dec_proj is None else self.enc_to_dec_proj(patch_tokens)
         return self.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory, use_cache=False).logits
 

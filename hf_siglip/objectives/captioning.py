@@ -20,8 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..captioner import (CAPTIONER_FOLDER, CaptionDecoder, CaptionTokens, caption_image_index, caption_loss_sum,
-                         caption_token_count, patch_tokens_of, save_captioner)
+from ..captioner import (
+    CAPTIONER_FOLDER,
+    CaptionDecoder,
+    CaptionTokens,
+    caption_image_index,
+    caption_loss_sum,
+    caption_token_count,
+    patch_tokens_of,
+    save_captioner,
+)
 from ..errors import UsageError
 from . import register_objective
 from .base import Objective, ObjectiveConfig, attach_module, full_state, load_into
@@ -38,7 +46,7 @@ class CaptioningConfig(ObjectiveConfig):
     max_caption_length: int = field(default=64, metadata={
         "help": "Caption tokens (EOS included) the decoder is trained on and generates at most; longer captions are "
                 "truncated (the collator's max_length truncates first)."})
-    num_layers: int = field(default=2, metadata={"help": "Decoder layers (each: self-attention, cross-attention, MLP)."})
+    num_layers: int = field(default=2, metadata={"help": "Decoder layers (self-attention, cross-attention, MLP)."})
     hidden_size: int | None = field(default=None, metadata={
         "help": "Decoder width; None: the vision tower's (otherwise its patch tokens are projected to it)."})
     num_attention_heads: int | None = field(default=None, metadata={
@@ -165,4 +173,4 @@ def _unsupported(model, train_dataset) -> str | None:
     return None
 
 
-__all__ = ["Captioning", "CaptioningConfig", "HEAD_NAME", "WEIGHTS_NAME"]
+__all__ = ["HEAD_NAME", "WEIGHTS_NAME", "Captioning", "CaptioningConfig"]

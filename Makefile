@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 demo: install

@@ -58,10 +58,16 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from data_fixtures import make_processor, photo_like  # noqa: E402
-
+from hf_siglip.data import (  # noqa: E402
+    DEMO_CLASSES,
+    DEMO_TEMPLATES,
+    CaptionSampler,
+    SiglipDataCollator,
+    add_sampled_captions,
+    decode_image,
+    make_demo_dataset,
+)
 from hf_siglip.data.augmentation import ImageAugmentation  # noqa: E402
-from hf_siglip.data import (DEMO_CLASSES, DEMO_TEMPLATES, CaptionSampler, SiglipDataCollator,  # noqa: E402
-                            add_sampled_captions, decode_image, make_demo_dataset)
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right", "large", "small"]
 
@@ -316,7 +322,8 @@ def demo_learnability(seconds: float, width: int, patch: int) -> None:
     normalize = torch.nn.functional.normalize
     with torch.no_grad():
         prompts = [t.format(c) for c in DEMO_CLASSES for t in DEMO_TEMPLATES]
-        ids = torch.tensor(processor.tokenizer(prompts, padding="max_length", max_length=16, truncation=True)["input_ids"])
+        tokens = processor.tokenizer(prompts, padding="max_length", max_length=16, truncation=True)
+        ids = torch.tensor(tokens["input_ids"])
         prompt_embeds = normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
         class_embeds = normalize(prompt_embeds.view(len(DEMO_CLASSES), len(DEMO_TEMPLATES), -1).mean(1), dim=-1)
         held_out = SiglipDataCollator(processor=processor, max_length=16)(test)

@@ -451,8 +451,8 @@ def section_max_batch(cfg, device) -> list[dict]:
 
 def section_data(cfg, device) -> list[dict]:
     from data import WORDS, dataloader_throughput, write_web_imagefolder
-    from data_fixtures import make_processor
 
+    from data_fixtures import make_processor
     from hf_siglip.data import SiglipDataCollator, load_image_text_dataset
     from hf_siglip.data.shards import load_webdataset_shards, write_webdataset_shards
 

@@ -172,7 +172,7 @@ def _worker(rank, world, port, configs, reps, results):
             measured = _measure(chosen, leaves, reps if batch * k <= 4096 else 1)
             for method, (seconds, cpu_seconds, peak) in measured.items():
                 rows.append((world, batch, k, method, seconds, cpu_seconds, peak))
-            del x, y, leaves, steps, all_texts
+            x = y = leaves = steps = all_texts = None  # freed before the next setting is measured
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         if rank == 0:

@@ -1,6 +1,7 @@
 """Reproduce, at small scale and side by side, four claims of the SigLIP / FFF papers.
 
-    python experiments/paper_claims.py [--epochs 12] [--train-size 2000] [--seeds 0 1 2] [--output-dir outputs/experiments]
+    python experiments/paper_claims.py [--epochs 12] [--train-size 2000] [--seeds 0 1 2] [--output-dir
+    outputs/experiments]
 
 1. Sigmoid vs softmax loss at a small batch (SigLIP sections 4.1-4.2: sigmoid is better below ~16k).
 2. Several positives per image (k captions, plus in-batch mining) vs one caption per image (FFF).
@@ -30,15 +31,13 @@ import os
 import statistics
 import time
 
-import yaml
-
-from hf_siglip.data.demo import DIGITS_CLASSES, DIGITS_TEMPLATES, make_digits_dataset
 from hf_siglip.cli.train import (
     DEMO_TRAINING_DEFAULTS,
     SiglipModelArguments,
     SiglipScriptArguments,
     run_train,
 )
+from hf_siglip.data.demo import DIGITS_CLASSES, DIGITS_TEMPLATES, make_digits_dataset
 from hf_siglip.training.training_args import SiglipTrainingArguments
 
 

@@ -4,6 +4,7 @@ import importlib
 
 from transformers import AutoConfig, AutoModel
 
+from ._quiet import quiet_default_config_notices
 from .configuration_siglip_bottleneck import SiglipBottleneckConfig, SiglipBottleneckTextConfig
 from .modeling_siglip_bottleneck import (
     BottleneckTokenEmbedding,
@@ -11,8 +12,6 @@ from .modeling_siglip_bottleneck import (
     SiglipBottleneckTextModel,
     SiglipBottleneckVisionModel,
 )
-
-from ._quiet import quiet_default_config_notices
 
 __version__ = "0.1.0"
 quiet_default_config_notices()  # transformers' notice about its own default SiglipTextConfig (hf_siglip._quiet)

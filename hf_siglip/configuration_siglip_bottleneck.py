@@ -108,7 +108,8 @@ class SiglipBottleneckConfig(SiglipConfig):
     def to_siglip_config(self) -> SiglipConfig:
         """The same model as a plain `transformers.SiglipConfig` (requires `native_compatible`)."""
         if not self.native_compatible:
-            raise ValueError("only a model without bottleneck embeddings and with a SigLIP vision tower is a SiglipModel")
+            raise ValueError("only a model without bottleneck embeddings and with a SigLIP vision tower is a "
+                             "SiglipModel")
         text = {key: value for key, value in self.text_config.to_dict().items()
                 if key not in ("bottleneck_dim", "model_type", "transformers_version")}
         vision = {key: value for key, value in self.vision_config.to_dict().items()

@@ -32,9 +32,9 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_siglip_bottleneck import LOADABLE_MODEL_TYPES
 from .errors import UsageError
-from .training.finite import check_finite_weights
 from .loss import sigmoid_loss
 from .modeling_siglip_bottleneck import SiglipBottleneckModel, SiglipBottleneckOutput
+from .training.finite import check_finite_weights
 
 # The two towers of a dual encoder, as settings name them (pretrained_towers, learning-rate multipliers).
 TOWERS = ("text", "vision")

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.embedding import embed_images, embed_texts
-from .training.finite import NonFiniteError, finite_or_none
+from .data.embedding import embed_texts
 from .positives import positive_pairs
+from .training.finite import NonFiniteError, finite_or_none
 
 
 def retrieval_metrics(

@@ -28,7 +28,8 @@ _RENAMED = {
 
 @dataclass
 class SiglipLossConfig:
-    """Settings of the SigLIP loss (decisions 2 and 8 in docs/ARCHITECTURE.md). Defaults give the paper's plain sigmoid loss."""
+    """Settings of the SigLIP loss (decisions 2 and 8 in docs/ARCHITECTURE.md). Defaults give the paper's plain
+    sigmoid loss."""
 
     loss_type: str = field(default="sigmoid", metadata={"help": (
         "'sigmoid' (SigLIP) or 'softmax': symmetric InfoNCE through the same ids (for comparison), which with "

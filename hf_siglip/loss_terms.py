@@ -11,7 +11,8 @@ per-image/per-text inputs (soft targets, teacher embeddings) by name. A term is 
 Targets and weights are constants; the loss term is differentiated by autograd, tile by tile, or gives its value
 and gradient in closed form (`Term.gradient`: the sigmoid loss, fused for speed; the dense reference keeps autograd,
 so the tests check one against the other). A statistic is a reduction over a whole row (all texts of the global
-batch) or column (all images): a sum, a log-sum-exp or the k-th largest value of a per-pair expression. The ring engine (`loss_ring`) computes statistics in passes before
+batch) or column (all images): a sum, a log-sum-exp or the k-th largest value of a per-pair expression. The ring
+engine (`loss_ring`) computes statistics in passes before
 the main one; the dense reference (`hf_siglip.loss.dense_sigmoid_loss`) computes everything on one tile holding
 the whole batch. A differentiable statistic (the softmax normalisers) gets its part of the gradient from the
 engine: the loss term's gradient with respect to it, summed over the row, times the statistic's own gradient.

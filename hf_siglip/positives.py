@@ -1,6 +1,7 @@
 """Which image-text pairs are positives: the one rule the loss, the trainer's metrics and evaluation share.
 
-Image i and text j are a positive pair iff their ids are equal (decision 1 in docs/ARCHITECTURE.md), or FFF's in-batch mining
+Image i and text j are a positive pair iff their ids are equal (decision 1 in docs/ARCHITECTURE.md), or FFF's in-batch
+mining
 (Bulat et al. 2024, section 3.1) adds them, each rule with its cosine-similarity threshold (None = off):
 
 - image-text: cos(x_i, y_j) >= mine_image_text;
@@ -107,4 +108,5 @@ def positive_pairs(image_ids, text_ids, image_embeds=None, text_embeds=None, *, 
     return tile_mask((image_ids.shape[0], text_ids.shape[0]), pairs, cosine, mine_image_text)
 
 
-__all__ = ["MINING_RULES", "id_pairs", "matching_pairs", "pairs_in_tile", "positive_pairs", "similar_pairs", "tile_mask"]
+__all__ = ["MINING_RULES", "id_pairs", "matching_pairs", "pairs_in_tile", "positive_pairs", "similar_pairs",
+           "tile_mask"]

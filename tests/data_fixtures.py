@@ -13,7 +13,7 @@ from PIL import Image
 
 def make_tokenizer(words=None):
     """A ``PreTrainedTokenizerFast`` over a word-level vocabulary (no sentencepiece needed)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, normalizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from hf_siglip.data.demo import demo_vocabulary

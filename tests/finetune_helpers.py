@@ -4,8 +4,9 @@ tests: resolution change, LoRA and layer-wise lr decay start from it as users st
 from pathlib import Path
 
 import pytest
-from conftest import tiny_training_setup
 from transformers import SiglipModel
+
+from conftest import tiny_training_setup
 
 # TINY's new-model sizes: a checkpoint brings its own
 NEW_MODEL_FLAGS = ("image_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

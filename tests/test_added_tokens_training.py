@@ -4,9 +4,9 @@ N x K bottleneck table (`resize_token_embeddings`), trains (two steps: the first
 rate), and saves a model that reloads with the tokenizer."""
 
 import torch
-from cli_helpers import TINY, run_train
 from transformers import AutoProcessor
 
+from cli_helpers import TINY, run_train
 from hf_siglip import SiglipBottleneckConfig, SiglipBottleneckModel
 from hf_siglip.data.demo import COLOURS, SHAPES
 from hf_siglip.processing import build_processor, train_caption_tokenizer

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 import yaml
-from cli_helpers import RECIPES, REPO, TINY, cli_env, flags
-from test_itm_rerank import plain_itm_probability
 from transformers import AutoProcessor, VisionEncoderDecoderModel
 
 import hf_siglip as hs
+from cli_helpers import RECIPES, REPO, TINY, cli_env, flags
 from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps
 from hf_siglip.data.text import normalize_captions
 from hf_siglip.errors import UsageError
+from test_itm_rerank import plain_itm_probability
 
 SEED = 7
 

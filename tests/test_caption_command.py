@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from cli_helpers import TINY, cli_env, run_train
 
 pytest.importorskip("pycocoevalcap")  # the captioning extra

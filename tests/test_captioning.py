@@ -12,16 +12,6 @@ import time
 
 import pytest
 import torch
-from cli_helpers import (
-    RECIPES,
-    TINY,
-    cli_env,
-    launcher_binary,
-    logged_losses,
-    run_train,
-    train_command,
-)
-from conftest import tiny_text_config, tiny_vision_config
 from safetensors.torch import load_file
 from transformers import (
     CLIPConfig,
@@ -32,6 +22,16 @@ from transformers import (
 )
 
 import hf_siglip as hs
+from cli_helpers import (
+    RECIPES,
+    TINY,
+    cli_env,
+    launcher_binary,
+    logged_losses,
+    run_train,
+    train_command,
+)
+from conftest import tiny_text_config, tiny_vision_config
 from hf_siglip.captioner import (
     CaptionTokens,
     build_captioner,

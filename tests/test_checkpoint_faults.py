@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 from cli_helpers import cli_env, logged_losses, run_train, train_command
-from test_cli_runs import RESUMABLE, assert_same_weights
-
 from hf_siglip.training.checkpoint_files import MANIFEST_NAME, checkpoint_problem, last_complete_checkpoint
+from test_cli_runs import RESUMABLE, assert_same_weights
 
 EVERY_STEP = {**RESUMABLE, "save_steps": 1}
 

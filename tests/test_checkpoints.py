@@ -9,10 +9,10 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import random_batch, tiny_text_config, tiny_vision_config
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModel, AutoProcessor, SiglipConfig, SiglipModel
 
+from conftest import random_batch, tiny_text_config, tiny_vision_config
 from hf_siglip import SiglipBottleneckConfig, SiglipBottleneckModel
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.convert import convert_to_bottleneck
@@ -57,7 +57,8 @@ def test_convert_of_a_low_rank_table_keeps_outputs(tmp_path):
     input_ids, pixel_values = random_batch()
     with torch.no_grad():
         expected = native(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
-        got = AutoModel.from_pretrained(tmp_path / "k6")(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
+        reloaded = AutoModel.from_pretrained(tmp_path / "k6")
+        got = reloaded(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
     assert torch.allclose(expected, got, atol=1e-4)
 
 

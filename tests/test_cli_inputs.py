@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+
+import hf_siglip as hs
 from cli_helpers import TINY, cli_env, flags
 from conftest import tiny_training_setup
 from data_fixtures import write_image_folder
-
-import hf_siglip as hs
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.errors import UsageError
 
@@ -201,8 +201,8 @@ def test_recipe_file_mistakes(tmp_path, capsys, no_data_read):
 
 
 def test_an_unquoted_yaml_no_is_the_strategy_no(tmp_path):
-    from hf_siglip.cli.main import parse_with_config
     from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments
+    from hf_siglip.cli.main import parse_with_config
     from hf_siglip.training.training_args import SiglipTrainingArguments
 
     recipe = tmp_path / "recipe.yaml"

@@ -12,17 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import (TINY, cli_env, flags, launcher_binary, logged_losses, run_train, train_command,
-                         warning_lines)
-from data_fixtures import write_image_folder
 from safetensors.torch import load_file
+
+from cli_helpers import TINY, cli_env, flags, launcher_binary, logged_losses, run_train, train_command, warning_lines
+from data_fixtures import write_image_folder
 
 # 4 epochs of 3 steps, checkpoints every 4 steps (mid-epoch), k=2 of the demo's 4 captions sampled per epoch and
 # augmented images: a resume has to restore the weights, optimizer, schedule, data order and the epoch that the
 # caption sampler and the augmentation draw from.
 RESUMABLE = {**TINY, "demo_train_size": 48, "max_steps": 12, "save_strategy": "steps", "save_steps": 4,
              "data_steps": '[{"caption_sampling": {"k": 2}}, {"image_augmentation": {"crop_scale": [0.5, 1.0], '
-                           '"color_jitter": [0.3, 0.3, 0.3, 0.05]}}]', "eval_split": "None", "disable_tqdm": "true", "seed": 7}
+                           '"color_jitter": [0.3, 0.3, 0.3, 0.05]}}]',
+             "eval_split": "None", "disable_tqdm": "true", "seed": 7}
 
 
 def weights(output_dir: Path) -> dict:

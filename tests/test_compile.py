@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_training_setup
 
 import hf_siglip as hs
+from conftest import tiny_training_setup
 
 
 def train(tmp_path, batch_size=8, accumulation=1, steps=2, **overrides):

@@ -9,15 +9,15 @@ import subprocess
 import datasets
 import pytest
 import torch
-from cli_helpers import REPO, cli_env, launcher_binary
-from conftest import tiny_training_setup
-from data_fixtures import save_tiny_vit_teacher
 from transformers import AutoModel
 
 import hf_siglip as hs
-from hf_siglip.objectives.concept_distillation import WEIGHTS_NAME, distillation_losses
-from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps
+from cli_helpers import REPO, cli_env, launcher_binary
+from conftest import tiny_training_setup
+from data_fixtures import save_tiny_vit_teacher
 from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments, validate_arguments
+from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps
+from hf_siglip.objectives.concept_distillation import WEIGHTS_NAME, distillation_losses
 
 SCRIPT = REPO / "tests" / "scripts" / "train_concept_tiny.py"
 N_CLASSES = 10
@@ -125,7 +125,8 @@ def test_saved_model_is_native_and_a_resumed_run_continues_with_the_head(tmp_pat
     assert json.loads((tmp_path / "final" / "config.json").read_text())["model_type"] == "siglip"
 
     resumed = train(tmp_path, classifier_teacher, resume_from=str(checkpoint), **common)
-    want, got = full.objective("concept_distillation").head.state_dict(), resumed.objective("concept_distillation").head.state_dict()
+    want = full.objective("concept_distillation").head.state_dict()
+    got = resumed.objective("concept_distillation").head.state_dict()
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
     after_resume = logged(resumed, "concept_distillation_loss")[2:]  # its history starts with the checkpoint's
@@ -145,8 +146,8 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, classifier_teach
     assert "concept_head.weight" in want
     for name, value in want.items():
         assert torch.allclose(got[name], value, atol=1e-5), name
-    moved = large.objective("concept_distillation").head.weight - train(tmp_path / "zero", classifier_teacher, max_steps=0
-                                                           ).objective("concept_distillation").head.weight
+    untrained = train(tmp_path / "zero", classifier_teacher, max_steps=0).objective("concept_distillation")
+    moved = large.objective("concept_distillation").head.weight - untrained.head.weight
     assert moved.abs().max() > 1e-3  # the head trained (so the comparison above is not of two untouched heads)
 
 

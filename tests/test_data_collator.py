@@ -147,6 +147,7 @@ def test_batch_feeds_a_siglip_model_and_ids_give_the_positive_mask(processor):
 
 def test_cached_image_tower_embeddings_feed_the_collator(processor):
     import datasets
+
     from data_fixtures import jpeg_bytes, make_tiny_siglip
     from hf_siglip.data import add_image_embeddings
     model = make_tiny_siglip(len(processor.tokenizer))
@@ -173,6 +174,7 @@ def test_cached_image_tower_embeddings_feed_the_collator(processor):
 def test_epoch_callback_drives_fresh_captions_in_a_real_trainer_loop(processor, tmp_path):
     """A real transformers.Trainer over 2 epochs: the callback moves the collator to each epoch."""
     import transformers
+
     from hf_siglip.data import collator_epoch_callback
 
     rows = [{"image": Image.new("RGB", (8, 8), (i * 20, 0, 0)), "caption": [f"cat {w}" for w in

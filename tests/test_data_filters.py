@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from data_fixtures import jpeg_bytes, make_processor, make_tiny_siglip, random_rgb
-from hf_siglip.data import capfilt, cat_filter, caption_complexity_and_action
+from hf_siglip.data import capfilt, caption_complexity_and_action, cat_filter
 
 
 def _spacy():

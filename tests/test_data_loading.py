@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import jpeg_bytes, make_processor, random_rgb, write_broken_image_folder
-from hf_siglip.data import (ImageDecodeError, SiglipDataCollator, add_image_ids, decode_image,
-                            load_image_text_dataset)
+from hf_siglip.data import ImageDecodeError, SiglipDataCollator, add_image_ids, decode_image, load_image_text_dataset
 
 
 def _write_folder(root, captions):

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 from data_fixtures import make_processor, make_tiny_siglip, save_tiny_blip_captioner
-from hf_siglip.data import (CaptionSampler, SiglipDataCollator, add_image_ids, add_pseudo_captions,
-                            add_sampled_captions, assign_positive_groups, cat_filter, load_image_text_dataset,
-                            make_demo_dataset)
+from hf_siglip.data import (
+    CaptionSampler,
+    SiglipDataCollator,
+    add_image_ids,
+    add_pseudo_captions,
+    add_sampled_captions,
+    assign_positive_groups,
+    cat_filter,
+    load_image_text_dataset,
+    make_demo_dataset,
+)
 
 
 def test_chain_on_an_image_folder(tmp_path):
@@ -57,7 +65,8 @@ def test_chain_on_an_image_folder(tmp_path):
 def test_caption_maps_do_not_copy_images(tmp_path):
     rng = np.random.default_rng(0)
     images = [{"bytes": rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes(), "path": None} for _ in range(200)]
-    features = datasets.Features({"image": datasets.Image(decode=False), "caption": datasets.List(datasets.Value("string"))})
+    features = datasets.Features({"image": datasets.Image(decode=False),
+                                  "caption": datasets.List(datasets.Value("string"))})
     datasets.Dataset.from_dict({"image": images, "caption": [["a", "b", "c"]] * 200}, features=features) \
         .save_to_disk(str(tmp_path / "disk"))
     dataset = datasets.load_from_disk(str(tmp_path / "disk"))

@@ -6,9 +6,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+
 from conftest import tiny_training_setup
 from data_fixtures import write_image_folder
-
 from hf_siglip import SiglipTrainer, SiglipTrainingArguments
 from hf_siglip.data import SiglipDataCollator, add_image_ids, decode_image, load_image_text_dataset
 from hf_siglip.data.augmentation import ImageAugmentation

@@ -1,4 +1,5 @@
-"""Data steps on several processes (decision 7 in docs/ARCHITECTURE.md) issue 21 item 3): a step that runs a model over the data or
+"""Data steps on several processes (decision 7 in docs/ARCHITECTURE.md;
+issue 21 item 3): a step that runs a model over the data or
 writes files runs once, on the main process, and every process ends with the same rows, counts and random state as
 one process would; label_noise, a pure function of (seed, row key), runs on each process alike. One torchrun launch
 of 2 gloo processes runs every registered step (tests/scripts/data_steps_ranks.py)."""
@@ -10,9 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 from cli_helpers import REPO, cli_env, launcher_binary
-from data_fixtures import make_processor, make_tiny_siglip, save_tiny_blip_captioner, save_tiny_vit_teacher, \
-    write_image_folder
-
+from data_fixtures import (
+    make_processor,
+    make_tiny_siglip,
+    save_tiny_blip_captioner,
+    save_tiny_vit_teacher,
+    write_image_folder,
+)
 from hf_siglip.data.steps import DATA_STEPS, parse_data_steps
 
 SCRIPT = Path(__file__).parent / "scripts" / "data_steps_ranks.py"

@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import psutil
+
 from cli_helpers import TINY, cli_env, launcher_binary, train_command
 
 TIMEOUT = 10

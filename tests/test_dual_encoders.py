@@ -12,17 +12,34 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import TINY, cli_env, flags, run_train, warning_lines
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import (AutoModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, Siglip2Config,
-                          Siglip2ImageProcessorPil, Siglip2Model, Siglip2Processor, SiglipConfig, SiglipModel)
+from transformers import (
+    AutoModel,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    Siglip2Config,
+    Siglip2ImageProcessorPil,
+    Siglip2Model,
+    Siglip2Processor,
+    SiglipConfig,
+    SiglipModel,
+)
 
 import hf_siglip as hs
+from cli_helpers import TINY, cli_env, flags, run_train, warning_lines
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.data.embedding import add_image_embeddings
-from hf_siglip.dual_encoders import (CLIPDualEncoder, Siglip2DualEncoder, SiglipDualEncoder, as_dual_encoder,
-                                     load_dual_encoder, tower_modules)
+from hf_siglip.dual_encoders import (
+    CLIPDualEncoder,
+    Siglip2DualEncoder,
+    SiglipDualEncoder,
+    as_dual_encoder,
+    load_dual_encoder,
+    tower_modules,
+)
 from hf_siglip.hub import usage_code
 from hf_siglip.training.trainer import MODEL_INPUTS
 
@@ -110,8 +127,9 @@ def load_processor(folder):
 def collated(processor, demo, rows=6):
     """A training batch of demo rows plus a wide and a tall image (NaFlex gives them other patch grids)."""
     examples = [demo["train"][index] for index in range(rows)]
-    examples += [{"image": Image.new("RGB", (40, 16), (200, 30, 30)), "caption": ["a wide red image"], "image_id": 900},
-                 {"image": Image.new("RGB", (16, 40), (30, 30, 200)), "caption": ["a tall blue image"], "image_id": 901}]
+    examples += [
+        {"image": Image.new("RGB", (40, 16), (200, 30, 30)), "caption": ["a wide red image"], "image_id": 900},
+        {"image": Image.new("RGB", (16, 40), (30, 30, 200)), "caption": ["a tall blue image"], "image_id": 901}]
     return hs.SiglipDataCollator(processor=processor, max_length=MAX_LENGTH)(examples)
 
 
@@ -147,7 +165,8 @@ def test_adapter_embeddings_equal_the_native_features(kind, checkpoints, demo):
     if kind == "siglip2":  # NaFlex for real: patch grids differ per image and padded patches are masked
         assert len({tuple(shape) for shape in batch["spatial_shapes"].tolist()}) == 3
         assert (batch["pixel_attention_mask"] == 0).any() and batch["pixel_values"].ndim == 3
-    image_inputs = {key: batch[key] for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes") if key in batch}
+    image_inputs = {key: batch[key] for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+                    if key in batch}
     texts = [caption for index in range(6) for caption in demo["train"][index]["caption"]]
     texts += ["a wide red image", "a tall blue image"]
     # the native models as their users call them: CLIP with the tokenizer's attention mask (the collator emits none:
@@ -401,7 +420,8 @@ def test_naflex_collator_decodes_jpegs_in_full_and_keeps_empty_batches(checkpoin
 
     empty = collator([{"image": b"not an image", "caption": "broken", "image_id": 2}])
     patch_pixels = NAFLEX_PATCH_SIZE ** 2 * 3
-    assert empty["pixel_values"].shape == (0, NAFLEX_PATCHES, patch_pixels) and empty["pixel_values"].dtype == torch.float32
+    assert empty["pixel_values"].shape == (0, NAFLEX_PATCHES, patch_pixels)
+    assert empty["pixel_values"].dtype == torch.float32
     assert empty["pixel_attention_mask"].shape == (0, NAFLEX_PATCHES) and empty["spatial_shapes"].shape == (0, 2)
     assert empty["image_ids"].shape == (0,) and empty["input_ids"].shape == (0, MAX_LENGTH)
 
@@ -435,8 +455,8 @@ def test_only_dual_encoders_load(tmp_path, capsys):
 
     BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=8).save_pretrained(tmp_path / "bert")
-    message = ("model type 'bert'; hf-siglip trains the dual encoders ['clip', 'siglip', 'siglip2', 'siglip_bottleneck', "
-               "'vision-text-dual-encoder']")
+    message = ("model type 'bert'; hf-siglip trains the dual encoders ['clip', 'siglip', 'siglip2', "
+               "'siglip_bottleneck', 'vision-text-dual-encoder']")
     with pytest.raises(ValueError, match=re.escape(message)):
         load_dual_encoder(str(tmp_path / "bert"))
     # the command line: one line while checking its arguments, exit status 2

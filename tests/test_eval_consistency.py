@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import REPO, cli_env, flags
-from data_fixtures import PHOTO_CLASSES, make_processor, write_photo_folder
 from PIL import Image
 
 import hf_siglip as hs
+from cli_helpers import REPO, cli_env, flags
+from data_fixtures import PHOTO_CLASSES, make_processor, write_photo_folder
 from hf_siglip.data import SiglipDataCollator, add_image_ids, decode_image, load_image_text_dataset
 
 CAPTION_WORDS = ["a", "photo", "of", "the", "bright", "dark", "small", "wide", "tall", "blurry", *PHOTO_CLASSES]
@@ -200,7 +200,6 @@ def test_hf_siglip_eval_of_a_trained_folder_repeats_the_trainings_evaluation(pho
 
 def test_a_checkpoint_without_the_record_asks_for_a_dataset(photos, tmp_path, capsys):
     from data_fixtures import make_tiny_siglip
-
     from hf_siglip.cli.main import main as cli_main
 
     processor = make_processor(image_size=32, words=CAPTION_WORDS)
@@ -222,7 +221,6 @@ def test_a_checkpoint_without_the_record_asks_for_a_dataset(photos, tmp_path, ca
 
 def test_a_demo_checkpoint_evaluates_on_the_demo_it_was_trained_on(tmp_path, capsys):
     from cli_helpers import TINY
-
     from hf_siglip.cli.main import main as cli_main
 
     assert cli_main(["train", *flags({**TINY, "demo_test_size": 24, "output_dir": tmp_path / "demo"})]) == 0

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+
 from cli_helpers import REPO, TINY, cli_env, launcher_binary
 from data_fixtures import write_captioned_splits
-
 from hf_siglip.training.trainer import _count_rows_once
 
 TRAINING = {key: value for key, value in TINY.items() if not key.startswith("demo_")}

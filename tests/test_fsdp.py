@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 import torch
-from cli_helpers import REPO, TINY, cli_env, launcher_binary, run_train
 
+from cli_helpers import REPO, TINY, cli_env, launcher_binary, run_train
 from hf_siglip import SiglipBottleneckModel
 
 SCRIPT = REPO / "tests" / "scripts" / "fsdp_steps.py"

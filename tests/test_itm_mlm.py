@@ -17,11 +17,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
-from conftest import tiny_training_setup
 from safetensors.torch import load_file
 
 import hf_siglip as hs
+from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
+from conftest import tiny_training_setup
 from hf_siglip.errors import UsageError
 from hf_siglip.objectives.fusion import CaptionVocabulary
 from hf_siglip.objectives.itm import Itm, ItmConfig, draw_negatives

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import TINY, cli_env, run_train
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, BlipTextModel
 
 import hf_siglip as hs
+from cli_helpers import TINY, cli_env, run_train
 from hf_siglip.data.embedding import embed_images, embed_texts
 from hf_siglip.data.text import normalize_captions
 from hf_siglip.itm_scoring import ItmPairScorer, itm_rerank_metrics
@@ -160,7 +160,6 @@ def test_hf_siglip_eval_reports_both_recalls(checkpoint, held_out, tmp_path):
 
 def test_reranking_without_an_itm_head_is_refused_in_one_line(checkpoint, tmp_path, capsys):
     from cli_helpers import flags
-
     from hf_siglip.cli.main import main as cli_main
 
     bare = tmp_path / "bare"

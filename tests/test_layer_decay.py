@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
-from cli_helpers import TINY, flags
-from finetune_helpers import checkpoint_flags, native_tiny_checkpoint_16  # noqa: F401 (fixture)
 from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
+from cli_helpers import TINY, flags
+from finetune_helpers import checkpoint_flags, native_tiny_checkpoint_16  # noqa: F401 (fixture)
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.dual_encoders import as_dual_encoder
 from hf_siglip.training.optimizer_groups import siglip_parameter_groups

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import open_clip_siglip_loss_class
 
+from conftest import open_clip_siglip_loss_class
 from hf_siglip import sigmoid_loss
 from hf_siglip.loss import SiglipLossConfig, SigmoidLoss, Teacher, dense_sigmoid_loss
 from hf_siglip.positives import positive_pairs

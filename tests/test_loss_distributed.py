@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
 from conftest import open_clip_siglip_loss_class
 
 WORLD_SIZES = (1, 2, 3)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from unittest import mock
 
-from cli_helpers import TINY, cli_env, flags
-from data_fixtures import write_photo_folder
 from huggingface_hub import HfApi, ModelCard
 
+from cli_helpers import TINY, cli_env, flags
+from data_fixtures import write_photo_folder
 from hf_siglip import SiglipBottleneckConfig, SiglipBottleneckModel
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.hub import REPO_ID_PLACEHOLDER, build_model_card, is_hub_id, usage_code

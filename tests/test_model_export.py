@@ -7,8 +7,9 @@ fails on any graph break) without the minutes a C++ inductor build takes on a 2-
 
 import pytest
 import torch
-from conftest import random_batch, tiny_text_config, tiny_vision_config
+from transformers import SiglipVisionConfig
 
+from conftest import random_batch, tiny_text_config, tiny_vision_config
 from hf_siglip import (
     BottleneckTokenEmbedding,
     SiglipBottleneckConfig,
@@ -17,7 +18,6 @@ from hf_siglip import (
     SiglipBottleneckTextModel,
     SiglipBottleneckVisionModel,
 )
-from transformers import SiglipVisionConfig
 
 BOTTLENECK = [pytest.param(None, id="plain"), pytest.param(8, id="bottleneck")]
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import random_batch, tiny_text_config, tiny_vision_config
 from transformers import AutoConfig, AutoModel, SiglipModel
 
+from conftest import random_batch, tiny_text_config, tiny_vision_config
 from hf_siglip import (
     BottleneckTokenEmbedding,
     SiglipBottleneckConfig,
@@ -221,5 +221,6 @@ def test_checkpoint_of_unknown_model_type_is_refused(tmp_path):
 
 
 def test_auto_classes_know_the_model():
-    config = AutoConfig.for_model("siglip_bottleneck", text_config=tiny_text_config(), vision_config=tiny_vision_config())
+    config = AutoConfig.for_model("siglip_bottleneck", text_config=tiny_text_config(),
+                                  vision_config=tiny_vision_config())
     assert isinstance(AutoModel.from_config(config), SiglipBottleneckModel)

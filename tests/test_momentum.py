@@ -3,10 +3,10 @@
 
 import pytest
 import torch
-from conftest import tiny_training_setup
 from transformers import TrainerCallback
 
 import hf_siglip as hs
+from conftest import tiny_training_setup
 from hf_siglip.objectives.momentum_teacher import WEIGHTS_NAME
 
 
@@ -75,7 +75,8 @@ def test_resumed_run_goes_on_with_the_saved_teacher(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
     assert losses[-2:] == pytest.approx(full_losses[2:], abs=1e-5)
-    teacher, want = resumed.objective("momentum_teacher").model.state_dict(), full.objective("momentum_teacher").model.state_dict()
+    teacher = resumed.objective("momentum_teacher").model.state_dict()
+    want = full.objective("momentum_teacher").model.state_dict()
     for name, value in want.items():
         assert torch.allclose(teacher[name], value, atol=1e-5), name
 
@@ -147,8 +148,9 @@ def test_command_line_teacher_mining_on_two_processes_with_accumulation_equals_o
     losses, mined-pair counts and weights (the teacher's text embeddings travel the ring with the student's)."""
     import json
 
-    from cli_helpers import TINY, launcher_binary, run_train
     from safetensors.torch import load_file
+
+    from cli_helpers import TINY, launcher_binary, run_train
 
     settings = {**TINY, "use_cpu": "false", "max_steps": 3, "eval_split": "None", "disable_tqdm": "true",
                 "teacher_momentum": 0.5, "loss_config": json.dumps({

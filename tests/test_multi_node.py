@@ -5,8 +5,9 @@ import re
 import socket
 import subprocess
 
-from cli_helpers import REPO, TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
 from safetensors.torch import load_file
+
+from cli_helpers import REPO, TINY, cli_env, launcher_binary, logged_losses, run_train, train_command
 
 TWO_PROCESSES = {**TINY, "use_cpu": "false", "max_steps": 3, "eval_split": "None", "disable_tqdm": "true",
                  "per_device_train_batch_size": 8}

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import REPO, TINY, cli_env, flags, launcher_binary, run_train
-from conftest import tiny_training_setup
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import hf_siglip as hs
+from cli_helpers import REPO, TINY, cli_env, flags, launcher_binary, run_train
+from conftest import tiny_training_setup
 from hf_siglip import cli
 from hf_siglip.evaluation import to_json
 from hf_siglip.training.finite import NonFiniteError, nonfinite_in_checkpoint

@@ -12,12 +12,12 @@ import textwrap
 
 import pytest
 import torch
+
+import hf_siglip as hs
 from cli_helpers import TINY, cli_env, flags, logged_losses, run_train
 from conftest import tiny_training_setup
 from test_cli_inputs import no_data_read, usage_error  # noqa: F401 (a fixture)
 from test_cli_runs import assert_same_weights
-
-import hf_siglip as hs
 
 OBJECTIVE_MODULE = textwrap.dedent('''
     """A trivial objective: a head scores each image from its embedding, pushed towards a target score."""

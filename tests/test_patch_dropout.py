@@ -10,12 +10,22 @@ import os
 
 import pytest
 import torch
-from cli_helpers import TINY, logged_losses, run_train
-from conftest import tiny_training_setup
-from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel,
-                          SiglipVisionConfig, ViTConfig, VisionTextDualEncoderProcessor)
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    Siglip2Config,
+    Siglip2Model,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    VisionTextDualEncoderProcessor,
+    ViTConfig,
+)
 
 import hf_siglip as hs
+from cli_helpers import TINY, logged_losses, run_train
+from conftest import tiny_training_setup
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.dual_encoders import PatchDropout, as_dual_encoder, build_vision_text_dual_encoder, set_patch_dropout
 from hf_siglip.errors import UsageError

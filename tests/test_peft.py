@@ -5,11 +5,11 @@ GradCache accumulation (2 x 8 = 16)."""
 
 import pytest
 import torch
-from cli_helpers import TINY, cli_env, launcher_binary, run_train
-from finetune_helpers import checkpoint_flags, native_tiny_checkpoint_16  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 from transformers import AutoModel, SiglipModel
 
+from cli_helpers import TINY, cli_env, launcher_binary, run_train
+from finetune_helpers import checkpoint_flags, native_tiny_checkpoint_16  # noqa: F401 (fixture)
 from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments, configuration_problems
 from hf_siglip.dual_encoders import load_dual_encoder
 from hf_siglip.lora import add_lora, lora_target_names

@@ -11,12 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-from cli_helpers import REPO, cli_env, flags
-from conftest import tiny_training_setup
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import SiglipModel
 
+from cli_helpers import REPO, cli_env, flags
+from conftest import tiny_training_setup
 from hf_siglip.hub import usage_code
 
 SECTION = "## Fine-tune on your own images"

@@ -7,13 +7,13 @@ import re
 from unittest import mock
 
 import pytest
-from cli_helpers import REPO, TINY, flags
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModel, AutoProcessor
 
+from cli_helpers import REPO, TINY, flags
+from hf_siglip.cli.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
 from hf_siglip.cli.main import parse_with_config
 from hf_siglip.hub import HubAccessError, usage_code
-from hf_siglip.cli.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments
 from hf_siglip.training.training_args import SiglipTrainingArguments
 
 MARKER = "<!-- tests/test_readme_python.py runs this snippet"

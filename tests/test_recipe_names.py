@@ -7,14 +7,18 @@ import sys
 
 import pytest
 import yaml
-from cli_helpers import RECIPES, REPO, cli_env
 
+from cli_helpers import RECIPES, REPO, cli_env
 from hf_siglip import recipes
+from hf_siglip.cli.arguments import (
+    DEMO_TRAINING_DEFAULTS,
+    SiglipModelArguments,
+    SiglipScriptArguments,
+    validate_arguments,
+)
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.cli.main import parse_with_config
 from hf_siglip.errors import UsageError
-from hf_siglip.cli.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
-                                        validate_arguments)
 from hf_siglip.training.training_args import SiglipTrainingArguments
 
 TYPES = (SiglipScriptArguments, SiglipModelArguments, SiglipTrainingArguments)
@@ -68,7 +72,7 @@ def test_hf_siglip_recipes_lists_each_with_its_first_comment_line(capsys):
     assert {path.name for path in RECIPES.iterdir()} - {"__init__.py", "__pycache__", "accelerate_configs"} == \
         {path.name for path in sections["Recipes"]}
     assert set((RECIPES / "accelerate_configs").iterdir()) == set(sections["Accelerate configs"])
-    listed = {}  # each section's heading -> the names printed under it, in order
+    listed, heading = {}, None  # each section's heading -> the names printed under it, in order
     for line in listing:
         if line.startswith("  "):
             listed[heading].append(line.split(maxsplit=1)[0])

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import RECIPES, TINY, flags, warning_lines
-from conftest import tiny_training_setup
-from data_fixtures import save_tiny_blip_captioner, save_tiny_vit_teacher
 from huggingface_hub import ModelCard
 from transformers import SiglipModel
 
+from cli_helpers import RECIPES, TINY, flags, warning_lines
+from conftest import tiny_training_setup
+from data_fixtures import save_tiny_blip_captioner, save_tiny_vit_teacher
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.hub import usage_code
 
@@ -163,7 +163,8 @@ def test_siglip_from_scratch_then_eval(tmp_path):
     assert cli_main(["eval", "--checkpoint", str(output_dir), "--few_shot", "1", "--output_file",
                      str(tmp_path / "eval.json"), *flags(data)]) == 0
     metrics = json.loads((tmp_path / "eval.json").read_text())
-    assert {"i2t_recall@1", "t2i_recall@5", "zero_shot_top1", "zero_shot_top5", "linear_probe_top1_1shot"} <= set(metrics)
+    wanted = {"i2t_recall@1", "t2i_recall@5", "zero_shot_top1", "zero_shot_top5", "linear_probe_top1_1shot"}
+    assert wanted <= set(metrics)
 
 
 def test_siglit_locks_and_caches_the_pretrained_image_tower(tmp_path, native_tiny_checkpoint):

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from cli_helpers import TINY, run_train
-from finetune_helpers import checkpoint_flags
-from test_dual_encoders import IMAGE_SIZE, checkpoints, demo, load_native, load_processor, tokenizer  # noqa: F401
 from transformers import AutoModel, AutoProcessor
 
+from cli_helpers import TINY, run_train
+from finetune_helpers import checkpoint_flags
 from hf_siglip.cli.arguments import SiglipModelArguments, SiglipScriptArguments, configuration_problems
 from hf_siglip.dual_encoders import as_dual_encoder, load_dual_encoder
 from hf_siglip.resolution import change_image_size
+from test_dual_encoders import IMAGE_SIZE, checkpoints, demo, load_native, load_processor, tokenizer  # noqa: F401
 
 NEW_SIZE = 2 * IMAGE_SIZE  # a 2 x 2 patch grid becomes 4 x 4
 # how each kind loads for training: `hf-siglip train` loads SigLIP as our SiglipBottleneckModel, CLIP as its adapter;

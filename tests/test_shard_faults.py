@@ -15,13 +15,19 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from cli_helpers import REPO, cli_env, flags, launcher_binary, logged_losses, run_train
 from PIL import Image
-from test_shards import SHARD_TRAINING, make_shards
 
+from cli_helpers import REPO, cli_env, flags, launcher_binary, logged_losses, run_train
 from hf_siglip.data import load_image_text_dataset
-from hf_siglip.data.shards import (ShardError, clear_shard_faults, expected_rows, load_webdataset_shards,
-                                   shard_fault_report, shard_faults)
+from hf_siglip.data.shards import (
+    ShardError,
+    clear_shard_faults,
+    expected_rows,
+    load_webdataset_shards,
+    shard_fault_report,
+    shard_faults,
+)
+from test_shards import SHARD_TRAINING, make_shards
 
 ERROR = "hf-siglip train: error: "
 

@@ -13,11 +13,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, TINY, cli_env, flags, launcher_binary, logged_losses, run_train
-from test_cli_runs import assert_same_weights
 
+from cli_helpers import REPO, TINY, cli_env, flags, launcher_binary, logged_losses, run_train
 from hf_siglip.data import load_image_text_dataset, make_demo_dataset
 from hf_siglip.data.shards import image_id_of_key, is_shard_source, load_webdataset_shards
+from test_cli_runs import assert_same_weights
 
 RECORDER = REPO / "tests" / "scripts" / "train_recording_rows.py"
 SHARD_TRAINING = {key: value for key, value in TINY.items() if not key.startswith("demo_")}
@@ -163,8 +163,9 @@ def test_a_resumed_stream_continues_mid_epoch_like_the_uninterrupted_run(tmp_pat
 def test_shards_stream_through_concept_distillation_and_teacher_mining(tmp_path):
     """Tar shards streamed through the concept_targets step (computed lazily as rows are read), with the momentum
     teacher mining: the distillation loss and the mined pairs are logged, and the saved model has no head."""
-    from data_fixtures import save_tiny_vit_teacher
     from safetensors.torch import load_file
+
+    from data_fixtures import save_tiny_vit_teacher
 
     shards = make_shards(tmp_path, n_train=48, n_test=16, rows_per_shard=16)
     teacher = save_tiny_vit_teacher(tmp_path / "vit")

@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_helpers import TINY, cli_env, flags, warning_lines
-from data_fixtures import make_tokenizer, write_image_folder
 from safetensors.torch import load_file
 
+from cli_helpers import TINY, cli_env, flags, warning_lines
+from data_fixtures import make_tokenizer, write_image_folder
 from hf_siglip.cli.main import main as cli_main
-from hf_siglip.data.steps import parse_data_steps
 from hf_siglip.cli.startup import truncation
+from hf_siglip.data.steps import parse_data_steps
 
 FOLDER = {key: value for key, value in TINY.items() if key not in ("demo_train_size", "demo_test_size",
                                                                      "demo_image_size", "image_size", "max_length")}

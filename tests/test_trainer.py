@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_training_setup
 
 import hf_siglip as hs
+from conftest import tiny_training_setup
 from hf_siglip.data.embedding import add_image_embeddings
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"

@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
-from cli_helpers import TINY, run_train
 from safetensors.torch import load_file
 
+from cli_helpers import TINY, run_train
 from hf_siglip.training.wise_ft import choose, interpolate, parse_alphas
 
 ALPHA = 0.5  # a fixed rule: the saved weights are then a true mix, not an end point
@@ -23,7 +23,6 @@ ANCHOR = dict(anchor_dataset="demo", demo_test_size=24, demo_image_size=16)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from data_fixtures import make_processor, make_tiny_siglip
-
     from hf_siglip.data import make_digits_dataset
 
     root = tmp_path_factory.mktemp("wise_ft")
@@ -141,9 +140,8 @@ def test_rules_choose_from_the_table():
 
 def test_settings_are_checked_before_any_data(tmp_path, capsys):
     from cli_helpers import flags
-
-    from hf_siglip.cli.main import main as cli_main
     from hf_siglip.cli.arguments import SiglipScriptArguments
+    from hf_siglip.cli.main import main as cli_main
     from hf_siglip.training.wise_ft import wise_ft_problems
 
     problems = wise_ft_problems(SiglipScriptArguments(wise_ft_alphas="0,1.5", wise_ft_rule="best"))

@@ -44,7 +44,8 @@ def score_captions(predictions: list[str], references: list[list[str]]) -> dict[
     try:
         import pycocoevalcap  # noqa: F401
     except ImportError:
-        raise UsageError("scoring captions needs the COCO caption scorers: pip install 'hf_siglip[captioning]'") from None
+        raise UsageError("scoring captions needs the COCO caption scorers: "
+                         "pip install 'hf_siglip[captioning]'") from None
     scores = {**load_metric("caption_bleu").compute(predictions=predictions, references=references),
               **load_metric("caption_cider").compute(predictions=predictions, references=references)}
     return {f"caption_{name}": value for name, value in scores.items()}

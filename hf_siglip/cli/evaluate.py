@@ -13,8 +13,8 @@ import torch
 
 from ..data.demo import DEMO_TEMPLATES
 from ..data.embedding import embed_images, embed_texts
-from ..dual_encoders import as_dual_encoder
 from ..data.text import normalize_captions
+from ..dual_encoders import as_dual_encoder
 from ..errors import UsageError, error_message, own_messages_as_usage_errors
 from ..evaluation import few_shot_indices, linear_probe, retrieval_metrics, zero_shot_classifier
 from ..training.finite import check_finite_weights

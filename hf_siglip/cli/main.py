@@ -24,7 +24,6 @@ import yaml
 
 from ..errors import HfSiglipError, UsageError, error_message
 
-
 # Fields of earlier releases that became data steps: a recipe or flag using one gets told where it went.
 _MOVED_TO_DATA_STEPS = {
     "captions_per_image": '{"caption_sampling": {"k": K}}',
@@ -266,9 +265,8 @@ def _train(argv: list[str]) -> int:
     from ..training.launching import prepare_cpu_torchrun
 
     prepare_cpu_torchrun()  # before the arguments set up devices: torchrun on CPU gets gloo processes
-    from .arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
-                                    configuration_problems)
     from ..training.training_args import SiglipTrainingArguments
+    from .arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, configuration_problems
 
     problems = []  # every problem of the flags, the recipe and the configuration, in one report
     script_args, model_args, training_args = parse_with_config(

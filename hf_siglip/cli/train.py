@@ -21,22 +21,28 @@ from ..data.demo import DEMO_CLASSES, DEMO_TEMPLATES
 from ..data.embedding import embed_images, text_uses_attention_mask
 from ..data.images import decode_decodable
 from ..data.loading import canonical_columns
-from ..data.splits import select_split
 from ..data.shards import clear_shard_faults, shard_fault_report, shard_faults
-from ..training.checkpoint_files import resolve_checkpoint
+from ..data.splits import select_split
+from ..data.steps import DataContext, run_data_steps
 from ..dual_encoders import load_dual_encoder
 from ..errors import own_messages_as_usage_errors
-from ..data.steps import DataContext, run_data_steps
 from ..evaluation import chance_recall, to_json, zero_shot_classifier, zero_shot_metrics
-from ..training.launching import check_process_world
 from ..modeling_siglip_bottleneck import SiglipBottleneckModel
 from ..processing import build_processor, train_caption_tokenizer
+from ..training.checkpoint_files import resolve_checkpoint
+from ..training.launching import check_process_world
 from ..training.trainer import SiglipTrainer
 from ..training.training_args import SiglipTrainingArguments
-from .arguments import (AUTO, DEMO, DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
-                        validate_arguments)
-from .startup import StartupSummary, data_step_settings, describe_run, quiet_local_loading
+from .arguments import (
+    AUTO,
+    DEMO,
+    DEMO_TRAINING_DEFAULTS,
+    SiglipModelArguments,
+    SiglipScriptArguments,
+    validate_arguments,
+)
 from .eval_record import evaluation_record, evaluation_record_callback, write_evaluation_record
+from .startup import StartupSummary, data_step_settings, describe_run, quiet_local_loading
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +191,13 @@ def build_text_encoder_pair(model_args: SiglipModelArguments, resume_from: str |
     vision backbone or a new SigLIP vision tower: a `VisionTextDualEncoder` (saved as transformers'
     VisionTextDualEncoderModel) with the text encoder's tokenizer and the vision checkpoint's image processor (else
     SigLIP's at the tower's size) in a `VisionTextDualEncoderProcessor`. Resuming, the processor is the checkpoint's."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, SiglipVisionConfig
-    from transformers import VisionTextDualEncoderProcessor
+    from transformers import (
+        AutoImageProcessor,
+        AutoProcessor,
+        AutoTokenizer,
+        SiglipVisionConfig,
+        VisionTextDualEncoderProcessor,
+    )
 
     from ..dual_encoders import build_vision_text_dual_encoder
 
@@ -327,7 +338,8 @@ def save_training_curves(log_history: list[dict], path: str) -> str | None:
 def resolve_resume(training_args: SiglipTrainingArguments, overwrite_output_dir: bool) -> str | None:
     """The checkpoint to resume from (`--resume_from_checkpoint PATH|true`), or None for a fresh start.
 
-    `true` takes the newest complete checkpoint (`hf_siglip.training.checkpoint_files`: one a kill cut short while it was
+    `true` takes the newest complete checkpoint (`hf_siglip.training.checkpoint_files`: one a kill cut short while it
+    was
     written is skipped and named). A fresh start into an output_dir that holds checkpoints is refused unless
     `overwrite_output_dir`, which then deletes them (a stale checkpoint-N left beside the new run's would be what
     `true` resumes next time).

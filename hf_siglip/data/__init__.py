@@ -7,16 +7,23 @@ cache; caption sampling and image augmentation configure the collator) -> ``Sigl
 Each step's functional core is here too (``add_pseudo_captions``, ``cat_filter``, ``corrupt_labels``...).
 """
 
+from .augmentation import ImageAugmentation
 from .captions import CaptionSampler, add_sampled_captions
 from .collator import SiglipDataCollator, collator_epoch_callback
 from .concept_targets import add_concept_targets, load_concept_teacher
-from .demo import (DEMO_CLASSES, DEMO_TEMPLATES, DIGITS_CLASSES, DIGITS_TEMPLATES, demo_vocabulary,
-                   make_demo_dataset, make_digits_dataset)
+from .demo import (
+                   DEMO_CLASSES,
+                   DEMO_TEMPLATES,
+                   DIGITS_CLASSES,
+                   DIGITS_TEMPLATES,
+                   demo_vocabulary,
+                   make_demo_dataset,
+                   make_digits_dataset,
+)
 from .embedding import add_image_embeddings, embed_images, embed_texts
 from .filters import capfilt, caption_complexity_and_action, cat_filter, load_spacy, ocr_words
 from .groups import UnionFind, assign_positive_groups, group_size_stats, nearest_neighbours
 from .images import ImageDecodeError, decode_image, to_rgb
-from .augmentation import ImageAugmentation
 from .loading import add_image_ids, canonical_columns, check_columns, load_image_text_dataset
 from .noise import corrupt_labels
 from .pseudo_captions import add_pseudo_captions, load_captioner

@@ -231,7 +231,8 @@ class SiglipDataCollator:
                 embeds.append(np.asarray(row[self.image_embeds_column], dtype=np.float32))
             else:
                 if self.image_column not in row:
-                    raise KeyError(f"image column {self.image_column!r} not in row columns {sorted(row)} (row id {row_id})")
+                    raise KeyError(f"image column {self.image_column!r} not in row columns {sorted(row)} "
+                                   f"(row id {row_id})")
                 try:
                     image = decode_image(row[self.image_column], min_size=self._decode_size())
                 except ImageDecodeError as error:

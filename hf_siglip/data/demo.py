@@ -101,7 +101,8 @@ def _make_split(n_rows: int, n_captions: int, image_size: int, rng: np.random.Ge
     for i in range(n_rows):
         s, c, z = rng.integers(len(SHAPES)), rng.integers(len(colours)), rng.integers(len(SIZES))
         p, b = rng.integers(len(positions)), rng.integers(len(backgrounds))
-        attrs = dict(shape=SHAPES[s], colour=colours[c], size=SIZES[z], position=positions[p], background=backgrounds[b])
+        attrs = dict(shape=SHAPES[s], colour=colours[c], size=SIZES[z], position=positions[p],
+                     background=backgrounds[b])
         columns["image"].append(render_shape(**attrs, image_size=image_size, rng=rng))
         words = dict(attrs, where=POSITION_PHRASES[attrs["position"]])
         chosen = rng.choice(len(CAPTION_TEMPLATES), size=min(n_captions - 1, len(CAPTION_TEMPLATES)), replace=False)

@@ -21,7 +21,8 @@ Both write per-caption score columns and a filtered caption column, drop rows le
 and return ``(dataset, report)``. CAT's report counts captions failing each criterion
 (``captions_failed_<criterion>``) and, for removed rows, each criterion that failed on one of its
 captions (``rows_removed_<criterion>``; a row can count under several) or that it had no usable
-caption to begin with (``rows_removed_no_usable_caption``). For a ``Dataset`` the report is exact counts computed from the score
+caption to begin with (``rows_removed_no_usable_caption``). For a ``Dataset`` the report is exact counts computed from
+the score
 columns; for an ``IterableDataset`` it is a ``Counter`` that fills in as the stream is consumed.
 Policies: None/empty/whitespace captions are removed first (counted as ``empty_captions``); an image
 that does not decode cannot be OCR'd or embedded: for CAT its captions are judged on text alone

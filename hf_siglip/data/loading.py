@@ -147,7 +147,8 @@ def _has_mixed_caption_types(metadata: Path, caption_column: str) -> bool:
     return len(kinds) > 1
 
 
-def _load_mixed_metadata(path: Path, metadata_files: list[Path], image_column: str, caption_column: str, split, streaming):
+def _load_mixed_metadata(path: Path, metadata_files: list[Path], image_column: str, caption_column: str, split,
+                         streaming):
     """imagefolder fallback for a caption column mixing strings and lists: every cell becomes a list
     (a string -> one-element list; None stays None and is counted where captions are used). A top-level
     metadata file is the 'train' split; a split folder's file is that split."""

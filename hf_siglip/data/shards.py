@@ -135,7 +135,8 @@ def load_webdataset_shards(source, split: Optional[str] = "train", streaming: bo
     say). ``split=None`` returns every split (an ``IterableDatasetDict`` / ``DatasetDict``). ``bad_shards``:
     ``"skip"`` (name, skip and note them: :func:`shard_fault_report`) or ``"fail"`` (:class:`ShardError`).
     ``agreed_failure`` (with ``"fail"``, for streams): a fault is named and noted as fatal and reading goes on;
-    :func:`pending_shard_failure` tells it, for ``hf_siglip.training.stream_training`` to raise on every process at the next
+    :func:`pending_shard_failure` tells it, for ``hf_siglip.training.stream_training`` to raise on every process at
+    the next
     batch they agree on (a stream read by one process alone, for a start-up summary say, must not fail alone).
     """
 

@@ -25,9 +25,9 @@ class CaptionBleu(evaluate.Metric):
                                         "references": datasets.Sequence(datasets.Value("string"))}))
 
     def _compute(self, predictions, references):
-        from hf_siglip.metrics.coco import coco_inputs
-
         from pycocoevalcap.bleu.bleu import Bleu
+
+        from hf_siglip.metrics.coco import coco_inputs
 
         scores, _ = Bleu(4).compute_score(*coco_inputs(predictions, references), verbose=0)
         return {f"bleu{n}": float(score) for n, score in enumerate(scores, 1)}

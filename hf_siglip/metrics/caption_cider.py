@@ -26,9 +26,9 @@ class CaptionCider(evaluate.Metric):
                                         "references": datasets.Sequence(datasets.Value("string"))}))
 
     def _compute(self, predictions, references):
-        from hf_siglip.metrics.coco import coco_inputs
-
         from pycocoevalcap.cider.cider import Cider
+
+        from hf_siglip.metrics.coco import coco_inputs
 
         score, _ = Cider().compute_score(*coco_inputs(predictions, references))
         return {"cider": float(score)}

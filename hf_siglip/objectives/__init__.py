@@ -113,5 +113,6 @@ def objective_settings(args) -> dict[str, dict]:
     return {name: dataclasses.asdict(config) for name, config in (args.objectives or {}).items()}
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "attach_module", "build_objectives", "flag_objectives", "objective_class",
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "attach_module", "build_objectives", "flag_objectives",
+           "objective_class",
            "objective_settings", "parse_objectives", "register_objective"]

@@ -94,8 +94,7 @@ def recipe_arguments(name_or_path: str | os.PathLike, **overrides):
     in `hf-siglip train` only (in Python, the `hf_siglip.data` functions are the steps)."""
     import dataclasses
 
-    from ..cli.arguments import (DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments,
-                                     validate_arguments)
+    from ..cli.arguments import DEMO_TRAINING_DEFAULTS, SiglipModelArguments, SiglipScriptArguments, validate_arguments
     from ..training.training_args import SiglipTrainingArguments
 
     values = {**DEMO_TRAINING_DEFAULTS, **load_recipe(name_or_path), **overrides}

@@ -24,22 +24,20 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import torch
-from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint, save_beside_checkpoint
 from ..data.collator import SiglipDataCollator, collator_epoch_callback, normalize_pixel_values
 from ..data.embedding import text_uses_attention_mask
-from ..dual_encoders import as_dual_encoder, restore_config_parameters, set_patch_dropout, tower_modules, \
-    tower_prefixes
+from ..dual_encoders import as_dual_encoder, restore_config_parameters, set_patch_dropout, tower_modules
 from ..evaluation import retrieval_metrics
-from .optimizer_groups import siglip_parameter_groups  # noqa: F401 (re-exported)
-from .finite import NonFiniteError, check_finite_weights, describe_nonfinite_weights, nonfinite_parameters
 from ..hub import build_model_card, check_hub_access
-from .launching import check_process_world, fsdp_request_ignored
 from ..loss import dense_sigmoid_loss, sigmoid_loss
 from ..objectives import build_objectives
 from ..objectives.base import Objective
+from .checkpoint_files import CheckpointManifest, match_umask, resolve_checkpoint, save_beside_checkpoint
+from .finite import NonFiniteError, check_finite_weights, describe_nonfinite_weights, nonfinite_parameters
+from .launching import check_process_world, fsdp_request_ignored
+from .optimizer_groups import siglip_parameter_groups  # noqa: F401 (re-exported)
 from .stream_training import StreamEpochs, StreamPosition, fetch_agreed_batches
 from .training_args import SiglipTrainingArguments
 
@@ -345,7 +343,7 @@ class SiglipTrainer(Trainer):
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, StreamPosition))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if _is_stream(self.train_dataset):  # an epoch ends on every process together (hf_siglip.training.stream_training)
+        if _is_stream(self.train_dataset):  # an epoch ends on every process together (training.stream_training)
             batch_samples, left = fetch_agreed_batches(epoch_iterator, num_batches, self.accelerator,
                                                        self._stream_position())
             for batch in left:
@@ -604,7 +602,9 @@ class SiglipTrainer(Trainer):
         return {"optimizer steps": self.state.global_step, "epochs": round(self.state.epoch or 0, 3),
                 "batch per process": args.per_device_train_batch_size, "processes": args.world_size,
                 "gradient accumulation": args.gradient_accumulation_steps, "global batch": global_batch,
-                "learning rate": args.learning_rate, "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up {args.warmup_steps}",
+                "learning rate": args.learning_rate,
+                "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, "
+                            f"warm-up {args.warmup_steps}",
                 "weight decay": args.weight_decay, "Adam betas": f"({args.adam_beta1}, {args.adam_beta2})",
                 "precision": precision, "seed": args.seed,
                 "loss options": json.dumps(_loss_options(args)) if _loss_options(args) else "defaults",

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .launching import start_cpu_process_group
 from ..dual_encoders import TOWERS
 from ..loss_config import SiglipLossConfig
+from .launching import start_cpu_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class SiglipTrainingArguments(TrainingArguments):
     patch_dropout: float = field(
         default=0.0,
         metadata={"help": "FLIP patch dropout: the fraction of each image's patch tokens dropped at random in training "
-                  "(after the position embeddings; CLIP keeps its class token), as open_clip's PatchDropout; in [0, 1). "
-                  "FLIP: 0.5 trains ~2x faster per image. Evaluation, inference and a locked vision tower see every "
-                  "patch; the saved model is unchanged. Not for SigLIP 2 NaFlex. 0: off."},
+                  "(after the position embeddings; CLIP keeps its class token), as open_clip's PatchDropout; in "
+                  "[0, 1). FLIP: 0.5 trains ~2x faster per image. Evaluation, inference and a locked vision tower "
+                  "see every patch; the saved model is unchanged. Not for SigLIP 2 NaFlex. 0: off."},
     )
     stream_shuffle_buffer_size: int = field(
         default=1000,

@@ -19,9 +19,8 @@ from torch.distributed.fsdp import fully_shard
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for conftest's tiny setup
-from conftest import tiny_training_setup  # noqa: E402
-
 import hf_siglip as hs  # noqa: E402
+from conftest import tiny_training_setup  # noqa: E402
 
 PER_PROCESS, STEPS = 8, 3
 

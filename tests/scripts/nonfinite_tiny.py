@@ -17,9 +17,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for conftest's tiny setup
-from conftest import tiny_training_setup  # noqa: E402
-
 import hf_siglip as hs  # noqa: E402
+from conftest import tiny_training_setup  # noqa: E402
 from hf_siglip.training.finite import NonFiniteError  # noqa: E402
 
 

@@ -13,9 +13,8 @@ import tempfile
 import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for conftest's tiny setup
-from conftest import tiny_training_setup  # noqa: E402
-
 import hf_siglip as hs  # noqa: E402
+from conftest import tiny_training_setup  # noqa: E402
 from hf_siglip.data.steps import DataContext, parse_data_steps, run_data_steps  # noqa: E402
 
 SETTINGS = {"max_steps": 3, "optim": "sgd", "learning_rate": 0.05, "lr_scheduler_type": "constant",

@@ -11,14 +11,12 @@ import json
 import sys
 import tempfile
 
-import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for conftest's tiny setup
-from conftest import tiny_training_setup  # noqa: E402
-
 import hf_siglip as hs  # noqa: E402
+from conftest import tiny_training_setup  # noqa: E402
 
 
 class RecordParameters(TrainerCallback):

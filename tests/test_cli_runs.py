@@ -173,9 +173,9 @@ def test_two_processes_skip_empty_batches_together(tmp_path):
 
 def test_run_with_a_momentum_teacher_and_concept_distillation_resumes_bit_for_bit(tmp_path):
     """The training signals that keep state beside the model (the EMA teacher, the concept-distillation head) come
-    back from a checkpoint: a fresh output folder holding only the uninterrupted run's checkpoint-3 (what a kill
-    after it leaves; the kill itself is tested above), resumed from the command line, ends as the uninterrupted run
-    (losses, the distillation loss, the weights)."""
+    back from a checkpoint: the uninterrupted run's checkpoint-3 copied to a folder of its own (what a kill after it
+    leaves; the kill itself is tested above), resumed from the command line into a fresh output folder, ends as the
+    uninterrupted run (losses, the distillation loss, the weights)."""
     from data_fixtures import save_tiny_vit_teacher
 
     teacher = save_tiny_vit_teacher(tmp_path / "vit")
@@ -188,9 +188,10 @@ def test_run_with_a_momentum_teacher_and_concept_distillation_resumes_bit_for_bi
     assert straight.returncode == 0, straight.stderr[-3000:]
     checkpoint = tmp_path / "straight" / "checkpoint-3"
     assert (checkpoint / "momentum_teacher.safetensors").exists() and (checkpoint / "concept_head.safetensors").exists()
-    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
+    shutil.copytree(checkpoint, tmp_path / "moved" / "checkpoint-3")  # outside the resumed run's output_dir
 
-    resumed = run_train({**settings, "output_dir": tmp_path / "resumed", "resume_from_checkpoint": "true"})
+    resumed = run_train({**settings, "output_dir": tmp_path / "resumed",
+                         "resume_from_checkpoint": tmp_path / "moved" / "checkpoint-3"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     def logged(output_dir, key):

@@ -48,7 +48,7 @@ OBJECTIVES = {"itm": {"weight": 1.0, "negatives_per_sample": 1, "temperature": 0
 RERANK_K = 8
 ARMS = {"sigmoid": [], "sigmoid + itm + mlm": ["--objectives", json.dumps(OBJECTIVES), "--itm_rerank_k", str(RERANK_K)]}
 FOLDERS = {"sigmoid": "sigmoid", "sigmoid + itm + mlm": "itm_mlm"}
-SCALE = "--demo_train_size 4000 --demo_test_size 500 --num_train_epochs 2 --per_device_train_batch_size 64"
+SCALE = "--demo_train_size 4000 --demo_test_size 500 --num_train_epochs 4 --per_device_train_batch_size 64"
 METRICS = ("eval_i2t_recall@1", "eval_t2i_recall@1", "eval_zero_shot_top1")
 RERANK = ("eval_i2t_itm_recall@1", "eval_t2i_itm_recall@1")
 

@@ -256,6 +256,7 @@ class PoisonedCollator(hs.SiglipDataCollator):
 
     poisoned_call: int = 0
     calls: int = 0
+    normalize_on_device: bool | None = False  # float pixels, which can hold the NaN (uint8 cannot)
 
     def __call__(self, rows):
         batch = super().__call__(rows)

@@ -22,7 +22,8 @@ def test_the_wheel_holds_every_package_the_card_template_and_the_recipes(tmp_pat
     for template in (REPO / "model_cards").glob("*.md"):
         assert f"hf_siglip/model_cards/{template.name}" in names
     recipes = sorted(path.relative_to(REPO).as_posix() for path in RECIPES.rglob("*.yaml"))
-    assert len(recipes) == 16 and not set(recipes) - names, "add them to package-data in pyproject.toml"
+    assert "hf_siglip/recipes/siglip_from_scratch.yaml" in recipes  # the glob found the recipes (no fixed count)
+    assert not set(recipes) - names, "add them to package-data in pyproject.toml"
 
     # installed where no clone is near: `--config NAME` and `hf-siglip recipes` read the installed copies
     site = tmp_path / "site"

@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 demo: install
 	$(VENV)/bin/hf-siglip train

@@ -34,7 +34,7 @@ from transformers import BlipTextConfig, BlipTextLMHeadModel, BlipTextModel
 from transformers.models.blip.modeling_blip_text import BlipTextOnlyMLMHead
 
 from ..errors import UsageError
-from .base import attach_module
+from .base import attach_module, full_state, load_into
 
 MODULE_NAME = "fusion_encoder"
 FOLDER = "fusion_encoder"  # beside the dual encoder in output_dir
@@ -184,6 +184,18 @@ def new_mlm_head(fusion: FusionEncoder) -> nn.Module:
     return head
 
 
+def fusion_and_head_state(fusion: nn.Module, head: nn.Module, head_name: str) -> dict[str, torch.Tensor]:
+    """An objective's side file: the shared fusion encoder and its own head, by prefix. Copies: tied weights (the MLM
+    head's biases) share memory, which safetensors refuses."""
+    state = {f"{MODULE_NAME}.{k}": v.clone() for k, v in full_state(fusion).items()}
+    return state | {f"{head_name}.{k}": v.clone() for k, v in full_state(head).items()}
+
+
+def load_fusion_and_head_state(fusion: nn.Module, head: nn.Module, head_name: str, state) -> None:
+    for module, prefix in ((fusion, f"{MODULE_NAME}."), (head, f"{head_name}.")):
+        load_into(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 def describe(fusion: FusionEncoder) -> str:
     config = fusion.config
     return (f"{config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads "
@@ -286,5 +298,5 @@ def load_itm_scorer(folder: str) -> ItmScorer:
 
 
 __all__ = ["FOLDER", "ITM_HEAD_FILE", "MODULE_NAME", "CaptionVocabulary", "FusionEncoder", "FusionSettings",
-           "ItmScorer", "attach_fusion_encoder", "describe", "fusion_settings", "load_itm_scorer", "new_mlm_head",
-           "save_fusion", "unsupported"]
+           "ItmScorer", "attach_fusion_encoder", "describe", "fusion_and_head_state", "fusion_settings",
+           "load_fusion_and_head_state", "load_itm_scorer", "new_mlm_head", "save_fusion", "unsupported"]

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from ..captioner import IGNORE, caption_image_index, patch_tokens_of
 from ..errors import UsageError
 from . import register_objective
-from .base import Objective, ObjectiveConfig, attach_module, full_state, load_into
+from .base import Objective, ObjectiveConfig, attach_module
 from .fusion import (
-    MODULE_NAME,
     FusionSettings,
     attach_fusion_encoder,
     describe,
+    fusion_and_head_state,
     fusion_settings,
+    load_fusion_and_head_state,
     new_mlm_head,
     save_fusion,
     unsupported,
@@ -134,14 +135,10 @@ class Mlm(Objective):
         return F.cross_entropy(logits.float(), labels[chosen], reduction="sum")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        # copies: tied weights (the MLM head's biases) share memory, which safetensors refuses
-        state = {f"{MODULE_NAME}.{k}": v.clone() for k, v in full_state(self.fusion).items()}
-        return state | {f"{HEAD_NAME}.{k}": v.clone() for k, v in full_state(self.head).items()}
+        return fusion_and_head_state(self.fusion, self.head, HEAD_NAME)
 
     def load_state_dict(self, state) -> None:
-        load_into(self.fusion, {k[len(MODULE_NAME) + 1:]: v for k, v in state.items()
-                                if k.startswith(f"{MODULE_NAME}.")})
-        load_into(self.head, {k[len(HEAD_NAME) + 1:]: v for k, v in state.items() if k.startswith(f"{HEAD_NAME}.")})
+        load_fusion_and_head_state(self.fusion, self.head, HEAD_NAME, state)
 
     def card(self) -> dict:
         return {"mlm_weight": self.weight, "mlm_mask_probability": self.config.mask_probability,

@@ -8,12 +8,13 @@ weight files, the chosen mix against the rule applied to the table, and the card
 """
 
 import json
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import TINY, run_train
+from cli_helpers import REPO, TINY, cli_env, train_command
 from hf_siglip.training.wise_ft import choose, interpolate, parse_alphas
 
 ALPHA = 0.5  # a fixed rule: the saved weights are then a true mix, not an end point
@@ -21,7 +22,8 @@ ANCHOR = dict(anchor_dataset="demo", demo_test_size=24, demo_image_size=16)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def start(tmp_path_factory):
+    """A tiny random checkpoint (the start) and a small digits set saved to disk."""
     from data_fixtures import make_processor, make_tiny_siglip
     from hf_siglip.data import make_digits_dataset
 
@@ -33,16 +35,27 @@ def run(tmp_path_factory):
     digits["train"] = digits["train"].select(range(48))
     digits["test"] = digits["test"].select(range(24))
     digits.save_to_disk(root / "digits")
-    out = root / "out"
+    return root
+
+
+def _fine_tune(root, out, lists: dict | None = None, **extra) -> dict:
+    """`hf-siglip train` from the start checkpoint on digits; `lists`: flags with several values."""
     values = {**TINY, "model_name_or_path": root / "start", "dataset": root / "digits", **ANCHOR,
-              "max_steps": 3, "learning_rate": 1e-2, "warmup_steps": 0, "eval_strategy": "steps", "eval_steps": 2,
-              "wise_ft_alphas": "0,1", "wise_ft_rule": ALPHA, "output_dir": out}
+              "max_steps": 3, "learning_rate": 1e-2, "warmup_steps": 0, "output_dir": out, **extra}
     for name in ("image_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "patch_size"):
         values.pop(name)  # the checkpoint's
-    done = run_train(values)
+    command = train_command(values) + [item for name, items in (lists or {}).items() for item in (f"--{name}", *items)]
+    done = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    return root, out, json.loads((out / "eval_results.json").read_text())
+    return json.loads((out / "eval_results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run(start):
+    out = start / "out"
+    results = _fine_tune(start, out, eval_strategy="steps", eval_steps=2, wise_ft_alphas="0,1", wise_ft_rule=ALPHA)
+    return start, out, results
 
 
 def _evaluate(capsys, checkpoint, output, *extra) -> dict:
@@ -73,6 +86,8 @@ def test_the_sweeps_end_points_are_the_start_and_the_fine_tuned_models_own_evalu
                 if key.startswith("eval_")}
     for name in ("i2t_recall@1", "t2i_recall@1", "loss", "anchor_zero_shot_top1"):
         assert rows[0.0][name] == at_start[name], name  # alpha 0: the starting weights, exactly
+    for row in results["wise_ft"]["rows"]:  # the default target: the mean of the two recall@1 values
+        assert row["target"] == (row["metrics"]["i2t_recall@1"] + row["metrics"]["t2i_recall@1"]) / 2
     # against `hf-siglip eval` of each end point (the start checkpoint has no record: data named here)
     demo = ["--anchor_dataset", "demo", "--demo_test_size", "24", "--demo_image_size", "16"]
     start = _evaluate(capsys, root / "start", tmp_path / "a.json", "--dataset", str(root / "digits"),
@@ -153,3 +168,43 @@ def test_settings_are_checked_before_any_data(tmp_path, capsys):
     assert "anchor_dataset" in capsys.readouterr().err
     assert cli_main(["eval", "--checkpoint", str(tmp_path), "--wise_ft_alphas", "0.5"]) == 2
     assert "wise_ft_alphas is a `hf-siglip train` setting" in capsys.readouterr().err
+
+
+def test_zero_shot_top1_as_the_target_metric(start, tmp_path, capsys):
+    """--wise_ft_target_metric zero_shot_top1: the target is each mix's zero-shot top-1 with the target's classes
+    (digits' template captions tie, so their retrieval recall says little), in the rows, the rule and the card."""
+    from hf_siglip.data.demo import DIGITS_CLASSES, DIGITS_TEMPLATES
+
+    out = tmp_path / "out"
+    results = _fine_tune(start, out, {"zero_shot_classes": DIGITS_CLASSES, "zero_shot_templates": DIGITS_TEMPLATES},
+                         eval_strategy="no", wise_ft_alphas="0.5", wise_ft_rule="target",
+                         wise_ft_target_metric="zero_shot_top1")
+    sweep = results["wise_ft"]
+    assert sweep["target_metric_name"] == "zero_shot_top1"
+    for row in sweep["rows"]:
+        assert row["target"] == row["metrics"]["zero_shot_top1"] and row["metrics"]["zero_shot_classes"] == 10
+    assert sweep["chosen"] == choose(sweep["rows"], "target", 0.01)
+    # the fine-tuned end point (alpha 1) against `hf-siglip eval` of the saved folder (its record: digits, classes)
+    tuned = _evaluate(capsys, out / "finetuned", tmp_path / "e.json")
+    assert sweep["rows"][-1]["target"] == pytest.approx(tuned["zero_shot_top1"], abs=1e-9)
+    assert results["metrics"]["eval_zero_shot_top1"] == sweep["rows"][sweep["chosen"]]["target"]
+    card = (out / "README.md").read_text()
+    assert "| α | target zero-shot top-1" in card and "(wise_ft.png)" in card
+
+
+def test_target_metric_settings_are_checked_before_any_data(start, tmp_path, capsys):
+    from cli_helpers import flags
+    from hf_siglip.cli.main import main as cli_main
+
+    values = {**TINY, **ANCHOR, "dataset": start / "digits", "wise_ft_alphas": "0.5", "output_dir": tmp_path}
+    assert cli_main(["train", *flags({**values, "wise_ft_target_metric": "zero_shot_top1"})]) == 2
+    assert "wise_ft_target_metric zero_shot_top1 needs the target's class names" in capsys.readouterr().err
+    assert cli_main(["train", *flags({**values, "wise_ft_target_metric": "accuracy"})]) == 2
+    assert "wise_ft_target_metric is one of ('recall@1', 'zero_shot_top1'), got 'accuracy'" in capsys.readouterr().err
+    # class names given but no labels in the data: found when the split is read, before training
+    import datasets
+
+    datasets.load_from_disk(start / "digits").remove_columns("label").save_to_disk(tmp_path / "unlabelled")
+    values.update(dataset=tmp_path / "unlabelled", zero_shot_classes="x", wise_ft_target_metric="zero_shot_top1")
+    assert cli_main(["train", *flags(values)]) == 2
+    assert "has no label column 'label'" in capsys.readouterr().err

@@ -111,9 +111,14 @@ class SiglipScriptArguments:
                 "one --wise_ft_rule picks is saved in output_dir, the fine-tuned weights in output_dir/finetuned. "
                 "Needs --anchor_dataset."})
     wise_ft_rule: str = field(default="anchor_drop", metadata={
-        "help": "Which mix is saved: 'anchor_drop' (best target recall@1 among the mixes whose anchor top-1 is at "
+        "help": "Which mix is saved: 'anchor_drop' (best target metric among the mixes whose anchor top-1 is at "
                 "most --wise_ft_max_anchor_drop below the start's), 'mean' (best mean of the two), 'target' (best "
-                "target recall@1), or a number: that alpha. Ties: the smaller alpha."})
+                "target metric), or a number: that alpha. Ties: the smaller alpha."})
+    wise_ft_target_metric: str = field(default="recall@1", metadata={
+        "help": "The sweep's target metric on the evaluation split: 'recall@1' (retrieval, the mean of image->text "
+                "and text->image; for captions that differ per image) or 'zero_shot_top1' (zero-shot classification "
+                "with --zero_shot_classes / --zero_shot_templates, the demo's own by default; the WiSE-FT paper's "
+                "target, for labelled data whose template captions are shared by a class and so tie in retrieval)."})
     wise_ft_max_anchor_drop: float = field(default=0.01, metadata={
         "help": "wise_ft_rule anchor_drop: the anchor accuracy a mix may lose against the start (0.01 = 1 point)."})
     itm_rerank_k: int | None = field(default=None, metadata={

@@ -394,6 +394,11 @@ def forgetting_measures(trainer, script_args: SiglipScriptArguments, processor, 
     if evaluation is None:
         raise UsageError(f"anchor_dataset / wise_ft_alphas need an evaluation split of {script_args.dataset} (the "
                          "target metric): it has none; name one with --eval_split")
+    labels = script_args.label_column in evaluation.column_names
+    if script_args.wise_ft_target_metric == "zero_shot_top1" and not labels:
+        raise UsageError(f"wise_ft_target_metric zero_shot_top1: the evaluation split of {script_args.dataset} has no "
+                         f"label column {script_args.label_column!r} (columns: {evaluation.column_names}); name it "
+                         "with --label_column")
     with own_messages_as_usage_errors(), quiet_local_loading(script_args.anchor_dataset):
         anchor = AnchorEvaluation(script_args, processor)
     trainer.add_callback(anchor_callback(trainer, anchor))
@@ -481,8 +486,10 @@ def run_train(script_args: SiglipScriptArguments, model_args: SiglipModelArgumen
 
         trainer.save_model(os.path.join(training_args.output_dir, FINETUNED_FOLDER))
         alphas = sweep_alphas(script_args.wise_ft_alphas, script_args.wise_ft_rule)
+        zero_shot = ((lambda mix: zero_shot_evaluation(mix, processor, evaluation, script_args))
+                     if zero_shot_classes(script_args) else None)  # the target's classes: each mix's zero-shot too
         wise_ft = run_sweep(trainer, start_weights, alphas, script_args.wise_ft_rule,
-                            script_args.wise_ft_max_anchor_drop)
+                            script_args.wise_ft_max_anchor_drop, script_args.wise_ft_target_metric, zero_shot)
 
     metrics, protocol = {}, None
     evaluation_name = "hf_siglip demo" if script_args.dataset == DEMO else script_args.dataset

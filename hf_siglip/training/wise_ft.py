@@ -3,10 +3,11 @@ weights, theta(alpha) = (1 - alpha) theta_0 + alpha theta_1, trades what fine-tu
 it lost elsewhere.
 
 At the end of `hf-siglip train --wise_ft_alphas 0,0.25,0.5,0.75,1 --anchor_dataset ...` each mix is evaluated on
-the target's evaluation split (retrieval recall@1, the mean of image->text and text->image) and on the anchor set
-(zero-shot top-1, `hf_siglip.cli.anchor`); one mix is chosen by `--wise_ft_rule` and becomes the model saved in
-output_dir (the fine-tuned end point is kept in output_dir/finetuned/). The grid always holds 0 (the starting
-weights, exactly) and 1 (the fine-tuned weights, exactly): the rules measure against them.
+the target's evaluation split (`--wise_ft_target_metric`, `TARGET_METRICS`: retrieval recall@1, the mean of
+image->text and text->image, or zero-shot top-1 with the target's class names, the paper's own target) and on the
+anchor set (zero-shot top-1, `hf_siglip.cli.anchor`); one mix is chosen by `--wise_ft_rule` and becomes the model
+saved in output_dir (the fine-tuned end point is kept in output_dir/finetuned/). The grid always holds 0 (the
+starting weights, exactly) and 1 (the fine-tuned weights, exactly): the rules measure against them.
 
 Rules (`WISE_FT_RULES`), ties going to the smaller alpha (the mix closer to the starting weights):
 - `anchor_drop` (default): the best target metric among the mixes whose anchor accuracy is at most
@@ -23,7 +24,11 @@ import torch
 from .finite import finite_or_none
 
 WISE_FT_RULES = ("anchor_drop", "mean", "target")
-TARGET_METRIC = "recall@1 (mean of image->text and text->image)"
+# --wise_ft_target_metric: what "target" means in the sweep, the rules, the card and eval_results.json. Retrieval
+# recall@1 suits data whose captions differ per image; zero-shot top-1 suits labelled data whose captions are shared
+# by a class (template captions tie, so their recall stays near chance whatever the model learns).
+TARGET_METRICS = {"recall@1": "recall@1 (mean of image->text and text->image)",
+                  "zero_shot_top1": "zero-shot top-1 (the target's class names in its prompt templates)"}
 
 
 def parse_alphas(value) -> list[float] | None:
@@ -68,6 +73,14 @@ def wise_ft_problems(script_args) -> list[str]:
     if not (isinstance(drop, (int, float)) and math.isfinite(drop) and drop >= 0):
         problems.append(f"wise_ft_max_anchor_drop must be a number >= 0 (a fraction: 0.01 = one point of "
                         f"accuracy), got {drop!r}")
+    from ..cli.arguments import DEMO
+
+    target = script_args.wise_ft_target_metric
+    if target not in TARGET_METRICS:
+        problems.append(f"wise_ft_target_metric is one of {tuple(TARGET_METRICS)}, got {target!r}")
+    elif target == "zero_shot_top1" and not (script_args.zero_shot_classes or script_args.dataset == DEMO):
+        problems.append(f"wise_ft_target_metric zero_shot_top1 needs the target's class names: give "
+                        f"--zero_shot_classes (and --zero_shot_templates) for dataset {script_args.dataset}")
     if alphas is not None and not script_args.anchor_dataset:
         problems.append("wise_ft_alphas needs --anchor_dataset: the mixes are chosen by what they keep on it")
     if (alphas is not None or script_args.anchor_dataset) and script_args.eval_split is None:
@@ -111,8 +124,11 @@ def interpolate(theta_0: dict, theta_1: dict, alpha: float) -> dict[str, torch.T
     return mixed
 
 
-def target_value(metrics: dict, prefix: str) -> float:
-    """The target metric of one evaluation: the mean of its two recall@1 values."""
+def target_value(metrics: dict, prefix: str, target_metric: str = "recall@1") -> float:
+    """The target metric (`TARGET_METRICS`) of one evaluation: the mean of its two recall@1 values, or its zero-shot
+    top-1."""
+    if target_metric == "zero_shot_top1":
+        return metrics[f"{prefix}zero_shot_top1"]
     return (metrics[f"{prefix}i2t_recall@1"] + metrics[f"{prefix}t2i_recall@1"]) / 2
 
 
@@ -136,18 +152,21 @@ def choose(rows: list[dict], rule: str, max_anchor_drop: float) -> int:
     return min(i for i in candidates if score[i] == best)
 
 
-def rule_text(rule: str, max_anchor_drop: float) -> str:
+def rule_text(rule: str, max_anchor_drop: float, target_metric: str = "recall@1") -> str:
+    target = TARGET_METRICS[target_metric]
     if rule_alpha(rule) is not None:
         return f"the fixed mix alpha = {rule_alpha(rule):g}"
-    return {"anchor_drop": f"the best target {TARGET_METRIC} among the mixes whose anchor zero-shot top-1 is at most "
+    return {"anchor_drop": f"the best target {target} among the mixes whose anchor zero-shot top-1 is at most "
                            f"{max_anchor_drop:g} below the starting weights'",
-            "mean": f"the best mean of the target {TARGET_METRIC} and the anchor zero-shot top-1",
-            "target": f"the best target {TARGET_METRIC}"}[rule] + " (ties: the smaller alpha)"
+            "mean": f"the best mean of the target {target} and the anchor zero-shot top-1",
+            "target": f"the best target {target}"}[rule] + " (ties: the smaller alpha)"
 
 
-def run_sweep(trainer, theta_0: dict, alphas: list[float], rule: str, max_anchor_drop: float) -> dict:
+def run_sweep(trainer, theta_0: dict, alphas: list[float], rule: str, max_anchor_drop: float,
+              target_metric: str = "recall@1", zero_shot=None) -> dict:
     """Evaluate each mix with `trainer.evaluate` (prefix `wise_ft_<alpha>`; the anchor callback adds the anchor's
-    accuracy), then leave the chosen mix loaded in the trainer's model. Collective: every process calls it.
+    accuracy) and, when the target has class names, `zero_shot(model)` (its `zero_shot_*` metrics), then leave the
+    chosen mix loaded in the trainer's model. Collective: every process calls it.
     Returns {"rows": [{alpha, target, anchor, metrics}], "chosen": index, "alpha": chosen alpha, "rule", ...}."""
     from ..cli.anchor import ANCHOR_TOP1
 
@@ -159,14 +178,18 @@ def run_sweep(trainer, theta_0: dict, alphas: list[float], rule: str, max_anchor
         prefix = f"wise_ft_{alpha:g}_"
         metrics = trainer.evaluate(metric_key_prefix=prefix[:-1])
         metrics = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
-        rows.append({"alpha": alpha, "target": target_value(metrics, ""), "anchor": metrics[ANCHOR_TOP1],
+        if zero_shot is not None:
+            metrics.update(zero_shot(model))
+        rows.append({"alpha": alpha, "target": target_value(metrics, "", target_metric),
+                     "anchor": metrics[ANCHOR_TOP1],
                      "metrics": {key: finite_or_none(value) if isinstance(value, float) else value
                                  for key, value in metrics.items()}})
     chosen = choose(rows, rule, max_anchor_drop)
     model.load_state_dict(interpolate(theta_0, theta_1, rows[chosen]["alpha"]))
     result = {"rows": rows, "chosen": chosen, "alpha": rows[chosen]["alpha"], "rule": rule,
-              "max_anchor_drop": max_anchor_drop, "rule_text": rule_text(rule, max_anchor_drop),
-              "target_metric": TARGET_METRIC, "anchor_metric": "zero-shot top-1 on the anchor set"}
+              "max_anchor_drop": max_anchor_drop, "rule_text": rule_text(rule, max_anchor_drop, target_metric),
+              "target_metric": TARGET_METRICS[target_metric], "target_metric_name": target_metric,
+              "anchor_metric": "zero-shot top-1 on the anchor set"}
     trainer.log({"wise_ft_alpha": rows[chosen]["alpha"], "wise_ft_target": rows[chosen]["target"],
                  "wise_ft_anchor": rows[chosen]["anchor"]})
     return result
@@ -193,7 +216,8 @@ def save_sweep_curve(result: dict, path: str, anchor_name: str = "anchor") -> st
     axis.plot([best["anchor"]], [best["target"]], "o", markersize=14, markerfacecolor="none", color="tab:red",
               label=f"chosen: α={best['alpha']:g} ({result['rule']})")
     axis.set_xlabel(f"{anchor_name}: zero-shot top-1")
-    axis.set_ylabel("target: recall@1 (mean of both directions)")
+    axis.set_ylabel({"recall@1": "target: recall@1 (mean of both directions)",
+                     "zero_shot_top1": "target: zero-shot top-1"}[result.get("target_metric_name", "recall@1")])
     axis.set_title("WiSE-FT: (1-α)·start + α·fine-tuned")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -203,5 +227,5 @@ def save_sweep_curve(result: dict, path: str, anchor_name: str = "anchor") -> st
     return path
 
 
-__all__ = ["TARGET_METRIC", "WISE_FT_RULES", "choose", "interpolate", "parse_alphas", "rule_alpha", "run_sweep",
+__all__ = ["TARGET_METRICS", "WISE_FT_RULES", "choose", "interpolate", "parse_alphas", "rule_alpha", "run_sweep",
            "save_sweep_curve", "sweep_alphas", "target_value", "weight_snapshot", "wise_ft_problems"]

@@ -26,6 +26,7 @@ from hf_siglip.errors import UsageError
 from hf_siglip.objectives.fusion import CaptionVocabulary
 from hf_siglip.objectives.itm import Itm, ItmConfig, draw_negatives
 from hf_siglip.objectives.mlm import Mlm, MlmConfig, mask_captions
+from hf_siglip.training.optimizer_groups import siglip_parameter_groups
 from hf_siglip.training.trainer import SiglipTrainer
 
 
@@ -181,19 +182,32 @@ def test_one_fusion_encoder_for_both_and_bad_settings_are_one_line(tmp_path):
     mlm = Mlm(configs["mlm"], model, args, processing_class=processor)
     assert itm.fusion is mlm.fusion is model.fusion_encoder
     assert model.fusion_encoder.config.num_hidden_layers == 1 and model.fusion_encoder.config.hidden_size == 64
+    # the fusion encoder's own rate: it and both heads train at it, everything else at the run's (logged: group 0)
+    fast = {"itm": ItmConfig(learning_rate=2e-4), "mlm": MlmConfig()}
+    model = tiny_training_setup(n_train=8)[0]
+    arguments = hs.SiglipTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, objectives=fast)
+    Itm(fast["itm"], model, arguments, processing_class=processor)
+    Mlm(fast["mlm"], model, arguments, processing_class=processor)
+    groups = siglip_parameter_groups(model, arguments, pretrained_towers=())
+    rate = {id(p): group["lr"] for group in groups for p in group["params"]}
+    assert groups[0]["lr"] == 1e-3 and len(rate) == len(list(model.parameters()))
+    for name, parameter in model.named_parameters():
+        own = name.startswith(("fusion_encoder.", "itm_head.", "mlm_head."))
+        assert rate[id(parameter)] == (2e-4 if own else 1e-3), name
     with pytest.raises(UsageError, match="share one fusion encoder, but its num_layers differs"):
         clash = {"itm": ItmConfig(num_layers=1), "mlm": MlmConfig(num_layers=2)}
         Itm(clash["itm"], tiny_training_setup(n_train=8)[0], type("A", (), {"objectives": clash, "seed": 0})())
     for name, settings, field in (("itm", {"negatives_per_sample": 0}, "negatives_per_sample"),
                                   ("itm", {"negatives_from": "ring"}, "negatives_from"),
                                   ("itm", {"temperature": 0}, "temperature"),
+                                  ("mlm", {"learning_rate": -1.0}, "learning_rate"),
                                   ("mlm", {"mask_probability": 1.0}, "mask_probability"),
                                   ("mlm", {"hidden_size": 30, "num_attention_heads": 4}, "hidden_size")):
         with pytest.raises(ValueError, match=f"objectives.{name}.{field}"):
             hs.SiglipTrainingArguments(output_dir=str(tmp_path), objectives={name: settings})
 
 
-FUSION = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "seed": 1}
+FUSION = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "seed": 1, "learning_rate": 0.03}
 # SGD: Adam would turn the float noise of gradients that are zero in exact arithmetic (attention key biases) into
 # steps of the learning rate's size, so 8 x 2 and 16 would differ there by ~1e-4
 ITM_MLM = {**TINY, "eval_split": "None", "disable_tqdm": "true", "seed": 3, "optim": "sgd", "learning_rate": 0.05,

@@ -133,11 +133,13 @@ class Objective:
         """Write what the objective adds to a finished model into `output_dir` (e.g. a captioner folder)."""
 
 
-def attach_module(model: nn.Module, name: str, module: nn.Module, seed: int | None = None) -> nn.Module:
+def attach_module(model: nn.Module, name: str, module: nn.Module, seed: int | None = None,
+                  learning_rate: float | None = None) -> nn.Module:
     """Register `module` as the submodule `name` of `model`, on its device and dtype, its keys left out of what
     `save_pretrained` writes (transformers' `_keys_to_ignore_on_save`, which every save path and the resume check
     honour), so the saved dual encoder stays in its native format. `module` may be a factory called under `seed`
-    (the same initial head whatever ran before)."""
+    (the same initial head whatever ran before). `learning_rate` (None: the run's) is the peak rate of its
+    parameters (their optimizer group follows the run's schedule)."""
     if callable(module) and not isinstance(module, nn.Module):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -147,6 +149,8 @@ def attach_module(model: nn.Module, name: str, module: nn.Module, seed: int | No
     module.to(device=parameter.device, dtype=parameter.dtype)
     model.add_module(name, module)
     model._objective_modules = (*getattr(model, "_objective_modules", ()), name)  # a teacher's copy leaves them out
+    if learning_rate is not None:
+        model._module_learning_rates = {**getattr(model, "_module_learning_rates", {}), name: float(learning_rate)}
     keys = {f"{name}.{key}" for key in module.state_dict()}
     model._keys_to_ignore_on_save = {*(getattr(model, "_keys_to_ignore_on_save", None) or ()), *keys}
     return module

@@ -57,6 +57,10 @@ class FusionSettings:
     seed: int | None = field(default=None, metadata={
         "help": "Seed of the fusion encoder's and heads' initialisation and of the objective's draws (negatives, "
                 "masks); None: the run's seed."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak learning rate of the fusion encoder and the itm / mlm heads (the run's schedule); None: the "
+                "run's learning_rate. A from-scratch post-LN fusion encoder stalls at a from-scratch dual encoder's "
+                "rate (2e-3 in docs/EXPERIMENTS.md); ALBEF and BLIP train it at 1e-4 from BERT."})
 
     def validate_fusion(self, name: str) -> None:
         for setting in ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
@@ -71,6 +75,9 @@ class FusionSettings:
             raise ValueError(f"objectives.{name}.dropout must be in [0, 1), got {self.dropout!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"objectives.{name}.seed must be an integer, got {self.seed!r}")
+        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float))
+                                                   and 0 < self.learning_rate < float("inf")):
+            raise ValueError(f"objectives.{name}.learning_rate must be a number > 0, got {self.learning_rate!r}")
 
 
 def fusion_settings(config, args) -> dict:
@@ -174,7 +181,7 @@ def attach_fusion_encoder(model, config, args, processing_class=None) -> FusionE
     return attach_module(model, MODULE_NAME, lambda: FusionEncoder(
         vision.hidden_size, vocabulary, hidden, settings["num_layers"] or DEFAULT_LAYERS, heads,
         settings["intermediate_size"] or 4 * hidden, max_positions, settings["dropout"] or 0.0),
-        seed=settings["seed"])
+        seed=settings["seed"], learning_rate=settings["learning_rate"])
 
 
 def new_mlm_head(fusion: FusionEncoder) -> nn.Module:

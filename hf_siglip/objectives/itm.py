@@ -138,10 +138,12 @@ class Itm(Objective):
         self.problem = unsupported(model, train_dataset)
         if self.problem is not None:  # check() refuses the run
             return
-        self.seed = fusion_settings(config, args)["seed"]
+        settings = fusion_settings(config, args)
+        self.seed = settings["seed"]
         self.fusion = attach_fusion_encoder(model, config, args, processing_class)
         width = self.fusion.config.hidden_size
-        self.head = attach_module(model, HEAD_NAME, lambda: torch.nn.Linear(width, 2), seed=self.seed + 1)
+        self.head = attach_module(model, HEAD_NAME, lambda: torch.nn.Linear(width, 2), seed=self.seed + 1,
+                                 learning_rate=settings["learning_rate"])
         self.plans: dict[int, _Plan] = {}
         self.tokens = None
 

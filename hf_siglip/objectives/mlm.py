@@ -87,9 +87,11 @@ class Mlm(Objective):
         self.problem = unsupported(model, train_dataset)
         if self.problem is not None:
             return
-        self.seed = fusion_settings(config, args)["seed"]
+        settings = fusion_settings(config, args)
+        self.seed = settings["seed"]
         self.fusion = attach_fusion_encoder(model, config, args, processing_class)
-        self.head = attach_module(model, HEAD_NAME, lambda: new_mlm_head(self.fusion), seed=self.seed + 2)
+        self.head = attach_module(model, HEAD_NAME, lambda: new_mlm_head(self.fusion), seed=self.seed + 2,
+                                 learning_rate=settings["learning_rate"])
         self.masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def check(self, model) -> None:

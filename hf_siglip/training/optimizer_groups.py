@@ -10,6 +10,9 @@ Each trainable parameter gets a learning rate and a weight decay from three inde
   parameter of layer l trains at `decay ** (N + 1 - l)` times its rate. The heads outside the towers (t, b, a new
   backbone's projection) and new weights are not decayed. Each tower counts its own blocks.
 
+A module an objective attached with its own `learning_rate` (the fusion encoder of ITM / MLM: a post-LN BERT that
+does not train at a from-scratch dual encoder's rate) is a group of its own at that rate ("fusion_encoder/decay").
+
 The learning rate of a group is `learning_rate * multiplier * decay ** depth`; each group carries a `name`
 ("pretrained/decay/vision/layer3", "new/no_decay") so tests and logs can find it.
 """
@@ -63,7 +66,8 @@ def layer_ids(model: nn.Module) -> dict[str, tuple[str, int, int]]:
 
 def _group_order(item) -> tuple:
     (origin, decay, layer), _ = item
-    return origin, decay, layer or ("", -1, 0)
+    # an objective's module groups last: the Trainer logs the first group's rate as the run's `learning_rate`
+    return origin not in ("new", "pretrained"), origin, decay, layer or ("", -1, 0)
 
 
 def siglip_parameter_groups(model: nn.Module, args, pretrained_towers) -> list[dict]:
@@ -78,11 +82,16 @@ def siglip_parameter_groups(model: nn.Module, args, pretrained_towers) -> list[d
     prefixes = tower_prefixes(model)  # CLIP's projections belong to their towers
     layer_decay = getattr(args, "layer_lr_decay", None)
     depths = layer_ids(model) if layer_decay not in (None, 1.0) else {}
+    module_rates = getattr(model, "_module_learning_rates", {})
     groups = defaultdict(list)
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         decay = id(parameter) not in norm_parameters and not NO_DECAY_NAME_PATTERN.search(name)
+        module = name.split(".", 1)[0]
+        if module in module_rates:
+            groups[(module, decay, None)].append(parameter)
+            continue
         tower = tower_of(name, prefixes)
         pretrained = tower in pretrained_towers and not ADAPTER_PATTERN.search(name)
         layer = None
@@ -96,6 +105,7 @@ def siglip_parameter_groups(model: nn.Module, args, pretrained_towers) -> list[d
         pretrained = origin == "pretrained"
         weight_decay = (args.pretrained_weight_decay if pretrained else args.weight_decay) if decay else 0.0
         learning_rate = args.learning_rate * (args.pretrained_learning_rate_multiplier if pretrained else 1.0)
+        learning_rate = module_rates.get(origin, learning_rate)
         name = f"{origin}/{'decay' if decay else 'no_decay'}"
         if layer is not None:
             tower, layer_id, top = layer

@@ -28,7 +28,7 @@ WISE_FT_RULES = ("anchor_drop", "mean", "target")
 # recall@1 suits data whose captions differ per image; zero-shot top-1 suits labelled data whose captions are shared
 # by a class (template captions tie, so their recall stays near chance whatever the model learns).
 TARGET_METRICS = {"recall@1": "recall@1 (mean of image->text and text->image)",
-                  "zero_shot_top1": "zero-shot top-1 (the target's class names in its prompt templates)"}
+                  "zero_shot_top1": "zero-shot top-1 over its class names"}
 
 
 def parse_alphas(value) -> list[float] | None:

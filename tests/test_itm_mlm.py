@@ -24,7 +24,7 @@ from cli_helpers import TINY, cli_env, launcher_binary, logged_losses, run_train
 from conftest import tiny_training_setup
 from hf_siglip.errors import UsageError
 from hf_siglip.objectives.fusion import CaptionVocabulary
-from hf_siglip.objectives.itm import Itm, ItmConfig, draw_negatives
+from hf_siglip.objectives.itm import Itm, ItmConfig, draw_negatives, positives_with_identical_captions
 from hf_siglip.objectives.mlm import Mlm, MlmConfig, mask_captions
 from hf_siglip.training.optimizer_groups import siglip_parameter_groups
 from hf_siglip.training.trainer import SiglipTrainer
@@ -57,6 +57,24 @@ def test_drawn_negatives_never_share_an_id_and_follow_the_softmax():
     want = torch.softmax(row.masked_fill(mask, float("-inf")) / 0.2, dim=1)[0]
     frequencies = torch.bincount(picks[:, 0], minlength=5) / 20000
     assert frequencies[2] == 0 and torch.allclose(frequencies, want.float(), atol=0.015)
+
+
+def test_a_caption_identical_to_one_of_the_images_is_never_a_negative():
+    """Captions recur across images ("a red circle"): a caption whose tokens equal one of an image's captions is a
+    positive of that image both ways, checked against a brute-force count; draws never pick one."""
+    generator = torch.Generator().manual_seed(1)
+    image_ids, text_ids = grouped_ids(10, 3, 1)  # 10 images, 3 captions each
+    tokens = torch.randint(3, 9, (30, 2), generator=generator)  # few distinct token rows: many repeats
+    own = 12  # this process's captions: rows 12..23 (images 4..7)
+    i2t, t2i = positives_with_identical_captions(image_ids, text_ids, image_ids, tokens, own, 12)
+    rows = [tuple(row) for row in tokens.tolist()]
+    said = {i: {rows[c] for c in range(30) if text_ids[c] == i} for i in range(10)}
+    assert i2t.tolist() == [[rows[c] in said[i] for c in range(30)] for i in range(10)]
+    assert t2i.tolist() == [[rows[t] in said[j] for j in range(10)] for t in range(own, own + 12)]
+    assert i2t.sum() > 30 and (i2t[image_ids[:, None] == text_ids[None, :]]).all()  # more than the ids say
+    drawn, valid = draw_negatives(torch.randn(10, 30, generator=generator), i2t,
+                                  torch.rand(10, 3, generator=generator, dtype=torch.float64), 0.5)
+    assert not any(rows[c] in said[i] for i in range(10) for c, ok in zip(drawn[i].tolist(), valid[i]) if ok)
 
 
 class Collectives:

@@ -5,8 +5,10 @@ The fusion encoder (`hf_siglip.objectives.fusion`) reads a caption while cross-a
 a 2-way linear head on its [CLS] output says whether they match. Pairs per step: every caption with its own image
 (label 1), and for each image `negatives_per_sample` captions and for each caption as many images (label 0), drawn in
 proportion to softmax(cosine similarity / temperature) of the dual encoder's embeddings among the NON-positives.
-Positives are defined by ids as for the pair loss (k captions per image, groups, duplicates): a candidate sharing
-the id is never drawn; a row with no non-positive candidate left gets fewer negatives. Several negatives of one row
+Positives are defined by ids as for the pair loss (k captions per image, groups, duplicates), and a caption whose
+tokens equal one of the image's captions is a positive too (short captions such as "a red circle" recur across
+images; as negatives they were 9 % of the same-colour-and-shape candidates on the demo, wrong labels): neither is
+ever drawn; a row with no non-positive candidate left gets fewer negatives. Several negatives of one row
 are drawn without replacement. The term is the cross-entropy summed over pairs; the trainer divides by the global
 number of pairs (the objectives' rule), times `weight`.
 
@@ -114,6 +116,23 @@ def draw_negatives(similarity: torch.Tensor, positive: torch.Tensor, uniforms: t
     return indices, valid
 
 
+def positives_with_identical_captions(image_ids: torch.Tensor, candidate_text_ids: torch.Tensor,
+                                      candidate_image_ids: torch.Tensor, candidate_tokens: torch.Tensor,
+                                      own_texts: int, texts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (image, candidate caption) and (caption, candidate image) pairs are positives: those sharing an id, and
+    those where the caption's tokens equal a caption of the image's id (a caption two images both have describes
+    both; drawn as a negative it would teach the head that a true description does not match). `candidate_tokens`
+    `(C, L)` are the candidate captions' ids, this process's `texts` captions at rows `own_texts` onwards. Returns
+    `(B, C)` and `(T, candidate images)`."""
+    _, content = torch.unique(candidate_tokens, dim=0, return_inverse=True)
+    same_content = (content[:, None] == content[None, :]).float()  # (C, C), the diagonal included
+    of_image = (image_ids[:, None] == candidate_text_ids[None, :]).float()  # (B, C): captions carrying the image's id
+    i2t_positive = (of_image @ same_content) > 0
+    captions_of = (candidate_text_ids[:, None] == candidate_image_ids[None, :]).float()  # (C, candidate images)
+    t2i_positive = (same_content[own_texts:own_texts + texts] @ captions_of) > 0
+    return i2t_positive, t2i_positive
+
+
 def pad_tokens(parts: list[torch.Tensor], length: int, pad: int) -> torch.Tensor:
     return torch.cat([F.pad(part, (0, length - part.shape[1]), value=pad) for part in parts])
 
@@ -193,10 +212,10 @@ class Itm(Objective):
 
         image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
         i2t = image_embeds @ candidate_texts.float().T
-        i2t_positive = image_ids[:, None] == candidate_text_ids[None, :]
+        i2t_positive, t2i_positive = positives_with_identical_captions(
+            image_ids, candidate_text_ids, candidate_image_ids, self.tokens, own_texts, len(text_ids))
         texts_drawn, texts_valid = draw_negatives(i2t, i2t_positive, image_uniforms, self.config.temperature)
         t2i = text_embeds @ candidate_images.float().T
-        t2i_positive = text_ids[:, None] == candidate_image_ids[None, :]
         images_drawn, images_valid = draw_negatives(t2i, t2i_positive, text_uniforms, self.config.temperature)
 
         # pairs, by the image's position in this process's step: (image, token row, label)

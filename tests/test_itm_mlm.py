@@ -225,6 +225,31 @@ def test_one_fusion_encoder_for_both_and_bad_settings_are_one_line(tmp_path):
             hs.SiglipTrainingArguments(output_dir=str(tmp_path), objectives={name: settings})
 
 
+@pytest.mark.parametrize("train_vision_tower", [True, False])
+def test_train_vision_tower_false_keeps_itm_and_mlm_out_of_the_vision_tower(train_vision_tower):
+    """ALBEF / BLIP: ITM and MLM train the vision tower through its patch tokens; `train_vision_tower: false`
+    (BLIP-2's frozen-encoder reading) leaves it to the pair loss: no gradient reaches it; the fusion encoder learns."""
+    model, processor, collator, dataset = tiny_training_setup(n_train=8)
+    configs = {"itm": ItmConfig(train_vision_tower=train_vision_tower), "mlm": MlmConfig()}
+    args = type("A", (), {"objectives": configs, "seed": 0})()
+    objectives = [Itm(configs["itm"], model, args, processing_class=processor),
+                  Mlm(configs["mlm"], model, args, processing_class=processor)]
+    batch = collator([dataset["train"][i] for i in range(8)])
+    batch["pixel_values"] = batch["pixel_values"].float() / 127.5 - 1 if batch["pixel_values"].dtype == torch.uint8 \
+        else batch["pixel_values"]
+    generator = torch.Generator().manual_seed(0)
+    embeds = [torch.nn.functional.normalize(torch.randn(n, 8, generator=generator), dim=-1) for n in (8, 16)]
+    for objective in objectives:
+        objective.prepare_step(None, *embeds, [batch])
+    outputs = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_dict=True)
+    sum(objective.loss_sum(outputs, batch) for objective in objectives).backward()
+    vision = [p.grad for p in model.vision_model.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in vision) == train_vision_tower
+    cross_attention = model.fusion_encoder.bert.encoder.layer[0].crossattention.self.key.weight
+    assert cross_attention.grad.abs().sum() > 0 and model.itm_head.weight.grad.abs().sum() > 0
+    assert model.mlm_head.predictions.transform.dense.weight.grad.abs().sum() > 0
+
+
 FUSION = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "seed": 1, "learning_rate": 0.03}
 # SGD: Adam would turn the float noise of gradients that are zero in exact arithmetic (attention key biases) into
 # steps of the learning rate's size, so 8 x 2 and 16 would differ there by ~1e-4

@@ -57,6 +57,10 @@ class FusionSettings:
     seed: int | None = field(default=None, metadata={
         "help": "Seed of the fusion encoder's and heads' initialisation and of the objective's draws (negatives, "
                 "masks); None: the run's seed."})
+    train_vision_tower: bool | None = field(default=None, metadata={
+        "help": "Whether the itm / mlm losses reach the vision tower through its patch tokens (None or true: yes, as "
+                "ALBEF and BLIP train; false: the fusion encoder reads detached patch tokens, as BLIP-2's Q-Former "
+                "reads a frozen image encoder, and the dual encoder learns from its own loss alone)."})
     learning_rate: float | None = field(default=None, metadata={
         "help": "Peak learning rate of the fusion encoder and the itm / mlm heads (the run's schedule); None: the "
                 "run's learning_rate. A from-scratch post-LN fusion encoder stalls at a from-scratch dual encoder's "
@@ -75,6 +79,9 @@ class FusionSettings:
             raise ValueError(f"objectives.{name}.dropout must be in [0, 1), got {self.dropout!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"objectives.{name}.seed must be an integer, got {self.seed!r}")
+        if self.train_vision_tower is not None and not isinstance(self.train_vision_tower, bool):
+            raise ValueError(f"objectives.{name}.train_vision_tower must be true or false, got "
+                             f"{self.train_vision_tower!r}")
         if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float))
                                                    and 0 < self.learning_rate < float("inf")):
             raise ValueError(f"objectives.{name}.learning_rate must be a number > 0, got {self.learning_rate!r}")

@@ -159,6 +159,7 @@ class Itm(Objective):
             return
         settings = fusion_settings(config, args)
         self.seed = settings["seed"]
+        self.train_vision_tower = settings["train_vision_tower"] is not False
         self.fusion = attach_fusion_encoder(model, config, args, processing_class)
         width = self.fusion.config.hidden_size
         self.head = attach_module(model, HEAD_NAME, lambda: torch.nn.Linear(width, 2), seed=self.seed + 1,
@@ -272,6 +273,8 @@ class Itm(Objective):
         if patches is None:
             raise UsageError("the itm objective needs the vision tower's patch tokens, and this batch's forward gave "
                              "none (cached image_embeds?)")
+        if not self.train_vision_tower:
+            patches = patches.detach()
         tokens = self.tokens[plan.texts]
         hidden = self.fusion(patches[plan.images], tokens)
         logits = self.head(hidden[:, 0])

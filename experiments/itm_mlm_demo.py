@@ -43,12 +43,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-OBJECTIVES = {"itm": {"weight": 1.0, "negatives_per_sample": 1, "temperature": 0.07, "negatives_from": "global"},
-              "mlm": {"weight": 1.0, "mask_probability": 0.15}}
+OBJECTIVES = {"itm": {"weight": 1.0, "negatives_per_sample": 1, "temperature": 0.5, "negatives_from": "global",
+                      "learning_rate": 5e-4},
+              "mlm": {"weight": 0.1, "mask_probability": 0.15}}
 RERANK_K = 8
-ARMS = {"sigmoid": [], "sigmoid + itm + mlm": ["--objectives", json.dumps(OBJECTIVES), "--itm_rerank_k", str(RERANK_K)]}
-FOLDERS = {"sigmoid": "sigmoid", "sigmoid + itm + mlm": "itm_mlm"}
-SCALE = "--demo_train_size 4000 --demo_test_size 500 --num_train_epochs 4 --per_device_train_batch_size 64"
+DETACHED = {name: {**settings, "train_vision_tower": False} for name, settings in OBJECTIVES.items()}
+ARMS = {"sigmoid": [], "sigmoid + itm + mlm": ["--objectives", json.dumps(OBJECTIVES), "--itm_rerank_k", str(RERANK_K)],
+        "sigmoid + itm + mlm, vision tower untouched": ["--objectives", json.dumps(DETACHED), "--itm_rerank_k",
+                                                        str(RERANK_K)]}
+FOLDERS = {"sigmoid": "sigmoid", "sigmoid + itm + mlm": "itm_mlm",
+           "sigmoid + itm + mlm, vision tower untouched": "itm_mlm_detached"}
+SCALE = "--demo_train_size 4000 --demo_test_size 500 --num_train_epochs 16 --per_device_train_batch_size 64"
 METRICS = ("eval_i2t_recall@1", "eval_t2i_recall@1", "eval_zero_shot_top1")
 RERANK = ("eval_i2t_itm_recall@1", "eval_t2i_itm_recall@1")
 
@@ -246,7 +251,7 @@ def main():
     args = parser.parse_args()
     flags = args.flags.split()
     jobs = [(arm, seed, os.path.join(args.output_dir, f"{FOLDERS[arm]}_seed{seed}"))
-            for seed in args.seeds for arm in ARMS]
+            for arm in reversed(ARMS) for seed in args.seeds]  # the long runs first: the pool ends sooner
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(lambda job: train(job[1], job[2], flags + ARMS[job[0]]), jobs))
     if args.train_only:
@@ -269,17 +274,17 @@ def main():
             values = [row[name] for row in by_seed.values() if isinstance(row.get(name), (int, float))]
             if values and len(values) == len(by_seed):
                 print(f"  {name}: {mean_sd(values)}")
-    seeds = sorted(set(results["sigmoid"]) & set(results["sigmoid + itm + mlm"]))
     print("\ncomparison | metric | per-seed difference | mean ± sd | p (paired t, n)")
-    for name in METRICS:
-        after = [results["sigmoid + itm + mlm"][s][name] for s in seeds]
-        before = [results["sigmoid"][s][name] for s in seeds]
-        print(f"itm + mlm - sigmoid | {name} | {paired(after, before)}")
-    for name in RERANK:
-        runs = results["sigmoid + itm + mlm"]
-        after = [runs[s][name] for s in seeds]
-        before = [runs[s][name.replace("_itm", "")] for s in seeds]
-        print(f"re-ranked - embeddings (itm + mlm runs) | {name} | {paired(after, before)}")
+    for arm in (arm for arm in ARMS if ARMS[arm]):
+        seeds = sorted(set(results["sigmoid"]) & set(results[arm]))
+        for name in METRICS:
+            after = [results[arm][s][name] for s in seeds]
+            before = [results["sigmoid"][s][name] for s in seeds]
+            print(f"{arm} - sigmoid | {name} | {paired(after, before)}")
+        for name in RERANK:
+            after = [results[arm][s][name] for s in seeds]
+            before = [results[arm][s][name.replace("_itm", "")] for s in seeds]
+            print(f"re-ranked - embeddings ({arm}) | {name} | {paired(after, before)}")
 
 
 if __name__ == "__main__":

@@ -135,9 +135,11 @@ class FusionEncoder(nn.Module):
     """`BlipTextModel` (cross-attending, called as an encoder) reading [CLS] + caption ids."""
 
     def __init__(self, vision_width: int, vocabulary: CaptionVocabulary, hidden_size: int, num_layers: int,
-                 num_heads: int, intermediate_size: int, max_positions: int, dropout: float = 0.0):
+                 num_heads: int, intermediate_size: int, max_positions: int, dropout: float = 0.0,
+                 train_vision_tower: bool = True):
         super().__init__()
         self.vocabulary = vocabulary
+        self.train_vision_tower = train_vision_tower  # False: the losses read detached patch tokens
         config = BlipTextConfig(
             vocab_size=vocabulary.size + 2, hidden_size=hidden_size, encoder_hidden_size=vision_width,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, intermediate_size=intermediate_size,
@@ -153,6 +155,8 @@ class FusionEncoder(nn.Module):
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states `(P, 1 + L, width)` of [CLS] + `input_ids` `(P, L)` attending to `patch_tokens` `(P, N, D)`.
         `text_mask` (default: ids != pad) marks the caption's tokens (MLM passes the unmasked caption's)."""
+        if not self.train_vision_tower:
+            patch_tokens = patch_tokens.detach()
         if text_mask is None:
             text_mask = input_ids != self.vocabulary.pad
         start = torch.full((len(input_ids), 1), self.vocabulary.cls, dtype=input_ids.dtype, device=input_ids.device)
@@ -187,7 +191,8 @@ def attach_fusion_encoder(model, config, args, processing_class=None) -> FusionE
     max_positions = getattr(model.config.text_config, "max_position_embeddings", None) or 512
     return attach_module(model, MODULE_NAME, lambda: FusionEncoder(
         vision.hidden_size, vocabulary, hidden, settings["num_layers"] or DEFAULT_LAYERS, heads,
-        settings["intermediate_size"] or 4 * hidden, max_positions, settings["dropout"] or 0.0),
+        settings["intermediate_size"] or 4 * hidden, max_positions, settings["dropout"] or 0.0,
+        settings["train_vision_tower"] is not False),
         seed=settings["seed"], learning_rate=settings["learning_rate"])
 
 

@@ -123,13 +123,17 @@ def positives_with_identical_captions(image_ids: torch.Tensor, candidate_text_id
     those where the caption's tokens equal a caption of the image's id (a caption two images both have describes
     both; drawn as a negative it would teach the head that a true description does not match). `candidate_tokens`
     `(C, L)` are the candidate captions' ids, this process's `texts` captions at rows `own_texts` onwards. Returns
-    `(B, C)` and `(T, candidate images)`."""
+    `(B, C)` and `(T, candidate images)`: the similarity matrices' sizes, nothing larger is built."""
     _, content = torch.unique(candidate_tokens, dim=0, return_inverse=True)
-    same_content = (content[:, None] == content[None, :]).float()  # (C, C), the diagonal included
-    of_image = (image_ids[:, None] == candidate_text_ids[None, :]).float()  # (B, C): captions carrying the image's id
-    i2t_positive = (of_image @ same_content) > 0
-    captions_of = (candidate_text_ids[:, None] == candidate_image_ids[None, :]).float()  # (C, candidate images)
-    t2i_positive = (same_content[own_texts:own_texts + texts] @ captions_of) > 0
+    # ids made dense (0..n-1) so that id * contents + content is a key that cannot overflow or collide
+    _, dense = torch.unique(torch.cat([candidate_text_ids, image_ids, candidate_image_ids]), return_inverse=True)
+    text_id, image_id, candidate_image_id = dense.split([len(candidate_text_ids), len(image_ids),
+                                                         len(candidate_image_ids)])
+    contents = int(content.max()) + 1 if len(content) else 1
+    said = text_id * contents + content  # one key per (id, caption text) the batch holds
+    i2t_positive = torch.isin(image_id[:, None] * contents + content[None, :], said)
+    own = content[own_texts:own_texts + texts]
+    t2i_positive = torch.isin(candidate_image_id[None, :] * contents + own[:, None], said)
     return i2t_positive, t2i_positive
 
 
@@ -159,7 +163,6 @@ class Itm(Objective):
             return
         settings = fusion_settings(config, args)
         self.seed = settings["seed"]
-        self.train_vision_tower = settings["train_vision_tower"] is not False
         self.fusion = attach_fusion_encoder(model, config, args, processing_class)
         width = self.fusion.config.hidden_size
         self.head = attach_module(model, HEAD_NAME, lambda: torch.nn.Linear(width, 2), seed=self.seed + 1,
@@ -273,8 +276,6 @@ class Itm(Objective):
         if patches is None:
             raise UsageError("the itm objective needs the vision tower's patch tokens, and this batch's forward gave "
                              "none (cached image_embeds?)")
-        if not self.train_vision_tower:
-            patches = patches.detach()
         tokens = self.tokens[plan.texts]
         hidden = self.fusion(patches[plan.images], tokens)
         logits = self.head(hidden[:, 0])

@@ -89,7 +89,6 @@ class Mlm(Objective):
             return
         settings = fusion_settings(config, args)
         self.seed = settings["seed"]
-        self.train_vision_tower = settings["train_vision_tower"] is not False
         self.fusion = attach_fusion_encoder(model, config, args, processing_class)
         self.head = attach_module(model, HEAD_NAME, lambda: new_mlm_head(self.fusion), seed=self.seed + 2,
                                  learning_rate=settings["learning_rate"])
@@ -131,8 +130,6 @@ class Mlm(Objective):
         if patches is None:
             raise UsageError("the mlm objective needs the vision tower's patch tokens, and this batch's forward gave "
                              "none (cached image_embeds?)")
-        if not self.train_vision_tower:
-            patches = patches.detach()
         index = caption_image_index(batch["image_ids"], batch["text_ids"])
         hidden = self.fusion(patches[index], masked, text_mask)[:, 1:]  # past [CLS]
         chosen = labels != IGNORE
